@@ -1,0 +1,64 @@
+"""Activation normalization (Glow, Kingma & Dhariwal 2018).
+
+``y = (x + bias) * exp(log_scale)`` per channel, initialised from the first batch so
+that the output has zero mean and unit variance per channel. The initialisation flag
+is a buffer, so a loaded checkpoint is never re-initialised.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from resflow.layers.base import FlowLayer
+
+
+class ActNorm(FlowLayer):
+    """Per-channel affine flow with data-dependent initialisation.
+
+    Works on vectors ``[B, C]`` and images ``[B, C, H, W]`` (channel dim 1). The
+    logdet is ``sum(log_scale) * H * W`` for images.
+    """
+
+    initialized: Tensor
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.eps = eps
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.log_scale = nn.Parameter(torch.zeros(num_channels))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def _view(self, t: Tensor, x: Tensor) -> Tensor:
+        return t.view(1, -1, *([1] * (x.dim() - 2)))
+
+    def _check(self, x: Tensor) -> None:
+        if x.dim() < 2 or x.shape[1] != self.num_channels:
+            raise ValueError(
+                f"ActNorm({self.num_channels}) expects [B, {self.num_channels}, ...], "
+                f"got {tuple(x.shape)}"
+            )
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Set bias and scale so that ``x`` maps to zero mean, unit variance per channel."""
+        flat = x.transpose(0, 1).reshape(self.num_channels, -1)
+        mean = flat.mean(1)
+        std = flat.std(1, unbiased=False) if flat.shape[1] > 1 else torch.ones_like(mean)
+        self.bias.copy_(-mean)
+        self.log_scale.copy_(-torch.log(std + self.eps))
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._check(x)
+        if not bool(self.initialized):
+            self.initialize(x)
+        y = (x + self._view(self.bias, x)) * self._view(self.log_scale.exp(), x)
+        pixels = x[0, 0].numel()
+        logdet = self.log_scale.sum() * pixels
+        return y, logdet.expand(x.shape[0])
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
+        self._check(y)
+        return y * self._view((-self.log_scale).exp(), y) - self._view(self.bias, y)

@@ -1,0 +1,93 @@
+"""Contractive networks ``g`` for residual blocks (Residual Flows, Chen et al. 2019, §1.1).
+
+Every weight is Lipschitz-constrained (``||W|| <= coeff``) and every activation is
+1-Lipschitz, so ``Lip(g) <= coeff**n_layers < 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from resflow.layers.activations import make_activation
+from resflow.layers.lipschitz import LipschitzConv2d, LipschitzLinear, NormOrder, Order
+
+
+def _orders(
+    n_layers: int, norm_orders: Sequence[float] | None, learn_orders: bool
+) -> list[Order]:
+    """Norm orders at the n+1 interfaces of an n-layer branch; the last equals the first.
+
+    ``norm_orders`` gives the order at each interface ``0..n-1`` (the last interface
+    closes the loop onto the first, so that ``Lip(g)`` is bounded in one norm).
+    """
+    if norm_orders is None:
+        norm_orders = [2.0] * n_layers
+    if len(norm_orders) != n_layers:
+        raise ValueError(f"need {n_layers} norm orders (one per layer input), got {len(norm_orders)}")
+    orders: list[Order] = [NormOrder(p) if learn_orders else float(p) for p in norm_orders]
+    return [*orders, orders[0]]
+
+
+def residual_mlp(
+    dim: int,
+    hidden: Sequence[int] = (128, 128, 128),
+    coeff: float = 0.98,
+    activation: str = "lipswish",
+    preact: bool = True,
+    norm_orders: Sequence[float] | None = None,
+    learn_orders: bool = False,
+) -> nn.Sequential:
+    """``[act] -> Linear -> act -> Linear ... -> Linear`` mapping ``dim -> dim``.
+
+    Args:
+        dim: data dimension.
+        hidden: widths of the hidden layers (``len(hidden) + 1`` linear layers).
+        coeff: Lipschitz coefficient of every linear layer.
+        activation: ``lipswish``, ``elu`` or ``softplus``.
+        preact: start with an activation (pre-activation residual branch).
+        norm_orders: induced-norm order at each layer's input (default all 2).
+        learn_orders: learn the norm orders jointly with the model.
+    """
+    widths = [dim, *hidden, dim]
+    orders = _orders(len(widths) - 1, norm_orders, learn_orders)
+    mods: list[nn.Module] = [make_activation(activation)] if preact else []
+    for i in range(len(widths) - 1):
+        if i > 0:
+            mods.append(make_activation(activation))
+        mods.append(
+            LipschitzLinear(
+                widths[i], widths[i + 1], coeff=coeff, domain=orders[i], codomain=orders[i + 1]
+            )
+        )
+    return nn.Sequential(*mods)
+
+
+def residual_cnn(
+    channels: int,
+    hidden: int = 512,
+    kernels: Sequence[int] = (3, 1, 3),
+    coeff: float = 0.98,
+    activation: str = "lipswish",
+    preact: bool = True,
+    norm_orders: Sequence[float] | None = None,
+    learn_orders: bool = False,
+) -> nn.Sequential:
+    """``[act] -> Conv3x3 -> act -> Conv1x1 -> act -> Conv3x3`` (default kernels 3-1-3).
+
+    The paper's image branch has hidden width 512; the very first block of a model
+    has no leading activation (``preact=False``).
+    """
+    widths = [channels, *([hidden] * (len(kernels) - 1)), channels]
+    orders = _orders(len(kernels), norm_orders, learn_orders)
+    mods: list[nn.Module] = [make_activation(activation)] if preact else []
+    for i, k in enumerate(kernels):
+        if i > 0:
+            mods.append(make_activation(activation))
+        mods.append(
+            LipschitzConv2d(
+                widths[i], widths[i + 1], k, coeff=coeff, domain=orders[i], codomain=orders[i + 1]
+            )
+        )
+    return nn.Sequential(*mods)
