@@ -303,8 +303,7 @@ def toy_log_density(name: str, x: Tensor) -> Tensor:
     _check_name(name)
     if name not in _LOGPDFS:
         raise ValueError(
-            f"toy dataset {name!r} has no analytic density; only "
-            f"{', '.join(_ANALYTIC)} do"
+            f"toy dataset {name!r} has no analytic density; only {', '.join(_ANALYTIC)} do"
         )
     if x.dim() != 2 or x.shape[1] != 2:
         raise ValueError(f"x must have shape [n, 2], got {tuple(x.shape)}")

@@ -82,8 +82,13 @@ def _dual(x: Tensor, p: Tensor | float) -> Tensor:
 class LipschitzLayer(nn.Module):
     """Shared machinery of the constrained layers: norm estimate, refresh, rescaling.
 
-    Subclasses define ``_apply(v)`` (the operator without bias, on a single domain
-    element of shape ``[1, ...]``) and ``_apply_t(u)`` (its adjoint).
+    Subclasses define ``_op(v)`` (the operator without bias, on a single domain
+    element of shape ``[1, ...]``) and ``_op_t(u)`` (its adjoint).
+
+    Where the induced norm has a closed form (``q = inf``: the largest ``p*``-norm of
+    a row; ``p = 1``: the largest ``q``-norm of a column; for a convolution the rows
+    and columns of its operator are the kernel's output and input slices), it is used
+    exactly; otherwise the power iteration estimates it.
     """
 
     weight: Tensor
@@ -111,10 +116,10 @@ class LipschitzLayer(nn.Module):
         self.atol, self.rtol, self.max_iter, self.init_iter = atol, rtol, max_iter, init_iter
         self.register_buffer("sigma", torch.ones(()))
 
-    def _apply(self, v: Tensor) -> Tensor:
+    def _op(self, v: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _apply_t(self, u: Tensor) -> Tensor:
+    def _op_t(self, u: Tensor) -> Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
@@ -129,6 +134,10 @@ class LipschitzLayer(nn.Module):
         atol = self.atol if atol is None else atol
         rtol = self.rtol if rtol is None else rtol
         max_iter = self.max_iter if max_iter is None else max_iter
+        closed = self._closed_form_norm()
+        if closed is not None:
+            self.sigma.copy_(closed)
+            return 0
         if self.v.numel() == 0:
             return 0  # a convolution that has not seen an input yet
         p, q = float(_order(self.domain)), float(_order(self.codomain))
@@ -136,9 +145,9 @@ class LipschitzLayer(nn.Module):
         sigma = self.sigma.clone()
         it = 0
         for it in range(1, max_iter + 1):
-            u = _dual(self._apply(v), q)
-            v = _dual(self._apply_t(u), _conjugate(p))
-            new = _norm(self._apply(v), q) / _norm(v, p).clamp_min(1e-30)
+            u = _dual(self._op(v), q)
+            v = _dual(self._op_t(u), _conjugate(p))
+            new = _norm(self._op(v), q) / _norm(v, p).clamp_min(1e-30)
             done = abs(float(new - sigma)) <= atol + rtol * float(new)
             sigma = new
             if done:
@@ -147,11 +156,26 @@ class LipschitzLayer(nn.Module):
         self.sigma.copy_(sigma)
         return it
 
+    def _closed_form_norm(self) -> Tensor | None:
+        if isinstance(self.domain, NormOrder) or isinstance(self.codomain, NormOrder):
+            return None
+        p, q = float(self.domain), float(self.codomain)
+        w = self.weight
+        if q == INF:
+            return torch.linalg.vector_norm(w.flatten(1), ord=_conjugate(p), dim=1).max()
+        if p == 1.0:
+            return torch.linalg.vector_norm(w.transpose(0, 1).flatten(1), ord=q, dim=1).max()
+        return None
+
     def operator_norm(self) -> Tensor:
-        """Differentiable estimate ``||W v||_q / ||v||_p`` at the stored vector ``v``."""
+        """Differentiable norm: the closed form where one exists, else the estimate
+        ``||W v||_q / ||v||_p`` at the stored power-iteration vector ``v``."""
+        closed = self._closed_form_norm()
+        if closed is not None:
+            return closed
         v = self.v
         p, q = _order(self.domain), _order(self.codomain)
-        return _norm(self._apply(v), q) / _norm(v, p).clamp_min(1e-30)
+        return _norm(self._op(v), q) / _norm(v, p).clamp_min(1e-30)
 
     def constrained_weight(self) -> Tensor:
         """``W / max(1, sigma / c)``."""
@@ -190,10 +214,10 @@ class LipschitzLinear(LipschitzLayer, nn.Linear):
         self.register_buffer("v", v / v.norm())
         self.refresh(max_iter=init_iter)
 
-    def _apply(self, v: Tensor) -> Tensor:
+    def _op(self, v: Tensor) -> Tensor:
         return F.linear(v, self.weight)
 
-    def _apply_t(self, u: Tensor) -> Tensor:
+    def _op_t(self, u: Tensor) -> Tensor:
         return F.linear(u, self.weight.t())
 
     def forward(self, x: Tensor) -> Tensor:
@@ -229,10 +253,10 @@ class LipschitzConv2d(LipschitzLayer, nn.Conv2d):
         self._init_lipschitz(coeff, domain, codomain, atol, rtol, max_iter, init_iter)
         self.register_buffer("v", torch.empty(0))
 
-    def _apply(self, v: Tensor) -> Tensor:
+    def _op(self, v: Tensor) -> Tensor:
         return F.conv2d(v, self.weight, padding=self.padding)
 
-    def _apply_t(self, u: Tensor) -> Tensor:
+    def _op_t(self, u: Tensor) -> Tensor:
         return F.conv_transpose2d(u, self.weight, padding=self.padding)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
