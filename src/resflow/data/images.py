@@ -9,28 +9,26 @@ bits per dimension relative to ``levels`` bins per sub-pixel.
 
 Supported datasets (``DATASETS``) and their formats:
 
-============== =========================================================================
-``digits``     scikit-learn's 8x8 handwritten digits (``sklearn.datasets.load_digits``,
-               1,797 images, values 0..16, so ``levels = 17``). Train = the first 1,500
-               images, test = the last 297 (a fixed, RNG-free split).
-``mnist``      IDX files (LeCun et al. 1998), ``{train,t10k}-{images-idx3,labels-idx1}-ubyte``,
-               gzipped or not. 60,000 / 10,000 images of 28x28.
-``fashion``    Same format (Xiao et al. 2017). Files are also found in
-``-mnist``     ``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``).
-``cifar10``    The "python version" pickled batches ``cifar-10-batches-py/data_batch_1..5`` and
-               ``test_batch`` (Krizhevsky 2009), or the ``cifar-10-python.tar.gz`` archive,
-               which is extracted next to itself on first use.
-``imagenet32`` Downsampled ImageNet npz batches (Chrabaszcz, Loshchilov & Hutter 2017,
-``imagenet64`` arXiv:1707.08819): ``train_data_batch_1..10.npz`` and ``val_data.npz`` with keys
-               ``data`` (``uint8 [N, 3*S*S]``, channel-planar) and ``labels`` (1-based).
-               These need a login at image-net.org and are never downloaded automatically.
-``celebahq``   A folder of PNG/JPEG files (CelebA-HQ, Karras et al. 2018) split into ``train/``
-               and ``test/``; reduced to 5 bits by default, as in Glow (Kingma & Dhariwal 2018)
-               and Residual Flows (Chen et al. 2019).
-``folder``     Any folder of images (``path=``); optional ``train/`` and ``test/`` subfolders.
-``npy``        A ``uint8`` ``.npy`` array (``path=``) of shape ``[N, H, W]``, ``[N, H, W, C]``
-               or ``[N, C, H, W]`` with ``C`` in {1, 3}.
-============== =========================================================================
+- ``digits``: scikit-learn's 8x8 handwritten digits (``sklearn.datasets.load_digits``, 1,797
+  images, values 0..16, so ``levels = 17``). Train = the first 1,500 images, test = the last
+  297 (a fixed, RNG-free split).
+- ``mnist``: IDX files (LeCun et al. 1998) ``{train,t10k}-{images-idx3,labels-idx1}-ubyte``,
+  gzipped or not; 60,000 / 10,000 images of 28x28.
+- ``fashion-mnist``: same format (Xiao et al. 2017, arXiv:1708.07747). The files are also
+  found in ``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``).
+- ``cifar10``: the "python version" pickled batches ``cifar-10-batches-py/data_batch_1..5``
+  and ``test_batch`` (Krizhevsky 2009), or the ``cifar-10-python.tar.gz`` archive, which is
+  extracted next to itself on first use.
+- ``imagenet32`` / ``imagenet64``: downsampled ImageNet npz batches (Chrabaszcz, Loshchilov &
+  Hutter 2017, arXiv:1707.08819) ``train_data_batch_1..10.npz`` and ``val_data.npz`` with keys
+  ``data`` (``uint8 [N, 3*S*S]``, channel-planar) and ``labels`` (1-based). They need a login
+  at image-net.org and are never downloaded automatically.
+- ``celebahq``: a folder of PNG/JPEG files (CelebA-HQ, Karras et al. 2018) split into
+  ``train/`` and ``test/``; reduced to 5 bits by default, as in Glow (Kingma & Dhariwal 2018)
+  and Residual Flows (Chen et al. 2019).
+- ``folder``: any folder of images (``path=``), optionally with ``train/`` and ``test/``.
+- ``npy``: a ``uint8`` ``.npy`` array (``path=``) of shape ``[N, H, W]``, ``[N, H, W, C]`` or
+  ``[N, C, H, W]`` with ``C`` in {1, 3}.
 
 Where files are looked for
 --------------------------
@@ -44,7 +42,7 @@ extracted into the folder that holds it).
 Bit reduction
 -------------
 With ``n_bits < 8`` every 8-bit value ``x`` becomes ``x >> (8 - n_bits)``, i.e.
-``floor(x / 2**(8 - n_bits))``, and ``levels = 2**n_bits`` (Kingma & Dhariwal 2018, Sec. 5).
+``floor(x / 2**(8 - n_bits))``, and ``levels = 2**n_bits`` (as in Kingma & Dhariwal 2018).
 It is applied after any resizing.
 """
 
@@ -515,6 +513,7 @@ class _CifarUnpickler(pickle.Unpickler):
 
     _ALLOWED = frozenset(
         {
+            ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
             ("numpy", "ndarray"),
             ("numpy", "dtype"),
             ("numpy.core.multiarray", "_reconstruct"),

@@ -88,7 +88,7 @@ class LogitTransform(FlowLayer):
     def forward(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         s = self.alpha + (1 - 2 * self.alpha) * y
         z = torch.log(s) - torch.log1p(-s)
-        logdet = _sum(-F.softplus(-z) - F.softplus(z)) + y[0].numel() * torch.log(
+        logdet = _sum(F.softplus(-z) + F.softplus(z)) + y[0].numel() * torch.log(
             torch.tensor(1 - 2 * self.alpha, dtype=y.dtype)
         )
         return z, logdet
