@@ -7,8 +7,8 @@ import io
 
 import pytest
 import torch
-from helpers import brute_logdet
 
+from helpers import brute_logdet
 from resflow.layers import EXACT_ESTIMATOR, ActNorm, ResidualBlock, Sequential
 from resflow.layers.base import Inverse
 from resflow.layers.elementwise import LogitTransform, Normalize
@@ -108,12 +108,14 @@ def test_dtype_move(case):
 
 
 MODELS = {
-    "vector": lambda: build_model(
-        get_preset("toy2d", n_blocks=2, hidden=(16,), dim=2)
-    ),
+    "vector": lambda: build_model(get_preset("toy2d", n_blocks=2, hidden=(16,), dim=2)),
     "image": lambda: build_model(
         get_preset(
-            "digits-small", image_shape=(1, 4, 4), n_blocks=(1, 1), hidden=8, fc_blocks=1,
+            "digits-small",
+            image_shape=(1, 4, 4),
+            n_blocks=(1, 1),
+            hidden=8,
+            fc_blocks=1,
             fc_hidden=(8,),
             estimator=EstimatorConfig(train_method="exact", eval_method="exact"),
         )

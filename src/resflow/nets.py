@@ -14,9 +14,7 @@ from resflow.layers.activations import make_activation
 from resflow.layers.lipschitz import LipschitzConv2d, LipschitzLinear, NormOrder, Order
 
 
-def _orders(
-    n_layers: int, norm_orders: Sequence[float] | None, learn_orders: bool
-) -> list[Order]:
+def _orders(n_layers: int, norm_orders: Sequence[float] | None, learn_orders: bool) -> list[Order]:
     """Norm orders at the n+1 interfaces of an n-layer branch; the last equals the first.
 
     ``norm_orders`` gives the order at each interface ``0..n-1`` (the last interface
@@ -25,7 +23,9 @@ def _orders(
     if norm_orders is None:
         norm_orders = [2.0] * n_layers
     if len(norm_orders) != n_layers:
-        raise ValueError(f"need {n_layers} norm orders (one per layer input), got {len(norm_orders)}")
+        raise ValueError(
+            f"need {n_layers} norm orders (one per layer input), got {len(norm_orders)}"
+        )
     orders: list[Order] = [NormOrder(p) if learn_orders else float(p) for p in norm_orders]
     return [*orders, orders[0]]
 

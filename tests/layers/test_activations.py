@@ -15,9 +15,11 @@ def test_lipswish_derivative_at_most_one(beta):
 
 def test_lipswish_formula_and_init():
     act = LipSwish()
-    assert float(act.beta.detach()) == pytest.approx(0.5)
+    beta = float(torch.nn.functional.softplus(torch.tensor(0.5)))  # the authors' init
+    assert float(act.beta.detach()) == pytest.approx(beta)
     z = torch.randn(10)
-    torch.testing.assert_close(act(z), z * torch.sigmoid(0.5 * z) / 1.1)
+    torch.testing.assert_close(act(z), z * torch.sigmoid(beta * z) / 1.1)
+    assert float(LipSwish(2.0).beta.detach()) == pytest.approx(2.0)
     assert act.b.requires_grad
 
 

@@ -1,7 +1,7 @@
 """Invertible layers, all obeying the contract of :mod:`resflow.layers.base`."""
 
-from resflow.layers.actnorm import ActNorm
 from resflow.layers.activations import LipSwish, make_activation
+from resflow.layers.actnorm import ActNorm
 from resflow.layers.base import FlowLayer, Inverse, Sequential
 from resflow.layers.lipschitz import (
     LipschitzConv2d,

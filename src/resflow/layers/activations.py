@@ -14,15 +14,17 @@ class LipSwish(nn.Module):
 
     Swish's derivative is bounded by about 1.1 for every ``beta > 0``, so dividing by
     1.1 makes it 1-Lipschitz; unlike ELU or softplus its second derivative does not
-    vanish where the first saturates (no "saturation" of the Jacobian). The official
-    initialisation is ``softplus(b) = 0.5``.
+    vanish where the first saturates (no "saturation" of the Jacobian). As in the
+    authors' implementation the raw parameter starts at ``b = 0.5``
+    (``beta = softplus(0.5) ~ 0.974``); pass ``beta`` to start elsewhere.
     """
 
-    def __init__(self, beta: float = 0.5) -> None:
+    def __init__(self, beta: float | None = None) -> None:
         super().__init__()
-        if beta <= 0:
+        if beta is not None and beta <= 0:
             raise ValueError(f"beta must be positive, got {beta}")
-        self.b = nn.Parameter(torch.tensor(math.log(math.expm1(beta))))
+        b = 0.5 if beta is None else math.log(math.expm1(beta))
+        self.b = nn.Parameter(torch.tensor(b))
 
     @property
     def beta(self) -> Tensor:

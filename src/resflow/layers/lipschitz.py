@@ -144,7 +144,8 @@ class LipschitzLayer(nn.Module):
         v = self.v
         sigma = self.sigma.clone()
         it = 0
-        for it in range(1, max_iter + 1):
+        while it < max_iter:
+            it += 1
             u = _dual(self._op(v), q)
             v = _dual(self._op_t(u), _conjugate(p))
             new = _norm(self._op(v), q) / _norm(v, p).clamp_min(1e-30)

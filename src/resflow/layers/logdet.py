@@ -63,11 +63,12 @@ class LogdetEstimator:
             raise ValueError(f"unknown logdet method {self.method!r}; use 'exact' or 'series'")
         if self.dist not in ("geometric", "poisson", "none"):
             raise ValueError(
-                f"unknown roulette distribution {self.dist!r}; "
-                "use 'geometric', 'poisson' or 'none'"
+                f"unknown roulette distribution {self.dist!r}; use 'geometric', 'poisson' or 'none'"
             )
         if self.n_exact_terms < 0 or (self.dist == "none" and self.n_exact_terms < 1):
-            raise ValueError(f"n_exact_terms must be >= 1 when truncating, got {self.n_exact_terms}")
+            raise ValueError(
+                f"n_exact_terms must be >= 1 when truncating, got {self.n_exact_terms}"
+            )
         if self.n_hutchinson < 1:
             raise ValueError(f"n_hutchinson must be >= 1, got {self.n_hutchinson}")
 
@@ -99,9 +100,7 @@ def survival(k: int, n_exact: int, dist: Dist, geom_p: float, lam: float) -> flo
     return max(1.0 - cdf, 1e-300)
 
 
-def draw_terms(
-    n_exact: int, dist: Dist, geom_p: float, lam: float
-) -> tuple[int, list[float]]:
+def draw_terms(n_exact: int, dist: Dist, geom_p: float, lam: float) -> tuple[int, list[float]]:
     """Draw the number of terms ``n`` and the weights ``1 / P(n >= k)`` for k = 0..n."""
     if dist == "none":
         n = n_exact

@@ -21,35 +21,57 @@ PRESETS: dict[str, ModelConfig] = {
     "cifar10": ImageFlowConfig(
         image_shape=(3, 32, 32), n_blocks=(16, 16, 16), logit_alpha=0.05, horizontal_flip=True
     ),
-    "imagenet32": ImageFlowConfig(
-        image_shape=(3, 32, 32), n_blocks=(32, 32, 32), logit_alpha=0.05
-    ),
+    "imagenet32": ImageFlowConfig(image_shape=(3, 32, 32), n_blocks=(32, 32, 32), logit_alpha=0.05),
     "imagenet64": ImageFlowConfig(
-        image_shape=(3, 64, 64), n_blocks=(32, 32, 32), logit_alpha=0.05,
-        squeeze_first=True, factor_out=True,
-    ),  # fmt: skip
+        image_shape=(3, 64, 64),
+        n_blocks=(32, 32, 32),
+        logit_alpha=0.05,
+        squeeze_first=True,
+        factor_out=True,
+    ),
     "celebahq256": ImageFlowConfig(
-        image_shape=(3, 256, 256), levels=32, n_blocks=(16,) * 6, logit_alpha=0.05,
-        squeeze_first=True, factor_out=True, horizontal_flip=True,
-    ),  # fmt: skip
+        image_shape=(3, 256, 256),
+        levels=32,
+        n_blocks=(16,) * 6,
+        logit_alpha=0.05,
+        squeeze_first=True,
+        factor_out=True,
+        horizontal_flip=True,
+    ),
     # --- small presets for CPU ---
     "digits-small": ImageFlowConfig(
-        image_shape=(1, 8, 8), levels=17, n_blocks=(4, 4), hidden=64, logit_alpha=1e-3,
-        fc_blocks=2, fc_hidden=(64, 64),
-    ),  # fmt: skip
+        image_shape=(1, 8, 8),
+        levels=17,
+        n_blocks=(4, 4),
+        hidden=64,
+        logit_alpha=1e-3,
+        fc_blocks=2,
+        fc_hidden=(64, 64),
+    ),
     "mnist-small": ImageFlowConfig(
-        image_shape=(1, 28, 28), n_blocks=(2, 2, 2), hidden=64, logit_alpha=1e-6,
-        fc_blocks=2, fc_hidden=(64, 64),
-    ),  # fmt: skip
+        image_shape=(1, 28, 28),
+        n_blocks=(2, 2, 2),
+        hidden=64,
+        logit_alpha=1e-6,
+        fc_blocks=2,
+        fc_hidden=(64, 64),
+    ),
     # --- 2-D / vector data ---
     "toy2d": VectorFlowConfig(
-        dim=2, n_blocks=10, hidden=(128, 128, 128), coeff=0.98,
+        dim=2,
+        n_blocks=10,
+        hidden=(128, 128, 128),
+        coeff=0.98,
         estimator=EstimatorConfig(train_method="exact", eval_method="exact"),
-    ),  # fmt: skip
+    ),
     "toy2d-paper": VectorFlowConfig(
-        dim=2, n_blocks=100, hidden=(128, 128, 128, 128), coeff=0.9, actnorm=False,
+        dim=2,
+        n_blocks=100,
+        hidden=(128, 128, 128, 128),
+        coeff=0.9,
+        actnorm=False,
         estimator=EstimatorConfig(train_method="exact", eval_method="exact"),
-    ),  # fmt: skip
+    ),
 }
 
 

@@ -109,9 +109,7 @@ ModelConfig = VectorFlowConfig | ImageFlowConfig
 
 def _block(g: Any, est: EstimatorConfig) -> ResidualBlock:
     train, ev = est.estimators()
-    return ResidualBlock(
-        g, train, ev, geom_p=est.geom_p, poisson_lambda=est.poisson_lambda
-    )
+    return ResidualBlock(g, train, ev, geom_p=est.geom_p, poisson_lambda=est.poisson_lambda)
 
 
 def build_vector_flow(cfg: VectorFlowConfig) -> Flow:
@@ -145,10 +143,15 @@ def _scale(cfg: ImageFlowConfig, i: int, shape: tuple[int, int, int], last: int)
         layers.append(ActNorm(c))
     for b in range(cfg.n_blocks[i]):
         g = residual_cnn(
-            c, cfg.hidden, cfg.kernels, cfg.coeff, cfg.activation,
+            c,
+            cfg.hidden,
+            cfg.kernels,
+            cfg.coeff,
+            cfg.activation,
             preact=not (i == 0 and b == 0),
-            norm_orders=cfg.norm_orders, learn_orders=cfg.learn_orders,
-        )  # fmt: skip
+            norm_orders=cfg.norm_orders,
+            learn_orders=cfg.learn_orders,
+        )
         layers.append(_block(g, est))
         if cfg.actnorm:
             layers.append(ActNorm(c))
@@ -190,8 +193,12 @@ def build_image_flow(cfg: ImageFlowConfig) -> Flow:
     if last < 0:
         raise ValueError(f"image {h}x{w} is too small for a multi-scale model (need >= 4x4)")
     layers.append(_scale(cfg, 0, shape, last))
-    return Flow(Sequential(layers), cfg.image_shape, latent_shape=(math.prod(cfg.image_shape),),
-                levels=cfg.levels)  # fmt: skip
+    return Flow(
+        Sequential(layers),
+        cfg.image_shape,
+        latent_shape=(math.prod(cfg.image_shape),),
+        levels=cfg.levels,
+    )
 
 
 def build_model(cfg: ModelConfig) -> Flow:
