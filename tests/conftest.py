@@ -11,3 +11,11 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+    if not path.exists():
+        pytest.skip(f"real MNIST not found at {path}")
+    return path

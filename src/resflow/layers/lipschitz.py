@@ -17,6 +17,8 @@ every optimizer step and before evaluation.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -300,3 +302,22 @@ def refresh_lipschitz(
         if isinstance(m, LipschitzLayer):
             most = max(most, m.refresh(atol=atol, rtol=rtol, max_iter=max_iter))
     return most
+
+
+@contextmanager
+def preserved_norm_state(model: nn.Module) -> Iterator[None]:
+    """Restore every norm estimate (vectors and sigma) on exit.
+
+    Evaluating or sampling with other weights (e.g. the EMA average) refreshes the
+    estimates for those weights; restoring them afterwards keeps training exactly on
+    the path it would have taken without the detour (exact resume depends on it).
+    """
+    saved = [
+        (m, m.v.clone(), m.sigma.clone()) for m in model.modules() if isinstance(m, LipschitzLayer)
+    ]
+    try:
+        yield
+    finally:
+        for m, v, sigma in saved:
+            m.v = v
+            m.sigma.copy_(sigma)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from resflow.data import DataSplit
 from resflow.evaluation import EvalResult, evaluate, image_grid, save_image_grid
 from resflow.flow import Flow
-from resflow.layers.lipschitz import refresh_lipschitz
+from resflow.layers.lipschitz import preserved_norm_state, refresh_lipschitz
 from resflow.models.residual_flow import (
     ModelConfig,
     build_model,
@@ -221,23 +221,23 @@ class Trainer:
         self._init_lazy_state()
         assert self.ema is not None
         test = self.data.test if max_examples is None else self.data.test[:max_examples]
-        with torch.random.fork_rng(), self.ema.swapped(self.model):
+        with torch.random.fork_rng(), preserved_norm_state(self.model):
             torch.manual_seed(self.cfg.seed + 17)
-            result = evaluate(self.model, test, self.cfg.eval_batch_size, progress=progress)
-        refresh_lipschitz(self.model)
+            with self.ema.swapped(self.model):
+                result = evaluate(self.model, test, self.cfg.eval_batch_size, progress=progress)
         return result
 
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         """``n`` samples from the EMA model."""
         self._init_lazy_state()
         assert self.ema is not None
-        with torch.random.fork_rng(), self.ema.swapped(self.model):
+        with torch.random.fork_rng(), preserved_norm_state(self.model):
             torch.manual_seed(self.cfg.seed + 29)
-            self.model.eval()
-            refresh_lipschitz(self.model)
-            out = self.model.sample(n, temperature)
-            self.model.train()
-        refresh_lipschitz(self.model)
+            with self.ema.swapped(self.model):
+                self.model.eval()
+                refresh_lipschitz(self.model)
+                out = self.model.sample(n, temperature)
+                self.model.train()
         return out
 
     def fit(self) -> TrainResult:
