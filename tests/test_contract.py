@@ -8,7 +8,6 @@ import io
 import pytest
 import torch
 
-from helpers import brute_logdet
 from resflow.layers import EXACT_ESTIMATOR, ActNorm, ResidualBlock, Sequential
 from resflow.layers.base import Inverse
 from resflow.layers.elementwise import LogitTransform, Normalize
@@ -17,6 +16,8 @@ from resflow.layers.squeeze import Squeeze
 from resflow.models.presets import get_preset
 from resflow.models.residual_flow import EstimatorConfig, build_model
 from resflow.nets import residual_cnn, residual_mlp
+
+from helpers import brute_logdet
 
 
 def _res_vec() -> ResidualBlock:

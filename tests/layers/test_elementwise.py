@@ -2,11 +2,12 @@ import math
 
 import pytest
 import torch
-from helpers import brute_logdet
 
 from resflow.evaluation import bits_per_dim
 from resflow.layers.elementwise import Dequantize, LogitTransform, RandomHorizontalFlip, ReduceBits
 from resflow.layers.squeeze import Squeeze
+
+from helpers import brute_logdet
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1e-6, 0.05])

@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
-from helpers import strong_block
 from resflow.layers import EXACT_ESTIMATOR, LogdetEstimator, truncated_estimator
 from resflow.layers.logdet import draw_terms, survival
+
+from helpers import strong_block
 
 
 def _exact(block, x):
