@@ -22,7 +22,7 @@ import yaml
 
 from resflow.data import DataSplit, load_data
 from resflow.evaluation import evaluate, interpolate, save_image_grid
-from resflow.models.presets import PRESETS, get_preset
+from resflow.models.presets import PRESETS, get_preset, training_defaults
 from resflow.models.residual_flow import (
     EstimatorConfig,
     ImageFlowConfig,
@@ -105,14 +105,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         model_cfg = replace(model_cfg, dim=data.shape[0])
     model_cfg = apply_overrides(model_cfg, _parse_sets(args.set))
+    rec = training_defaults(preset)
+    paper = TrainConfig()
+
+    def pick(name: str) -> Any:
+        value = getattr(args, name)
+        return value if value is not None else rec.get(name, getattr(paper, name))
+
     train_cfg = TrainConfig(
         steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup=args.warmup,
+        batch_size=pick("batch_size"),
+        lr=pick("lr"),
+        weight_decay=pick("weight_decay"),
+        warmup=pick("warmup"),
         grad_clip=args.grad_clip,
-        ema_decay=args.ema_decay,
+        ema_decay=pick("ema_decay"),
         eval_every=args.eval_every,
         eval_max=args.eval_max,
         eval_batch_size=args.eval_batch_size,
@@ -262,12 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="run folder (default runs/<data>-<preset>)")
     t.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--weight-decay", type=float, default=None)
+    t.add_argument("--warmup", type=int, default=None)
     t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--ema-decay", type=float, default=0.999)
+    t.add_argument("--ema-decay", type=float, default=None)
     t.add_argument("--eval-every", type=int, default=500)
     t.add_argument("--eval-max", type=int, default=None, help="test examples in periodic evals")
     t.add_argument("--eval-batch-size", type=int, default=256)

@@ -6,7 +6,7 @@ Every weight is Lipschitz-constrained (``||W|| <= coeff``) and every activation 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -28,6 +28,18 @@ def _orders(n_layers: int, norm_orders: Sequence[float] | None, learn_orders: bo
         )
     orders: list[Order] = [NormOrder(p) if learn_orders else float(p) for p in norm_orders]
     return [*orders, orders[0]]
+
+
+def _branch(
+    n_layers: int, layer: Callable[[int], nn.Module], activation: str, preact: bool
+) -> nn.Sequential:
+    """``[act] -> layer(0) -> act -> layer(1) -> ... -> layer(n-1)``."""
+    mods: list[nn.Module] = [make_activation(activation)] if preact else []
+    for i in range(n_layers):
+        if i > 0:
+            mods.append(make_activation(activation))
+        mods.append(layer(i))
+    return nn.Sequential(*mods)
 
 
 def residual_mlp(
@@ -52,16 +64,13 @@ def residual_mlp(
     """
     widths = [dim, *hidden, dim]
     orders = _orders(len(widths) - 1, norm_orders, learn_orders)
-    mods: list[nn.Module] = [make_activation(activation)] if preact else []
-    for i in range(len(widths) - 1):
-        if i > 0:
-            mods.append(make_activation(activation))
-        mods.append(
-            LipschitzLinear(
-                widths[i], widths[i + 1], coeff=coeff, domain=orders[i], codomain=orders[i + 1]
-            )
+
+    def layer(i: int) -> nn.Module:
+        return LipschitzLinear(
+            widths[i], widths[i + 1], coeff=coeff, domain=orders[i], codomain=orders[i + 1]
         )
-    return nn.Sequential(*mods)
+
+    return _branch(len(widths) - 1, layer, activation, preact)
 
 
 def residual_cnn(
@@ -81,13 +90,11 @@ def residual_cnn(
     """
     widths = [channels, *([hidden] * (len(kernels) - 1)), channels]
     orders = _orders(len(kernels), norm_orders, learn_orders)
-    mods: list[nn.Module] = [make_activation(activation)] if preact else []
-    for i, k in enumerate(kernels):
-        if i > 0:
-            mods.append(make_activation(activation))
-        mods.append(
-            LipschitzConv2d(
-                widths[i], widths[i + 1], k, coeff=coeff, domain=orders[i], codomain=orders[i + 1]
-            )
-        )
-    return nn.Sequential(*mods)
+
+    def layer(i: int) -> nn.Module:
+        return LipschitzConv2d(
+            widths[i], widths[i + 1], kernels[i], coeff=coeff, domain=orders[i],
+            codomain=orders[i + 1],
+        )  # fmt: skip
+
+    return _branch(len(kernels), layer, activation, preact)

@@ -32,7 +32,6 @@ from resflow.data.download import (
 )
 from resflow.data.images import (
     DATA_DIR_ENV,
-    DATASETS,
     FASHION_MNIST_SYSTEM_DIR,
     ImageData,
     load_images,
@@ -123,20 +122,6 @@ def write_png(path: Path, arr: np.ndarray) -> None:
 # ---------------------------------------------------------------------------------------------
 # API basics
 # ---------------------------------------------------------------------------------------------
-
-
-def test_datasets_tuple() -> None:
-    assert DATASETS == (
-        "digits",
-        "mnist",
-        "fashion-mnist",
-        "cifar10",
-        "imagenet32",
-        "imagenet64",
-        "celebahq",
-        "folder",
-        "npy",
-    )
 
 
 def test_unknown_name_and_split() -> None:

@@ -82,7 +82,9 @@ def test_tiny_image_model_learns_on_real_mnist(tmp_path, mnist_dir):
     data = DataSplit(data.train[:1024], data.test[:64], "mnist", data.levels)
     model_cfg = get_preset("mnist-small", n_blocks=(1, 1, 1), hidden=16, fc_blocks=1,
                            fc_hidden=(16,))  # fmt: skip
-    cfg = _cfg(steps=20, batch_size=32, lr=1e-2, warmup=1, eval_every=20, checkpoint_every=20)
+    cfg = _cfg(
+        steps=20, batch_size=32, lr=1e-2, warmup=1, eval_every=20, checkpoint_every=20, log_every=1
+    )
     result = Trainer(model_cfg, data, cfg, tmp_path).fit()
     # step 1 is the ActNorm initialisation batch (normalised exactly); compare after it
     losses = torch.tensor([h["loss"] for h in result.history])

@@ -240,8 +240,11 @@ class Trainer:
                 self.model.train()
         return out
 
-    def fit(self) -> TrainResult:
+    def fit(self, until: int | None = None) -> TrainResult:
+        """Train up to step ``until`` (default ``config.steps``, the end of the run, where
+        the model is evaluated and the learning curve plotted)."""
         cfg = self.cfg
+        until = cfg.steps if until is None else min(until, cfg.steps)
         self._init_lazy_state()
         assert self.ema is not None
         writer = _writer(self.out / "tb") if cfg.tensorboard else None
@@ -256,7 +259,7 @@ class Trainer:
         )
         t0, seen = time.perf_counter(), 0
         unit = "bpd" if self.model.levels is not None else "nll"
-        while self.step < cfg.steps:
+        while self.step < until:
             idx = batch_indices(len(self.data.train), cfg.batch_size, self.step, cfg.seed)
             x = self.data.train[idx].to(self.device)
             loss = loss_fn(self.model, x)
@@ -276,28 +279,29 @@ class Trainer:
             seen += 1
             bar.update(1)
             rec: dict[str, float] = {"step": self.step, "loss": float(loss.detach())}
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            logged = self.step % cfg.log_every == 0 or self.step == cfg.steps
+            if logged:
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix({unit: f"{rec['loss']:.4f}", "it/s": f"{rate:.2f}"})
                 rec.update(lr=self.sched.get_last_lr()[0], grad_norm=float(gnorm), it_s=rate)
                 if writer is not None:
                     for k in ("loss", "lr", "grad_norm", "it_s"):
                         writer.add_scalar(f"train/{k}", rec[k], self.step)
-            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+            evaluated = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+            if evaluated:
                 res = self.evaluate(cfg.eval_max)
                 rec.update(test=res.mean, test_stderr=res.stderr)
                 bar.write(f"step {self.step}: test {res}")
                 if writer is not None:
                     writer.add_scalar(f"test/{unit}", res.mean, self.step)
-                if res.mean < self.best:
-                    self.best = res.mean
-                    self.history.append(rec)
-                    save_checkpoint(self.state_dict(), self.out / "best.pt")
-                    self.history.pop()
+            if logged or evaluated:  # checkpoints keep these records, not every step's
+                self.history.append(rec)
+                metrics.write(json.dumps(rec) + "\n")
+            if evaluated and rec["test"] < self.best:
+                self.best = rec["test"]
+                save_checkpoint(self.state_dict(), self.out / "best.pt")
             if cfg.sample_every and self.step % cfg.sample_every == 0 and self.model.levels:
                 self._save_samples(writer)
-            self.history.append(rec)
-            metrics.write(json.dumps(rec) + "\n")
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 metrics.flush()
                 save_checkpoint(self.state_dict(), self.out / "last.pt")
@@ -305,7 +309,8 @@ class Trainer:
         metrics.close()
         if writer is not None:
             writer.close()
-        plot_learning_curve(self.history, self.out / "curve.png", unit)
+        if self.step == cfg.steps:
+            plot_learning_curve(self.history, self.out / "curve.png", unit)
         final = next((h for h in reversed(self.history) if "test" in h), None)
         result = None
         if final is not None:

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Every benchmark behind docs/RESULTS.md, one after another (they must not share the
+# CPU: concurrent runs distort each other's timings). About 45 minutes on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PY:-../.venv/bin/python}
+mkdir -p out
+$PY toy2d.py --data 8gaussians --budget 300 --eval-interval 20 | tee out/toy2d_8gaussians.log
+$PY toy2d.py --data checkerboard --budget 300 --eval-interval 20 | tee out/toy2d_checkerboard.log
+$PY speed_memory.py toy2d-paper | tee out/toy2d-paper.log
+$PY speed_memory.py mnist-1block | tee out/mnist-1block.log
+$PY speed_memory.py fig3 | tee out/fig3.log
+$PY speed_memory.py mnist-paper | tee out/mnist-paper.log
+$PY mnist_budget.py --budget 600 | tee out/mnist_budget.log

@@ -1,0 +1,157 @@
+"""Seconds per training iteration and peak memory, each configuration in a fresh process.
+
+    python benchmarks/speed_memory.py toy2d-paper      # authors' 2-D default, rebuilt
+    python benchmarks/speed_memory.py mnist-1block     # authors' 1-block-per-scale MNIST
+    python benchmarks/speed_memory.py mnist-paper      # the full paper MNIST preset
+    python benchmarks/speed_memory.py fig3             # paper Fig. 3: memory of the tricks
+
+A training iteration is forward + backward + AdamW step + Lipschitz refresh. Peak
+memory is the process's peak resident set size (``ru_maxrss``), so every
+configuration runs in its own subprocess. Results: ``benchmarks/out/<suite>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import OUT, machine, peak_rss_gb, save_json
+
+from resflow.data import load_data
+from resflow.layers.lipschitz import refresh_lipschitz
+from resflow.models.presets import get_preset
+from resflow.models.residual_flow import EstimatorConfig, build_model, count_parameters
+from resflow.training.trainer import TrainConfig, loss_fn, make_optimizer
+
+MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+def _est(**kw) -> EstimatorConfig:
+    return EstimatorConfig(**kw)
+
+
+# name -> (preset, overrides, batch size, data, iterations)
+CONFIGS: dict[str, tuple[str, dict, int, str, int]] = {
+    # the authors' 2-D default: 100 blocks of a 4x128 MLP, coeff 0.9, batch 500, LipSwish,
+    # unbiased geometric roulette; their toy script backpropagates through the series
+    "toy2d-paper-naive": ("toy2d-paper", {"estimator": _est(dist="geometric",
+                          neumann_grad=False, grad_in_forward=False)}, 500, "8gaussians", 5),
+    "toy2d-paper-neumann-bif": ("toy2d-paper", {"estimator": _est(dist="geometric")}, 500,
+                                "8gaussians", 5),
+    "toy2d-paper-exact": ("toy2d-paper", {"estimator": _est(train_method="exact",
+                          eval_method="exact")}, 500, "8gaussians", 5),
+    # the authors' MNIST model with one block per scale (hidden 512, batch 64, Poisson,
+    # Neumann gradient, backward-in-forward)
+    "mnist-1block": ("mnist", {"n_blocks": (1, 1, 1)}, 64, "mnist", 3),
+    "mnist-paper": ("mnist", {}, 64, "mnist", 2),
+}  # fmt: skip
+for _neu in (False, True):
+    for _bif in (False, True):
+        _name = f"fig3-{'neumann' if _neu else 'naive'}{'-bif' if _bif else ''}"
+        CONFIGS[_name] = ("mnist", {"n_blocks": (1, 1, 1), "estimator": _est(
+            dist="none", n_exact_terms=10, neumann_grad=_neu, grad_in_forward=_bif)}, 64,
+            "mnist", 2)  # fmt: skip
+
+SUITES = {
+    "toy2d-paper": ["toy2d-paper-naive", "toy2d-paper-neumann-bif", "toy2d-paper-exact"],
+    "mnist-1block": ["mnist-1block"],
+    "mnist-paper": ["mnist-paper"],
+    "fig3": ["fig3-naive", "fig3-neumann", "fig3-naive-bif", "fig3-neumann-bif"],
+}
+
+
+def _batch(data_name: str, n: int, split: str = "train") -> torch.Tensor:
+    if data_name == "mnist":
+        data = load_data("mnist", MNIST_DIR)
+    else:
+        data = load_data(data_name, n_train=4 * n, n_test=n)
+    x = data.train if split == "train" else data.test
+    return x[:n]
+
+
+def run_one(name: str) -> dict:
+    """Measure one configuration in this process."""
+    preset, overrides, batch, data_name, iters = CONFIGS[name]
+    torch.manual_seed(0)
+    cfg = get_preset(preset, **overrides)
+    model = build_model(cfg)
+    x = _batch(data_name, batch)
+    opt = make_optimizer(model, TrainConfig())
+    with torch.no_grad():
+        model(x)  # data-dependent init, lazy buffers (not timed)
+    times = []
+    for _ in range(iters + 1):
+        t0 = time.perf_counter()
+        loss = loss_fn(model, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        refresh_lipschitz(model)
+        times.append(time.perf_counter() - t0)
+    out = {
+        "config": name, "parameters": count_parameters(model), "batch": batch,
+        "sec_per_iter": sum(times[1:]) / iters, "first_iter_s": times[0],
+        "peak_rss_gb": peak_rss_gb(), "machine": machine(),
+    }  # fmt: skip
+    if name == "mnist-1block":  # evaluation of 64 test images, 20 exact terms + tail
+        model.eval()
+        xt = _batch("mnist", 64, "test")
+        refresh_lipschitz(model)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.bits_per_dim(xt)
+        out["eval_64_s"] = time.perf_counter() - t0
+        out["peak_rss_gb"] = peak_rss_gb()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("suite", choices=sorted(SUITES) + sorted(CONFIGS))
+    p.add_argument("--one", action="store_true", help="(internal) run one config here")
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.suite)))
+        return
+    names = SUITES.get(args.suite, [args.suite])
+    results = []
+    for name in names:
+        proc = subprocess.run([sys.executable, __file__, name, "--one"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent)  # fmt: skip
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{name} failed")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append(res)
+        extra = f", eval 64 images {res['eval_64_s']:.2f} s" if "eval_64_s" in res else ""
+        print(f"{name:26s} {res['parameters']:>11,} params  batch {res['batch']:4d}  "
+              f"{res['sec_per_iter']:7.3f} s/iter  peak {res['peak_rss_gb']:.2f} GB{extra}",
+              flush=True)  # fmt: skip
+    save_json(args.suite, {"machine": results[0]["machine"], "results": results})
+    if args.suite == "fig3":
+        _plot_fig3(results, OUT / "fig3.png")
+
+
+def _plot_fig3(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["config"].removeprefix("fig3-") for r in results]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(labels, [r["peak_rss_gb"] for r in results])
+    ax.set_ylabel("peak memory (GB)")
+    ax.set_title("MNIST, 1 block/scale, batch 64, 10 terms (process peak RSS)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from resflow.layers import InverseNotConvergedError, LipschitzLinear, ResidualBlock
+from resflow.nets import residual_cnn, residual_mlp
+
+from helpers import strong_block
+
+
+@pytest.mark.parametrize("d", [2, 10])
+def test_round_trip_near_the_lipschitz_limit(d):
+    block = strong_block(d, seed=0, coeff=0.98)
+    x = torch.randn(64, d) * 2
+    y, _ = block(x)
+    assert (block.inverse(y) - x).abs().max() < 1e-5
+
+
+def test_image_block_round_trip():
+    block = ResidualBlock(residual_cnn(3, 16, coeff=0.98))
+    with torch.no_grad():
+        for m in block.g.modules():
+            if hasattr(m, "weight") and m.weight.dim() == 4:
+                m.weight.mul_(20)
+    x = torch.randn(4, 3, 6, 6)
+    block(x)
+    from resflow.layers import refresh_lipschitz
+
+    refresh_lipschitz(block, atol=1e-6, rtol=1e-6, max_iter=2000)
+    y, _ = block(x)
+    assert (block.inverse(y) - x).abs().max() < 1e-5
+
+
+def test_inverse_raises_when_it_does_not_converge():
+    g = residual_mlp(2, (8,), coeff=3.0, preact=False)  # not a contraction
+    with torch.no_grad():
+        for m in g.modules():
+            if isinstance(m, LipschitzLinear):
+                m.weight.copy_(torch.eye(2, m.weight.shape[1]) * 3 if m.weight.shape[0] == 2
+                               else torch.eye(m.weight.shape[0], 2) * 3)  # fmt: skip
+    block = ResidualBlock(g, inverse_max_iter=50)
+    with pytest.raises(InverseNotConvergedError, match="did not converge in 50 iterations"):
+        block.inverse(torch.full((3, 2), 5.0))
+
+
+def test_bad_roulette_parameters():
+    with pytest.raises(ValueError, match="geom_p"):
+        ResidualBlock(residual_mlp(2), geom_p=1.5)
+    with pytest.raises(ValueError, match="poisson_lambda"):
+        ResidualBlock(residual_mlp(2), poisson_lambda=0)

@@ -1,0 +1,29 @@
+"""The README's building-block example runs as written."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_starts_with_the_two_commands():
+    first = re.search(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    assert first is not None
+    lines = first.group(1).strip().splitlines()
+    assert lines[0].endswith("resflow train") and "pip install torch==2.13.0" in lines[0]
+    assert lines[1] == ".venv/bin/python -m pytest"
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert lines[1] in ci
+
+
+def test_building_block_example_runs():
+    blocks = _python_blocks()
+    example = next(b for b in blocks if "ResidualBlock(" in b)
+    namespace: dict = {}
+    exec(compile("import torch\n" + example, "README", "exec"), namespace)
+    flow = namespace["flow"]
+    assert all(p.grad is not None for p in flow.parameters() if p.requires_grad and p.dim() == 2)
