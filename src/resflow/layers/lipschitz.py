@@ -269,6 +269,11 @@ class LipschitzConv2d(LipschitzLayer, nn.Conv2d):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
+        self.prepare(x)
+        return F.conv2d(x, self.constrained_weight(), self.bias, padding=self.padding)
+
+    def prepare(self, x: Tensor) -> None:
+        """Check the input shape; on first use create the power-iteration vector."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"expected input of shape [B, {self.in_channels}, H, W], got {tuple(x.shape)}"
@@ -283,7 +288,6 @@ class LipschitzConv2d(LipschitzLayer, nn.Conv2d):
             v = torch.randn(shape, device=x.device, dtype=x.dtype)
             self.v = v / v.norm()
             self.refresh(max_iter=self.init_iter)
-        return F.conv2d(x, self.constrained_weight(), self.bias, padding=self.padding)
 
 
 @torch.no_grad()

@@ -29,6 +29,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from resflow.layers.jacobian import VJP
+
 Method = Literal["exact", "series"]
 Dist = Literal["geometric", "poisson", "none"]
 
@@ -120,17 +122,27 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).flatten(1).sum(1)
 
 
-def exact_logdet(gx: Tensor, x: Tensor, create_graph: bool) -> Tensor:
-    """``log|det(I + dg/dx)|`` per sample from the full Jacobian (D vector-Jacobian products)."""
+def _graph_free_vjp(gx: Tensor, x: Tensor, vjp: VJP | None) -> VJP:
+    """The fast closure when available, else autograd without a graph."""
+    return vjp if vjp is not None else (lambda w: _vjp(gx, x, w, create_graph=False))
+
+
+def exact_logdet(gx: Tensor, x: Tensor, create_graph: bool, vjp: VJP | None = None) -> Tensor:
+    """``log|det(I + dg/dx)|`` per sample from the full Jacobian (D vector-Jacobian products).
+
+    ``vjp`` (see :mod:`resflow.layers.jacobian`) computes the rows without autograd when
+    no graph is needed."""
     b = x.shape[0]
     d = x[0].numel()
     if d > 4096:
         raise ValueError(f"exact logdet needs a {d}x{d} Jacobian per sample; use method='series'")
+    fast = _graph_free_vjp(gx, x, vjp)
     rows = []
     for i in range(d):
         e = torch.zeros_like(x).view(b, d)
         e[:, i] = 1.0
-        rows.append(_vjp(gx, x, e.view_as(x), create_graph).reshape(b, d))
+        row = _vjp(gx, x, e.view_as(x), True) if create_graph else fast(e.view_as(x))
+        rows.append(row.reshape(b, d))
     jac = torch.stack(rows, 1)
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
     return torch.linalg.slogdet(eye + jac)[1]
@@ -143,12 +155,15 @@ def series_logdet(
     n_terms: int,
     weights: Sequence[float],
     create_graph: bool,
+    vjp: VJP | None = None,
 ) -> Tensor:
     """Power-series estimate of the logdet per sample.
 
     With ``create_graph`` and ``est.neumann_grad`` the result's *value* is the series
-    estimate and its *gradient* is the Neumann-series gradient estimator.
+    estimate and its *gradient* is the Neumann-series gradient estimator. Products that
+    need no graph go through ``vjp`` when given.
     """
+    fast = _graph_free_vjp(gx, x, vjp)
     total = x.new_zeros(x.shape[0])
     for _ in range(est.n_hutchinson):
         v = torch.randn_like(x)
@@ -157,7 +172,7 @@ def series_logdet(
         if create_graph and est.neumann_grad:
             neumann = v
             for k in range(1, n_terms + 1):
-                w = _vjp(gx, x, w, create_graph=False)
+                w = fast(w)
                 sign = 1.0 if k % 2 else -1.0
                 value = value + sign / k * weights[k] * _dot(w, v)
                 neumann = neumann - sign * weights[k] * w
@@ -166,11 +181,70 @@ def series_logdet(
             value = value.detach() + surrogate - surrogate.detach()
         else:
             for k in range(1, n_terms + 1):
-                w = _vjp(gx, x, w, create_graph=create_graph)
+                w = _vjp(gx, x, w, create_graph=True) if create_graph else fast(w)
                 sign = 1.0 if k % 2 else -1.0
                 value = value + sign / k * weights[k] * _dot(w, v)
         total = total + value
     return total / est.n_hutchinson
+
+
+@torch.no_grad()
+def neumann_pairs(
+    vjp: VJP, x: Tensor, est: LogdetEstimator, n_terms: int, weights: Sequence[float]
+) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """The series estimate and, per Hutchinson vector ``v``, the Neumann vector
+    ``w = sum_{k=0}^{n} (-1)^k / P(N >= k) (J^T)^k v`` whose ``d/dtheta (w^T J v)`` is the
+    Neumann gradient estimator. Draws the same random numbers as :func:`series_logdet`."""
+    value = x.new_zeros(x.shape[0])
+    pairs = []
+    for _ in range(est.n_hutchinson):
+        v = torch.randn_like(x)
+        w, neumann = v, v
+        for k in range(1, n_terms + 1):
+            w = vjp(w)
+            sign = 1.0 if k % 2 else -1.0
+            value = value + sign / k * weights[k] * _dot(w, v)
+            neumann = neumann - sign * weights[k] * w
+        pairs.append((v, neumann))
+    return value / est.n_hutchinson, pairs
+
+
+class _AttachGradients(torch.autograd.Function):
+    """``value`` whose gradients with respect to ``x`` and ``params`` were precomputed."""
+
+    @staticmethod
+    def forward(ctx, value, grads, x, *params):  # type: ignore[no-untyped-def, override]
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_value):  # type: ignore[no-untyped-def, override]
+        grad_x, grad_params = ctx.grads
+        del ctx.grads
+        scale = _check_uniform(grad_value)
+        shape = (-1,) + (1,) * (grad_x.dim() - 1)
+        out = [None if g is None else g * scale for g in grad_params]
+        return (None, None, grad_x * grad_value.view(shape), *out)
+
+
+def attach_gradients(
+    value: Tensor, x: Tensor, params: list[Tensor], grad_x: Tensor, grad_params: list
+) -> Tensor:
+    """Attach precomputed per-sample ``d value / dx`` and batch-summed parameter
+    gradients to ``value`` (backward-in-forward: the upstream gradient must be the
+    same for every sample)."""
+    return _AttachGradients.apply(value, (grad_x, grad_params), x, *params)  # type: ignore[no-untyped-call]
+
+
+def _check_uniform(grad: Tensor) -> Tensor:
+    scale = grad[0]
+    if not torch.allclose(grad, scale.expand_as(grad), rtol=1e-4, atol=1e-12):
+        raise RuntimeError(
+            "backward-in-forward needs the same upstream gradient for every sample's "
+            "logdet (a batch-mean or batch-sum loss); got per-sample weights. "
+            "Use LogdetEstimator(grad_in_forward=False) for weighted losses."
+        )
+    return scale
 
 
 def estimate_logdet(
@@ -180,12 +254,15 @@ def estimate_logdet(
     geom_p: float,
     lam: float,
     create_graph: bool,
+    vjp: VJP | None = None,
 ) -> Tensor:
-    """Estimate ``log det(I + dg/dx)`` per sample for ``gx = g(x)`` (x requires grad)."""
+    """Estimate ``log det(I + dg/dx)`` per sample for ``gx = g(x)``.
+
+    ``x`` must require grad unless ``vjp`` is given and ``create_graph`` is off."""
     if est.method == "exact":
-        return exact_logdet(gx, x, create_graph)
+        return exact_logdet(gx, x, create_graph, vjp)
     n, weights = draw_terms(est.n_exact_terms, est.dist, geom_p, lam)
-    return series_logdet(gx, x, est, n, weights, create_graph)
+    return series_logdet(gx, x, est, n, weights, create_graph, vjp)
 
 
 class _GradInForward(torch.autograd.Function):
@@ -199,15 +276,13 @@ class _GradInForward(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
-        g: nn.Module,
-        logdet_fn: Callable[[Tensor, Tensor], Tensor],
+        run: Callable[[Tensor], tuple[Tensor, Tensor]],
         x: Tensor,
         *params: Tensor,
     ) -> tuple[Tensor, Tensor]:
         with torch.enable_grad():
             xd = x.detach().requires_grad_(True)
-            gx = g(xd)
-            logdet = logdet_fn(gx, xd)
+            gx, logdet = run(xd)
             grads = torch.autograd.grad(
                 logdet.sum(), (xd, *params), retain_graph=True, allow_unused=True
             )
@@ -218,13 +293,7 @@ class _GradInForward(torch.autograd.Function):
     def backward(ctx, grad_gx: Tensor, grad_logdet: Tensor):  # type: ignore[override]
         gx, xd, params, grads = ctx.gx, ctx.xd, ctx.params, ctx.grads
         del ctx.gx, ctx.xd, ctx.grads
-        scale = grad_logdet[0]
-        if not torch.allclose(grad_logdet, scale.expand_as(grad_logdet), rtol=1e-4, atol=1e-12):
-            raise RuntimeError(
-                "backward-in-forward needs the same upstream gradient for every sample's "
-                "logdet (a batch-mean or batch-sum loss); got per-sample weights. "
-                "Use LogdetEstimator(grad_in_forward=False) for weighted losses."
-            )
+        scale = _check_uniform(grad_logdet)
         with torch.enable_grad():
             dg = torch.autograd.grad(gx, (xd, *params), grad_gx, allow_unused=True)
         shape = (-1,) + (1,) * (xd.dim() - 1)
@@ -233,12 +302,13 @@ class _GradInForward(torch.autograd.Function):
             if b is not None:
                 b = b * (grad_logdet.view(shape) if i == 0 else scale)
             out.append(b if a is None else (a if b is None else a + b))
-        return (None, None, *out)
+        return (None, *out)
 
 
 def grad_in_forward(
-    g: nn.Module, logdet_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor
+    g: nn.Module, run: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Run ``g`` and ``logdet_fn`` with the memory-saving backward-in-forward trick."""
+    """``run(x) = (g(x), logdet)`` with the memory-saving backward-in-forward trick
+    (``g`` gives the parameters that receive gradients)."""
     params = [p for p in g.parameters() if p.requires_grad]
-    return _GradInForward.apply(g, logdet_fn, x, *params)  # type: ignore[no-untyped-call]
+    return _GradInForward.apply(run, x, *params)  # type: ignore[no-untyped-call]

@@ -11,12 +11,16 @@ import torch
 from torch import Tensor, nn
 
 from resflow.layers.base import FlowLayer
+from resflow.layers.jacobian import chain_to_parameters, linearize
 from resflow.layers.logdet import (
     EVAL_ESTIMATOR,
     TRAIN_ESTIMATOR,
     LogdetEstimator,
+    attach_gradients,
+    draw_terms,
     estimate_logdet,
     grad_in_forward,
+    neumann_pairs,
 )
 
 
@@ -37,7 +41,7 @@ class ResidualBlock(FlowLayer):
         poisson_lambda: rate of the Poisson roulette distribution.
         inverse_atol, inverse_rtol, inverse_max_iter: stopping rule of the fixed-point
             inverse ``x_{k+1} = y - g(x_k)``: all elements satisfy
-            ``|x_{k+1} - x_k| <= atol + rtol |x_{k+1}|``; otherwise
+            estimated error ``<= atol + rtol |x|`` (see :meth:`inverse`); otherwise
             :class:`InverseNotConvergedError` is raised.
 
     The roulette parameters are stored as (frozen) parameters of the block so that
@@ -51,8 +55,8 @@ class ResidualBlock(FlowLayer):
         eval_estimator: LogdetEstimator = EVAL_ESTIMATOR,
         geom_p: float = 0.5,
         poisson_lambda: float = 2.0,
-        inverse_atol: float = 1e-5,
-        inverse_rtol: float = 1e-5,
+        inverse_atol: float = 1e-6,
+        inverse_rtol: float = 1e-6,
         inverse_max_iter: int = 1000,
     ) -> None:
         super().__init__()
@@ -74,14 +78,27 @@ class ResidualBlock(FlowLayer):
         """The estimator of the current mode (train or eval)."""
         return self.train_estimator if self.training else self.eval_estimator
 
-    def _logdet_fn(self, create_graph: bool):  # type: ignore[no-untyped-def]
-        est = self.estimator
+    def _run(self, x: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
+        """``(g(x), logdet)``; graphs to ``x`` and the parameters when ``create_graph``."""
+        gx, lin = linearize(self.g, x)
         p, lam = float(self.geom_p), float(self.poisson_lambda)
+        vjp = lin.vjp if lin is not None else None
+        return gx, estimate_logdet(gx, x, self.estimator, p, lam, create_graph, vjp)
 
-        def fn(gx: Tensor, x: Tensor) -> Tensor:
-            return estimate_logdet(gx, x, est, p, lam, create_graph)
-
-        return fn
+    def _run_analytic(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Backward-in-forward with the closed-form Neumann gradient (the default
+        training path); ``None`` when ``g`` has layers without known derivatives."""
+        gx, lin = linearize(self.g, x)
+        if lin is None:
+            return None
+        est = self.estimator
+        n, weights = draw_terms(est.n_exact_terms, est.dist, float(self.geom_p),
+                                float(self.poisson_lambda))  # fmt: skip
+        value, pairs = neumann_pairs(lin.vjp, x, est, n, weights)
+        grad_x, derived = lin.neumann_grads(pairs, 1.0 / est.n_hutchinson)
+        params = [p for p in self.g.parameters() if p.requires_grad]
+        grad_params = chain_to_parameters(derived, params)
+        return gx, attach_gradients(value, x, params, grad_x, grad_params)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         est = self.estimator
@@ -89,36 +106,56 @@ class ResidualBlock(FlowLayer):
             x.requires_grad or any(p.requires_grad for p in self.g.parameters())
         )
         if not wants_grad:
-            with torch.enable_grad():
-                xd = x.detach().requires_grad_(True)
-                gx = self.g(xd)
-                logdet = self._logdet_fn(create_graph=False)(gx, xd)
-            return x + gx.detach(), logdet.detach()
+            with torch.no_grad():
+                gx, lin = linearize(self.g, x)
+            if lin is None:  # a branch without known derivatives: autograd, no graph kept
+                with torch.enable_grad():
+                    xd = x.detach().requires_grad_(True)
+                    gx, logdet = self._run(xd, create_graph=False)
+                return x + gx.detach(), logdet.detach()
+            p, lam = float(self.geom_p), float(self.poisson_lambda)
+            return x + gx, estimate_logdet(gx, x, est, p, lam, False, lin.vjp)
+        if est.grad_in_forward and est.method == "series" and est.neumann_grad:
+            out = self._run_analytic(x)
+            if out is not None:
+                return x + out[0], out[1]
         if est.grad_in_forward and est.method == "series":
-            gx, logdet = grad_in_forward(self.g, self._logdet_fn(create_graph=True), x)
+            gx, logdet = grad_in_forward(self.g, lambda xd: self._run(xd, True), x)
             return x + gx, logdet
         xg = x if x.requires_grad else x.detach().requires_grad_(True)
-        gx = self.g(xg)
-        return x + gx, self._logdet_fn(create_graph=True)(gx, xg)
+        gx, logdet = self._run(xg, create_graph=True)
+        return x + gx, logdet
 
     @torch.no_grad()
     def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
-        """Fixed-point iteration ``x_{k+1} = y - g(x_k)`` from ``x_0 = y``."""
+        """Fixed-point iteration ``x_{k+1} = y - g(x_k)`` from ``x_0 = y``.
+
+        Stops when the a-posteriori error bound of a contraction,
+        ``|x_{k+1} - x*| <= rho / (1 - rho) |x_{k+1} - x_k|`` (``rho`` estimated from the
+        ratio of successive steps), is below ``atol + rtol |x|`` everywhere -- or, once
+        the plain step is below that, when rounding stops the steps from shrinking.
+        """
         x = y
-        delta = torch.full((), float("inf"))
+        tol_step = prev = float("inf")
         for _ in range(self.inverse_max_iter):
             x_new = y - self.g(x)
-            delta = (x_new - x).abs()
             if not torch.isfinite(x_new).all():
                 break
+            delta = (x_new - x).abs()
             x = x_new
-            if bool((delta <= self.inverse_atol + self.inverse_rtol * x.abs()).all()):
+            step = float(delta.max())
+            rho = step / prev if prev > 0 else 0.0
+            tol = self.inverse_atol + self.inverse_rtol * x.abs()
+            small = bool((delta <= tol).all())
+            factor = rho / (1.0 - rho) if rho < 1.0 else float("inf")
+            if step == 0.0 or (small and (bool((delta * factor <= tol).all()) or step >= prev)):
                 return x
+            tol_step, prev = float((delta / tol).max()), step
         raise InverseNotConvergedError(
             f"fixed-point inverse did not converge in {self.inverse_max_iter} iterations "
-            f"(largest last step {float(delta.max()):.3g}, atol={self.inverse_atol}, "
-            f"rtol={self.inverse_rtol}); is Lip(g) < 1 (call refresh_lipschitz) and the "
-            "input finite?"
+            f"(last step {prev:.3g}, {tol_step:.3g} times the tolerance atol="
+            f"{self.inverse_atol}, rtol={self.inverse_rtol}); is Lip(g) < 1 (call "
+            "refresh_lipschitz) and the input finite?"
         )
 
     def extra_repr(self) -> str:
