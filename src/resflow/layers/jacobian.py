@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from resflow.layers.lipschitz import LipschitzConv2d, LipschitzLinear
+from resflow.layers.lipschitz import LipschitzConv2d, LipschitzLinear, conv2d
 
 VJP = Callable[[Tensor], Tensor]
 
@@ -40,14 +40,21 @@ class _Layer:
     def conv(self) -> bool:
         return isinstance(self.module, LipschitzConv2d)
 
+    @property
+    def pointwise(self) -> bool:
+        return self.conv and self.weight.shape[-1] == 1 and self.weight.shape[-2] == 1
+
     def apply(self, u: Tensor) -> Tensor:
         w = self.weight.detach()
         if self.conv:
-            return F.conv2d(u, w, padding=self.module.padding)
+            return conv2d(u, w, None, self.module.padding)
         return F.linear(u, w)
 
     def apply_t(self, u: Tensor) -> Tensor:
         w = self.weight.detach()
+        if self.pointwise:  # 1x1: a batched matrix product with W^T
+            b, c, h, wd = u.shape
+            return torch.matmul(w.view(c, -1).t(), u.reshape(b, c, h * wd)).view(b, -1, h, wd)
         if self.conv:
             shape = (u.shape[0], *self.inp.shape[1:])
             return torch.nn.grad.conv2d_input(shape, w, u, padding=self.module.padding)
@@ -55,6 +62,10 @@ class _Layer:
 
     def weight_grad(self, cot: Tensor, inp: Tensor) -> Tensor:
         """``sum_b cot_b (x) inp_b`` shaped like the weight."""
+        if self.pointwise:
+            b, o = cot.shape[:2]
+            prod = cot.reshape(b, o, -1) @ inp.reshape(b, inp.shape[1], -1).transpose(1, 2)
+            return prod.sum(0).view(self.weight.shape)
         if self.conv:
             return torch.nn.grad.conv2d_weight(
                 inp, self.weight.shape, cot, padding=self.module.padding
@@ -98,7 +109,7 @@ class Linearization:
                 w = m.constrained_weight()
                 self.steps.append(_Layer(m, w, h.detach()))
                 if isinstance(m, LipschitzConv2d):
-                    h = F.conv2d(h, w, m.bias, padding=m.padding)
+                    h = conv2d(h, w, m.bias, m.padding)
                 else:
                     h = F.linear(h, w, m.bias)
             else:

@@ -257,7 +257,7 @@ class LipschitzConv2d(LipschitzLayer, nn.Conv2d):
         self.register_buffer("v", torch.empty(0))
 
     def _op(self, v: Tensor) -> Tensor:
-        return F.conv2d(v, self.weight, padding=self.padding)
+        return conv2d(v, self.weight, None, self.padding)
 
     def _op_t(self, u: Tensor) -> Tensor:
         return F.conv_transpose2d(u, self.weight, padding=self.padding)
@@ -270,7 +270,7 @@ class LipschitzConv2d(LipschitzLayer, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         self.prepare(x)
-        return F.conv2d(x, self.constrained_weight(), self.bias, padding=self.padding)
+        return conv2d(x, self.constrained_weight(), self.bias, self.padding)
 
     def prepare(self, x: Tensor) -> None:
         """Check the input shape; on first use create the power-iteration vector."""
@@ -288,6 +288,15 @@ class LipschitzConv2d(LipschitzLayer, nn.Conv2d):
             v = torch.randn(shape, device=x.device, dtype=x.dtype)
             self.v = v / v.norm()
             self.refresh(max_iter=self.init_iter)
+
+
+def conv2d(x: Tensor, w: Tensor, bias: Tensor | None, padding: tuple[int, ...]) -> Tensor:
+    """``F.conv2d`` with 1x1 kernels done as one batched matrix product (faster on CPU)."""
+    if w.shape[-1] == 1 and w.shape[-2] == 1:
+        b, c, h, wd = x.shape
+        y = torch.matmul(w.view(w.shape[0], c), x.reshape(b, c, h * wd)).view(b, -1, h, wd)
+        return y if bias is None else y + bias.view(1, -1, 1, 1)
+    return F.conv2d(x, w, bias, padding=padding)
 
 
 @torch.no_grad()
