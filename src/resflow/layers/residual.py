@@ -144,7 +144,7 @@ class ResidualBlock(FlowLayer):
             delta = (x_new - x).abs()
             x = x_new
             step = float(delta.max())
-            rho = step / prev if prev > 0 else 0.0
+            rho = step / prev if 0.0 < prev < float("inf") else 1.0  # 1: no estimate yet
             tol = self.inverse_atol + self.inverse_rtol * x.abs()
             small = bool((delta <= tol).all())
             factor = rho / (1.0 - rho) if rho < 1.0 else float("inf")
