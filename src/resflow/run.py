@@ -27,8 +27,7 @@ def load_model(run: str | Path, which: str = "best", ema: bool = True) -> Flow:
         raise CheckpointError(f"no checkpoint {path} (is {run} a resflow run folder?)")
     state = load_checkpoint(path)
     model = build_model(config_from_dict(state["model_config"]))
-    _materialize(model, state["model"])
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["model"])  # also loads ActNorm's initialised flags
     if ema and "ema" in state:
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -37,10 +36,3 @@ def load_model(run: str | Path, which: str = "best", ema: bool = True) -> Flow:
     model.eval()
     refresh_lipschitz(model)
     return model
-
-
-def _materialize(model: Flow, state: dict[str, torch.Tensor]) -> None:
-    """Mark ActNorm layers initialised so that loading never re-initialises them."""
-    for name, buf in model.named_buffers():
-        if name.endswith("initialized") and name in state:
-            buf.fill_(bool(state[name]))

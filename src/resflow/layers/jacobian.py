@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from resflow.layers.lipschitz import LipschitzConv2d, LipschitzLinear, conv2d
+from resflow.layers.lipschitz import LipschitzConv2d, LipschitzLinear, conv2d, conv2d_adjoint
 
 VJP = Callable[[Tensor], Tensor]
 
@@ -52,12 +52,8 @@ class _Layer:
 
     def apply_t(self, u: Tensor) -> Tensor:
         w = self.weight.detach()
-        if self.pointwise:  # 1x1: a batched matrix product with W^T
-            b, c, h, wd = u.shape
-            return torch.matmul(w.view(c, -1).t(), u.reshape(b, c, h * wd)).view(b, -1, h, wd)
         if self.conv:
-            shape = (u.shape[0], *self.inp.shape[1:])
-            return torch.nn.grad.conv2d_input(shape, w, u, padding=self.module.padding)
+            return conv2d_adjoint(u, w, self.module.padding, self.inp.shape)
         return u @ w
 
     def weight_grad(self, cot: Tensor, inp: Tensor) -> Tensor:

@@ -260,7 +260,7 @@ class LipschitzConv2d(LipschitzLayer, nn.Conv2d):
         return conv2d(v, self.weight, None, self.padding)
 
     def _op_t(self, u: Tensor) -> Tensor:
-        return F.conv_transpose2d(u, self.weight, padding=self.padding)
+        return conv2d_adjoint(u, self.weight, self.padding, self.v.shape)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         key = prefix + "v"
@@ -297,6 +297,19 @@ def conv2d(x: Tensor, w: Tensor, bias: Tensor | None, padding: tuple[int, ...]) 
         y = torch.matmul(w.view(w.shape[0], c), x.reshape(b, c, h * wd)).view(b, -1, h, wd)
         return y if bias is None else y + bias.view(1, -1, 1, 1)
     return F.conv2d(x, w, bias, padding=padding)
+
+
+def conv2d_adjoint(
+    u: Tensor, w: Tensor, padding: tuple[int, ...], in_shape: torch.Size | tuple[int, ...]
+) -> Tensor:
+    """The adjoint of :func:`conv2d` (no bias) applied to ``u``, for inputs shaped like
+    ``in_shape`` (batch taken from ``u``): a matrix product for 1x1 kernels, else the
+    kernel autograd uses for convolution input gradients."""
+    if w.shape[-1] == 1 and w.shape[-2] == 1:
+        b, c, h, wd = u.shape
+        return torch.matmul(w.view(c, -1).t(), u.reshape(b, c, h * wd)).view(b, -1, h, wd)
+    shape = (u.shape[0], *in_shape[1:])
+    return torch.nn.grad.conv2d_input(shape, w, u, padding=padding)
 
 
 @torch.no_grad()
