@@ -19,8 +19,7 @@ from common import OUT, machine, save_json
 
 from resflow.data import load_data
 from resflow.evaluation import save_image_grid
-from resflow.models.presets import get_preset
-from resflow.models.residual_flow import count_parameters
+from resflow.models import count_parameters, get_preset
 from resflow.training import TrainConfig, Trainer
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"

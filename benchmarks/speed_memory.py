@@ -24,10 +24,11 @@ import torch
 from common import OUT, machine, peak_rss_gb, save_json
 
 from resflow.data import load_data
-from resflow.layers.lipschitz import refresh_lipschitz
-from resflow.models.presets import get_preset
-from resflow.models.residual_flow import EstimatorConfig, build_model, count_parameters
-from resflow.training.trainer import TrainConfig, loss_fn, make_optimizer
+from resflow.layers.residual.lipschitz import refresh_lipschitz
+from resflow.layers.residual.logdet import EstimatorConfig
+from resflow.models import build_model, count_parameters, get_preset
+from resflow.training import Batch, MaximumLikelihood, TrainConfig
+from resflow.training.trainer import make_optimizer
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
@@ -88,7 +89,7 @@ def run_one(name: str) -> dict:
     times = []
     for _ in range(iters + 1):
         t0 = time.perf_counter()
-        loss = loss_fn(model, x)
+        loss, _ = MaximumLikelihood(model)(model, Batch(x))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -17,10 +17,11 @@ import time
 import torch
 from common import OUT, machine, save_json
 
+from resflow.config import replace
 from resflow.data import load_data
 from resflow.data.toy2d import toy_entropy
-from resflow.models.presets import get_preset, training_defaults
-from resflow.training import TrainConfig, Trainer
+from resflow.models import PRESETS, get_preset
+from resflow.training import Trainer
 
 
 def main() -> None:
@@ -43,17 +44,17 @@ def main() -> None:
     if args.hidden:
         overrides["hidden"] = tuple(int(h) for h in args.hidden.split("-"))
     model_cfg = get_preset("toy2d", **overrides)
-    rec = training_defaults("toy2d") | {"batch_size": args.batch_size}
-    if args.lr:
-        rec["lr"] = args.lr
-    train_cfg = TrainConfig(
+    train_cfg = replace(
+        PRESETS.get("toy2d").train,
+        batch_size=args.batch_size,
         steps=10**9,
         eval_every=10**9,
         checkpoint_every=10**9,
         tensorboard=False,
         progress=False,
-        **rec,  # type: ignore[arg-type]
     )
+    if args.lr:
+        train_cfg = replace(train_cfg, lr=args.lr)
     run = OUT / f"toy2d_{args.data}{args.tag}_run"
     trainer = Trainer(model_cfg, data, train_cfg, run)
     limit = toy_entropy(args.data)

@@ -32,7 +32,7 @@ def test_train_eval_sample_interpolate(tmp_path):
     out = resflow("train", "--data", "digits", *TINY_DIGITS, "--steps", "4", "--batch-size",
                   "32", "--eval-every", "4", "--out", str(run), "--no-progress").stdout  # fmt: skip
     assert "test " in out and "bits/dim" in out
-    for name in ("samples.png", "curve.png", "best.pt", "last.pt", "config.yaml", "data.yaml"):
+    for name in ("samples.png", "curve.png", "best.pt", "last.pt", "config.yaml"):
         assert (run / name).exists(), name
     ev = resflow("eval", "--run", str(run), "--max", "64", "--no-progress").stdout
     assert "bits/dim (n=64)" in ev
@@ -58,9 +58,122 @@ def test_clear_errors():
     bad = resflow("train", "--data", "nope", check=False)
     assert bad.returncode == 2 and "unknown data set 'nope'" in bad.stderr
     bad = resflow("train", "--set", "n_blockz=3", "--steps", "1", check=False)
-    assert bad.returncode == 2 and "unknown model option 'n_blockz'" in bad.stderr
+    assert bad.returncode == 2 and "unknown option 'n_blockz' for ImageFlowConfig" in bad.stderr
     bad = resflow("eval", "--run", "/nonexistent", check=False)
     assert bad.returncode == 2 and "no checkpoint" in bad.stderr
+
+
+# Data that cannot be loaded: an error about the options proves they were checked first.
+_NO_DATA = ["--data", "mnist", "--data-dir", "/nonexistent-resflow-data", "--steps", "1"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "coeff=abc"], "coeff: expected a number, got 'abc'"),
+        (["--set", "coeff=5"], "coeff: must be < 1, got 5"),
+        (["--set", "actnorm=maybe"], "actnorm: expected true or false, got 'maybe'"),
+        (["--set", "n_blocks=-1"], "n_blocks: expected a list of integers"),
+        (["--set", "n_blocks=[2,-1]"], "n_blocks[1]: must be >= 1, got -1"),
+        (["--set", "estimator.dist=often"], "estimator.dist: expected one of 'geometric'"),
+        (["--set", "estimator.n_hutchinson=0"], "estimator.n_hutchinson: must be >= 1, got 0"),
+        (["--set", "estimator.nope=1"], "unknown option 'estimator.nope' for EstimatorConfig"),
+        (["--set", "coeff"], "--set expects key=value"),
+        (["--lr", "abc"], "--lr: expected a number, got 'abc'"),
+        (["--eval-max", "-1"], "--eval-max: must be >= 1, got -1"),
+        (["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--model", "nope"], "unknown model 'nope'"),
+    ],
+)
+def test_option_errors_come_before_any_data_is_loaded(args, message):
+    bad = resflow("train", *_NO_DATA, *args, check=False)
+    assert bad.returncode == 2, bad.stderr
+    assert message in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_presets_are_listed_by_family():
+    out = resflow("presets").stdout
+    assert "residual-flow:" in out and "iresnet:" in out
+    assert out.index("residual-flow:") < out.index("  digits-small") < out.index("iresnet:")
+    assert out.index("iresnet:") < out.index("  iresnet-digits")
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "v1"
+
+
+@pytest.mark.parametrize(
+    "run, printed",
+    [
+        ("img", "test 2.6527 +- 0.0127 bits/dim (n=297)"),
+        ("vec", "test 4.2591 +- 0.0291 nats (n=128)"),
+    ],
+)
+def test_runs_written_by_resflow_0_1_still_evaluate_the_same(run, printed):
+    """The fixtures were trained with resflow 0.1; their README records its output."""
+    assert printed in (FIXTURES / "README.md").read_text()
+    out = resflow("eval", "--run", str(FIXTURES / run), "--no-progress").stdout
+    assert printed in out
+
+
+def test_damaged_checkpoint_is_refused_with_a_clear_message(tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "vec", run)
+    state = torch.load(run / "best.pt", weights_only=True)
+    state["model"] = {k: v for k, v in list(state["model"].items())[1:]}  # a missing key
+    torch.save(state, run / "best.pt")
+    bad = resflow("eval", "--run", str(run), check=False)
+    assert bad.returncode == 2 and "does not fit its model config" in bad.stderr
+
+
+def test_iresnet_trains_and_evaluates_with_either_estimator(tmp_path):
+    run = tmp_path / "ires"
+    out = resflow("train", "--data", "digits", "--model", "iresnet", "--set", "n_blocks=[1,1]",
+                  "--set", "hidden=8", "--steps", "3", "--batch-size", "32", "--eval-every", "3",
+                  "--eval-max", "64", "--out", str(run), "--no-progress",
+                  "--no-tensorboard").stdout  # fmt: skip
+    assert "iresnet-digits (iresnet," in out and "bits/dim" in out
+    biased = resflow("eval", "--run", str(run), "--max", "64", "--no-progress").stdout
+    unbiased = resflow("eval", "--run", str(run), "--max", "64", "--no-progress", "--set",
+                       "estimator.eval_dist=poisson", "--set",
+                       "estimator.eval_exact_terms=20").stdout  # fmt: skip
+
+    assert "bits/dim (n=64)" in biased and "bits/dim (n=64)" in unbiased
+    from resflow.layers import ResidualBlock
+    from resflow.runs import RunFolder
+
+    def estimators(model):
+        return {m.eval_estimator for m in model.modules() if isinstance(m, ResidualBlock)}
+
+    own = estimators(RunFolder(run).load_model())
+    ours = estimators(RunFolder(run).load_model(overrides={"estimator.eval_dist": "poisson"}))
+    assert [(e.dist, e.n_exact_terms) for e in own] == [("none", 5)]  # i-ResNet: truncated
+    assert [(e.dist, e.n_exact_terms) for e in ours] == [("poisson", 5)]
+
+
+def test_a_run_trained_from_python_is_evaluated_and_sampled_by_the_cli(tmp_path):
+    from resflow import DataConfig, TrainConfig, Trainer, get_preset
+
+    run = tmp_path / "py"
+    cfg = get_preset("digits-small", n_blocks=(1, 1), hidden=8, fc_blocks=1, fc_hidden=(8,))
+    train = TrainConfig(steps=2, batch_size=32, eval_every=2, eval_max=32, tensorboard=False,
+                        progress=False)  # fmt: skip
+    Trainer(cfg, DataConfig(name="digits"), train, run).fit()
+    ev = resflow("eval", "--run", str(run), "--max", "32", "--no-progress").stdout
+    assert "bits/dim (n=32)" in ev
+    png = tmp_path / "s.png"
+    resflow("sample", "--run", str(run), "--n", "4", "--out", str(png))
+    assert png.stat().st_size > 0
+    more = resflow("train", "--preset", "digits-small", "--set", "n_blocks=[1,1]", "--set",
+                   "hidden=8", "--set", "fc_blocks=1", "--set", "fc_hidden=[8]", "--steps", "3",
+                   "--batch-size", "32", "--eval-every", "3", "--eval-max", "32", "--out",
+                   str(run), "--resume", "--no-progress", "--no-tensorboard").stdout  # fmt: skip
+    assert "test " in more
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 3
 
 
 def _state(run: Path) -> dict[str, torch.Tensor]:

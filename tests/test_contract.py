@@ -1,5 +1,12 @@
-"""One contract test over every layer and model: round trip, logdet against the
-brute-force Jacobian, gradients reaching every parameter, dtype moves, state_dict."""
+"""One contract test over every layer and every registered model.
+
+Layers: round trip, logdet against the brute-force Jacobian, ``inverse_and_logdet``,
+``output_shape`` against the real output, gradients reaching every parameter, dtype
+moves, ``state_dict`` round trip -- always with a ``context`` tensor (conditional
+layers use it, the others must accept and ignore it).
+Models: every registered model has a tiny case here (a test checks it), with
+log-densities, sampling, ``sample_and_log_prob`` and state dicts.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +15,16 @@ import io
 import pytest
 import torch
 
+from layers.coupling_cases import CASES as COUPLING_CASES
 from resflow.layers import EXACT_ESTIMATOR, ActNorm, ResidualBlock, Sequential
 from resflow.layers.base import Inverse
-from resflow.layers.elementwise import LogitTransform, Normalize
-from resflow.layers.multiscale import FactorOut, Flatten
+from resflow.layers.multiscale import ConditionalPrior, DiagonalPrior, FactorOut, Flatten
+from resflow.layers.residual.logdet import EstimatorConfig
 from resflow.layers.squeeze import Squeeze
-from resflow.models.presets import get_preset
-from resflow.models.residual_flow import EstimatorConfig, build_model
+from resflow.models import MODELS, build_model, get_preset
+from resflow.models.iresnet import IResNetConfig, IResNetVectorConfig
 from resflow.nets import residual_cnn, residual_mlp
+from resflow.preprocess import LogitTransform, Normalize
 
 from helpers import brute_logdet
 
@@ -28,24 +37,39 @@ def _res_img() -> ResidualBlock:
     return ResidualBlock(residual_cnn(2, 8), EXACT_ESTIMATOR, EXACT_ESTIMATOR)
 
 
-def _factor() -> FactorOut:
+def _factor(prior: str) -> FactorOut:
     inner = Sequential(ActNorm(2), Flatten((2, 2, 2)))
-    return FactorOut(inner, (4, 2, 2), learned_prior=True)
+    split = {
+        "standard": None,
+        "diagonal": DiagonalPrior((2, 2, 2)),
+        "conditional": ConditionalPrior(torch.nn.Conv2d(2, 4, 3, padding=1)),
+    }[prior]
+    return FactorOut(inner, (4, 2, 2), split)
 
 
 LAYERS = {
-    "actnorm-vec": (lambda: ActNorm(3), (3,)),
-    "actnorm-img": (lambda: ActNorm(2), (2, 4, 4)),
-    "residual-vec": (_res_vec, (3,)),
-    "residual-img": (_res_img, (2, 4, 4)),
-    "logit": (lambda: LogitTransform(0.05), (2, 2, 2)),
-    "normalize": (lambda: Normalize((0.5, 0.2), (2.0, 0.5)), (2, 2, 2)),
-    "squeeze": (lambda: Squeeze(2), (1, 4, 4)),
-    "flatten": (lambda: Flatten((2, 2, 2)), (2, 2, 2)),
-    "factor-out": (_factor, (4, 2, 2)),
-    "sequential": (lambda: Sequential(ActNorm(3), _res_vec(), ActNorm(3)), (3,)),
-    "inverse-of-actnorm": (lambda: Inverse(ActNorm(3)), (3,)),
+    "actnorm-vec": (lambda: ActNorm(3), (3,), None),
+    "actnorm-img": (lambda: ActNorm(2), (2, 4, 4), None),
+    "residual-vec": (_res_vec, (3,), None),
+    "residual-img": (_res_img, (2, 4, 4), None),
+    "logit": (lambda: LogitTransform(0.05), (2, 2, 2), None),
+    "normalize": (lambda: Normalize((0.5, 0.2), (2.0, 0.5)), (2, 2, 2), None),
+    "squeeze": (lambda: Squeeze(2), (1, 4, 4), None),
+    "flatten": (lambda: Flatten((2, 2, 2)), (2, 2, 2), None),
+    "factor-out-standard": (lambda: _factor("standard"), (4, 2, 2), None),
+    "factor-out-diagonal": (lambda: _factor("diagonal"), (4, 2, 2), None),
+    "factor-out-conditional": (lambda: _factor("conditional"), (4, 2, 2), None),
+    "sequential": (lambda: Sequential(ActNorm(3), _res_vec(), ActNorm(3)), (3,), None),
+    "inverse-of-actnorm": (lambda: Inverse(ActNorm(3)), (3,), None),
+    "inverse-of-coupling": (
+        lambda: Inverse(COUPLING_CASES["coupling-alternate-affine-exp-vec"][0]()),
+        (5,),
+        None,
+    ),
+    **COUPLING_CASES,
 }
+DEFAULT_CONTEXT = (2,)
+"""Context passed to layers that take none: they must accept and ignore it."""
 
 
 def _input(name: str, shape: tuple[int, ...], n: int = 4) -> torch.Tensor:
@@ -56,35 +80,56 @@ def _input(name: str, shape: tuple[int, ...], n: int = 4) -> torch.Tensor:
 
 @pytest.fixture(params=sorted(LAYERS))
 def case(request):
-    make, shape = LAYERS[request.param]
+    make, shape, ctx_shape = LAYERS[request.param]
+    torch.manual_seed(0)
     layer = make()
     x = _input(request.param, shape)
-    layer(x)  # data-dependent initialisation, lazy buffers
+    ctx = torch.randn(len(x), *(ctx_shape or DEFAULT_CONTEXT))
+    layer(x, ctx)  # data-dependent initialisation, lazy buffers
     with torch.no_grad():
         for p in layer.parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
-    return request.param, layer, x
+    return request.param, layer, x, ctx
 
 
 def test_round_trip(case):
-    _, layer, x = case
-    y, _ = layer(x)
-    torch.testing.assert_close(layer.inverse(y), x, atol=1e-5, rtol=1e-5)
+    _, layer, x, ctx = case
+    y, _ = layer(x, ctx)
+    torch.testing.assert_close(layer.inverse(y, ctx), x, atol=1e-5, rtol=1e-5)
 
 
 def test_logdet_matches_brute_force_jacobian(case):
-    _, layer, x = case
-    x = x.double()
-    layer = layer.double()
-    _, logdet = layer(x)
-    torch.testing.assert_close(logdet, brute_logdet(layer, x), atol=1e-6, rtol=1e-6)
+    _, layer, x, ctx = case
+    x, ctx, layer = x.double(), ctx.double(), layer.double()
+    _, logdet = layer(x, ctx)
+    brute = torch.stack(
+        [brute_logdet(lambda t, c=c: layer(t, c.unsqueeze(0)), xi.unsqueeze(0))[0]
+         for xi, c in zip(x, ctx)]
+    )  # fmt: skip
+    torch.testing.assert_close(logdet, brute, atol=1e-6, rtol=1e-6)
+
+
+def test_inverse_and_logdet(case):
+    _, layer, x, ctx = case
+    x, ctx, layer = x.double(), ctx.double(), layer.double()
+    y, logdet = layer(x, ctx)
+    x_back, logdet_inv = layer.inverse_and_logdet(y, ctx)
+    torch.testing.assert_close(x_back, x, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(logdet_inv, -logdet, atol=1e-8, rtol=1e-8)
+
+
+def test_output_shape_is_the_real_output_shape(case):
+    _, layer, x, ctx = case
+    y, logdet = layer(x, ctx)
+    assert tuple(y.shape[1:]) == layer.output_shape(tuple(x.shape[1:]))
+    assert logdet.shape == (len(x),)
 
 
 def test_gradients_reach_every_parameter(case):
-    name, layer, x = case
+    name, layer, x, ctx = case
     x.requires_grad_(True)
-    y, logdet = layer(x)
+    y, logdet = layer(x, ctx)
     (y.pow(2).sum() - logdet.sum()).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     for pname, p in layer.named_parameters():
@@ -93,58 +138,94 @@ def test_gradients_reach_every_parameter(case):
 
 
 def test_state_dict_round_trip(case):
-    name, layer, x = case
+    name, layer, x, ctx = case
     buf = io.BytesIO()
     torch.save(layer.state_dict(), buf)
     buf.seek(0)
     fresh = LAYERS[name][0]()
     fresh.load_state_dict(torch.load(buf, weights_only=True))
-    torch.testing.assert_close(fresh(x)[0], layer(x)[0])
+    torch.testing.assert_close(fresh(x, ctx)[0], layer(x, ctx)[0])
 
 
 def test_dtype_move(case):
-    _, layer, x = case
-    y64, ld64 = layer.double()(x.double())
+    _, layer, x, ctx = case
+    y64, ld64 = layer.double()(x.double(), ctx.double())
     assert y64.dtype == torch.float64 and ld64.dtype == torch.float64
 
 
-MODELS = {
-    "vector": lambda: build_model(get_preset("toy2d", n_blocks=2, hidden=(16,), dim=2)),
-    "image": lambda: build_model(
-        get_preset(
-            "digits-small",
-            image_shape=(1, 4, 4),
-            n_blocks=(1, 1),
-            hidden=8,
-            fc_blocks=1,
-            fc_hidden=(8,),
-            estimator=EstimatorConfig(train_method="exact", eval_method="exact"),
-        )
+# ---- models -------------------------------------------------------------------------------
+_EXACT = EstimatorConfig(train_method="exact", eval_method="exact")
+_TINY_IMAGE = dict(image_shape=(1, 4, 4), levels=17, n_blocks=(1, 1), hidden=8)
+MODELS_TINY = {
+    "residual-flow-vector": lambda: get_preset("toy2d", n_blocks=2, hidden=(16,), dim=2),
+    "residual-flow": lambda: get_preset(
+        "digits-small", **_TINY_IMAGE, fc_blocks=1, fc_hidden=(8,), estimator=_EXACT
     ),
+    "iresnet": lambda: IResNetConfig(**_TINY_IMAGE, squeeze_first=False, estimator=_EXACT),
+    "iresnet-vector": lambda: IResNetVectorConfig(n_blocks=2, hidden=(16,), estimator=_EXACT),
 }
 
 
-@pytest.mark.parametrize("kind", sorted(MODELS))
-def test_model_log_prob_and_sampling(kind):
-    model = MODELS[kind]()
-    if kind == "image":
-        x = torch.randint(0, 17, (6, 1, 4, 4))
-    else:
-        x = torch.randn(6, 2)
+def test_every_registered_model_is_in_the_contract_test():
+    assert set(MODELS) == set(MODELS_TINY)
+
+
+def _model_input(model, n=6):
+    if model.levels is not None:
+        return torch.randint(0, model.levels, (n, *model.shape))
+    return torch.randn(n, *model.shape)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS_TINY))
+def test_model_log_prob_sampling_and_state(name):
+    torch.manual_seed(0)
+    model = build_model(MODELS_TINY[name]())
+    x = _model_input(model)
     logp = model.log_prob(x)
     assert logp.shape == (6,) and torch.isfinite(logp).all()
+    (-logp.mean()).backward()
+    for pname, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{name}: {pname} gets no gradient"
     model.eval()
     s = model.sample(3, temperature=0.7)
     assert s.shape == (3, *model.shape)
-    if kind == "image":  # dequantize -> model -> inverse recovers the integer image
-        with torch.no_grad():
-            z, _ = model(x)
-        torch.testing.assert_close(model.inverse(z), x.float())
+    with torch.no_grad():
+        z, _ = model(x)
+    assert tuple(z.shape[1:]) == model.latent_shape
+    torch.testing.assert_close(model.inverse(z), x.to(z.dtype), atol=1e-4, rtol=1e-4)
+    fresh = build_model(MODELS_TINY[name]())
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval()
+    torch.manual_seed(1)
+    a = model.log_prob(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(fresh.log_prob(x), a)
+
+
+@pytest.mark.parametrize("name", ["residual-flow-vector", "iresnet-vector"])
+def test_sample_and_log_prob_agrees_with_log_prob(name):
+    torch.manual_seed(0)
+    model = build_model(MODELS_TINY[name]()).double()
+    model(torch.randn(64, 2, dtype=torch.float64))  # ActNorm initialisation
+    model.eval()
+    x, logp = model.sample_and_log_prob(5)
+    torch.testing.assert_close(logp, model.log_prob(x.detach()), atol=1e-6, rtol=1e-6)
+    # differentiable in the parameters (reverse-KL / variational inference)
+    (logp.mean() + x.pow(2).mean()).backward()  # a reverse-KL-like loss of x and log p
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 def test_model_rejects_bad_input():
-    model = MODELS["vector"]()
+    model = build_model(MODELS_TINY["residual-flow-vector"]())
     with pytest.raises(ValueError, match=r"expected data of shape \[B, 2\]"):
         model.log_prob(torch.randn(3, 5))
     with pytest.raises(ValueError, match="non-finite"):
         model.log_prob(torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(ValueError, match="empty batch"):
+        model.log_prob(torch.zeros(0, 2))
+    with pytest.raises(ValueError, match="number of samples must be >= 1"):
+        model.sample(0)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        model.sample(2, temperature=-1.0)

@@ -5,33 +5,39 @@ The public API in a few names::
     from resflow import Flow, Trainer, TrainConfig, evaluate, get_preset, load_data, load_model
 """
 
-from resflow.data import DataSplit, load_data
+from resflow.config import ConfigError
+from resflow.data import DataConfig, DataSplit, load_data
 from resflow.evaluation import EvalResult, bits_per_dim, evaluate, interpolate, save_image_grid
 from resflow.flow import Flow
-from resflow.layers.lipschitz import refresh_lipschitz
-from resflow.models.presets import PRESETS, get_preset
-from resflow.models.residual_flow import (
-    EstimatorConfig,
-    ImageFlowConfig,
-    VectorFlowConfig,
-    build_model,
-    count_parameters,
-)
-from resflow.run import load_model
-from resflow.training import TrainConfig, Trainer
+from resflow.layers.base import after_optimizer_step
+from resflow.layers.residual.lipschitz import refresh_lipschitz
+from resflow.layers.residual.logdet import EstimatorConfig
+from resflow.models import MODELS, PRESETS, build_model, count_parameters, get_preset
+from resflow.models.iresnet import IResNetConfig, IResNetVectorConfig
+from resflow.models.residual_flow import ImageFlowConfig, VectorFlowConfig
+from resflow.runs import RunFolder, load_model
+from resflow.train_config import TrainConfig
+from resflow.training import Trainer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "MODELS",
     "PRESETS",
+    "ConfigError",
+    "DataConfig",
     "DataSplit",
     "EstimatorConfig",
     "EvalResult",
     "Flow",
+    "IResNetConfig",
+    "IResNetVectorConfig",
     "ImageFlowConfig",
+    "RunFolder",
     "TrainConfig",
     "Trainer",
     "VectorFlowConfig",
+    "after_optimizer_step",
     "bits_per_dim",
     "build_model",
     "count_parameters",

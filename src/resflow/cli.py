@@ -1,167 +1,101 @@
 """The ``resflow`` command line: a thin layer over the library.
 
-    resflow train       [--data digits] [--preset digits-small] [--steps N] [--out DIR]
-    resflow eval        --run DIR
+    resflow train       [--data digits] [--model NAME | --preset NAME] [--set key=value]
+    resflow eval        --run DIR [--set key=value]
     resflow sample      --run DIR [--n 64] [--temperature 1.0] [--out FILE]
     resflow interpolate --run DIR [--steps 8] [--out FILE]
-    resflow presets
+    resflow presets     [--count]
 
-Every command maps onto a few library calls (see the README's Python examples).
+Every command maps onto a few library calls (see the README's Python examples). The
+data and training flags come from :class:`resflow.data.DataConfig` and
+:class:`resflow.train_config.TrainConfig`; ``--set`` reaches any model option at any
+depth, checked against its type and range before any data is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from resflow.data import DataSplit, load_data
+from resflow.checkpoint import CheckpointError
+from resflow.config import ConfigError, add_flags, given_flags, override, parse_sets, replace
+from resflow.data import DataConfig, data_kind, load_data
 from resflow.evaluation import evaluate, interpolate, save_image_grid
-from resflow.models.presets import PRESETS, get_preset, training_defaults
-from resflow.models.residual_flow import (
-    EstimatorConfig,
-    ImageFlowConfig,
-    ModelConfig,
-    build_model,
+from resflow.layers.residual.block import InverseNotConvergedError
+from resflow.models import (
+    MODELS,
+    PRESETS,
     count_parameters,
+    default_preset,
+    families,
+    presets_of,
+    resolve_model,
 )
-from resflow.run import load_model
-from resflow.training import TrainConfig, Trainer
-from resflow.training.checkpoint import CheckpointError
+from resflow.runs import RunFolder
+from resflow.train_config import TrainConfig
+from resflow.training import Trainer
+
+_DATA_FLAGS = {"name": "data"}
+_DATA_EXCLUDE = ("seed",)  # the data seed is the run's --seed
 
 
-def _parse_sets(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def apply_overrides(cfg: ModelConfig, sets: dict[str, Any]) -> ModelConfig:
-    """Replace model-config fields (``estimator.x`` for estimator fields)."""
-    model_fields = {f.name for f in fields(cfg)}
-    est_fields = {f.name for f in fields(EstimatorConfig)}
-    top: dict[str, Any] = {}
-    est: dict[str, Any] = {}
-    for key, value in sets.items():
-        if isinstance(value, list):
-            value = tuple(value)
-        if key.startswith("estimator."):
-            name = key.split(".", 1)[1]
-            if name not in est_fields:
-                raise ValueError(
-                    f"unknown estimator option {name!r}; choose from {sorted(est_fields)}"
-                )
-            est[name] = value
-        elif key in model_fields and key != "estimator":
-            top[key] = value
-        else:
+def _choose(args: argparse.Namespace, data_name: str) -> tuple[Any, Any]:
+    """``(model entry, preset or None)`` from ``--preset`` / ``--model`` and the data."""
+    kind = data_kind(data_name)
+    if args.preset is not None:
+        preset = PRESETS.get(args.preset)
+        entry = MODELS.get(preset.model)
+        if args.model is not None and args.model not in (entry.name, entry.family):
             raise ValueError(
-                f"unknown model option {key!r} for {type(cfg).__name__}; choose from "
-                f"{sorted(model_fields - {'estimator'})} or "
-                f"estimator.<{'|'.join(sorted(est_fields))}>"
+                f"--preset {preset.name} is a {entry.name} preset, not --model {args.model}"
             )
-    if est:
-        top["estimator"] = replace(cfg.estimator, **est)
-    return replace(cfg, **top)  # type: ignore[arg-type]
-
-
-def _data(args: argparse.Namespace, seed: int) -> DataSplit:
-    return load_data(
-        args.data,
-        args.data_dir,
-        n_train=args.n_train,
-        n_test=args.n_test,
-        seed=seed,
-        download=args.download,
-        n_bits=args.n_bits,
-    )
+        return entry, preset
+    entry = resolve_model(args.model or "residual-flow", kind)  # type: ignore[arg-type]
+    preset = default_preset(entry, data_name)
+    if preset is None and args.model is None:
+        names = ", ".join(p.name for p in presets_of(entry.name))
+        raise ValueError(f"choose a --preset for data {data_name!r} (e.g. {names})")
+    return entry, preset
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    data = _data(args, args.seed)
-    preset = args.preset or ("toy2d" if data.levels is None and data.shape == (2,) else None)
-    if preset is None:
-        preset = {"digits": "digits-small", "mnist": "mnist-small"}.get(args.data)
-    if preset is None:
-        raise ValueError(f"choose a --preset for data {args.data!r}: {sorted(PRESETS)}")
-    model_cfg = get_preset(preset)
-    if isinstance(model_cfg, ImageFlowConfig):
-        if data.levels is None:
-            raise ValueError(
-                f"preset {preset!r} is an image model; data {args.data!r} is not images"
-            )
-        model_cfg = replace(model_cfg, image_shape=data.shape, levels=data.levels)
-    elif data.levels is not None:
-        raise ValueError(f"preset {preset!r} is a vector model; data {args.data!r} are images")
-    else:
-        model_cfg = replace(model_cfg, dim=data.shape[0])
-    model_cfg = apply_overrides(model_cfg, _parse_sets(args.set))
-    rec = training_defaults(preset)
-    paper = TrainConfig()
+    train_flags = given_flags(args, TrainConfig)
+    data_cfg = DataConfig(**given_flags(args, DataConfig, _DATA_FLAGS))
+    data_cfg = replace(data_cfg, seed=train_flags.get("seed", TrainConfig().seed))
+    entry, preset = _choose(args, data_cfg.name)
+    model_cfg = preset.config if preset is not None else entry.config()
+    sets = parse_sets(args.set)
+    model_cfg = override(model_cfg, sets)  # type and range errors before any data is loaded
+    train_cfg = replace(preset.train if preset is not None else TrainConfig(), **train_flags)
+    label = preset.name if preset is not None else entry.name
+    out = Path(args.out or f"runs/{Path(data_cfg.name).stem}-{label}")
 
-    def pick(name: str) -> Any:
-        value = getattr(args, name)
-        return value if value is not None else rec.get(name, getattr(paper, name))
-
-    train_cfg = TrainConfig(
-        steps=args.steps,
-        batch_size=pick("batch_size"),
-        lr=pick("lr"),
-        weight_decay=pick("weight_decay"),
-        warmup=pick("warmup"),
-        grad_clip=args.grad_clip,
-        ema_decay=pick("ema_decay"),
-        eval_every=args.eval_every,
-        eval_max=args.eval_max,
-        eval_batch_size=args.eval_batch_size,
-        checkpoint_every=args.checkpoint_every,
-        sample_every=args.sample_every,
-        seed=args.seed,
-        device=args.device,
-        tensorboard=not args.no_tensorboard,
-        progress=not args.no_progress,
-    )
-    out = Path(args.out or f"runs/{args.data}-{preset}")
+    data = load_data(data_cfg)
+    model_cfg = override(entry.adapt(model_cfg, data.shape, data.levels), sets)
     trainer = Trainer(model_cfg, data, train_cfg, out, resume=args.resume)
-    (out / "data.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "data": args.data,
-                "data_dir": str(args.data_dir) if args.data_dir else None,
-                "n_train": args.n_train,
-                "n_test": args.n_test,
-                "seed": args.seed,
-                "n_bits": args.n_bits,
-            }
-        )
-    )
     n_params = count_parameters(trainer.model)
     print(
-        f"resflow: training {preset} ({n_params:,} parameters) on {args.data} "
-        f"{tuple(data.shape)} for {train_cfg.steps} steps -> {out}"
+        f"resflow: training {label} ({entry.name}, {n_params:,} parameters) on "
+        f"{data.name} {tuple(data.shape)} for {train_cfg.steps} steps -> {out}"
     )
-    trainer.fit()
-    result = trainer.evaluate(progress=not args.no_progress)
+    result = trainer.fit().final
+    if result is None or result.n != len(data.test):
+        result = trainer.evaluate(progress=train_cfg.progress)
     print(f"test {result}")
     if data.levels is not None:
-        imgs = trainer.sample(args.n_samples, args.temperature)
+        imgs = trainer.sample(train_cfg.n_samples, args.temperature)
         scale = max(1, 128 // data.shape[-1])
         path = save_image_grid(imgs, out / "samples.png", data.levels, scale=scale)
         print(f"samples: {path}")
     elif data.shape == (2,):
-        from resflow.data.toy2d import toy_entropy
+        from resflow.data.toy2d import TOY_DATASETS, toy_entropy
         from resflow.plots import plot_density_2d
 
-        limit = toy_entropy(args.data) if args.data in _toy_names() else None
+        limit = toy_entropy(data.name) if data.name in TOY_DATASETS else None
         if limit is not None:
             print(f"entropy of the data (the limit of test NLL): {limit:.4f} nats")
         assert trainer.ema is not None
@@ -177,33 +111,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _toy_names() -> tuple[str, ...]:
-    from resflow.data.toy2d import TOY_DATASETS
-
-    return TOY_DATASETS
-
-
-def _run_data(run: Path, data_dir: str | None) -> DataSplit:
-    path = run / "data.yaml"
-    if not path.exists():
-        raise CheckpointError(
-            f"{run} has no data.yaml; is it a run folder written by `resflow train`?"
-        )
-    info = yaml.safe_load(path.read_text())
-    return load_data(
-        info["data"],
-        data_dir or info.get("data_dir"),
-        n_train=info["n_train"],
-        n_test=info["n_test"],
-        seed=info["seed"],
-        n_bits=info.get("n_bits"),
-    )
+def _model(args: argparse.Namespace) -> Any:
+    return RunFolder(args.run).load_model(args.which, overrides=parse_sets(args.set) or None)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    run = Path(args.run)
-    model = load_model(run, args.which)
-    data = _run_data(run, args.data_dir)
+    run = RunFolder(args.run)
+    model = _model(args)
+    data = run.load_data(args.data_dir)
     test = data.test if args.max is None else data.test[: args.max]
     torch.manual_seed(args.seed)
     result = evaluate(model, test, args.batch_size, progress=not args.no_progress)
@@ -212,7 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    model = load_model(Path(args.run), args.which)
+    model = _model(args)
     if model.levels is None:
         raise ValueError("sample writes image grids; this run models vectors (use the library)")
     torch.manual_seed(args.seed)
@@ -224,11 +139,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
-    run = Path(args.run)
-    model = load_model(run, args.which)
+    run = RunFolder(args.run)
+    model = _model(args)
     if model.levels is None:
         raise ValueError("interpolate writes image grids; this run models vectors")
-    data = _run_data(run, args.data_dir)
+    data = run.load_data(args.data_dir)
+    if 2 * args.pairs > len(data.test):
+        raise ValueError(
+            f"--pairs {args.pairs} needs {2 * args.pairs} test images; there are {len(data.test)}"
+        )
     torch.manual_seed(args.seed)
     idx = torch.randperm(len(data.test))[: 2 * args.pairs]
     rows = [
@@ -242,67 +161,74 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    for name, cfg in PRESETS.items():
-        n = count_parameters(build_model(cfg)) if args.count else None
-        shape = getattr(cfg, "image_shape", None) or (getattr(cfg, "dim", "?"),)
-        print(
-            f"{name:14s} {type(cfg).__name__:16s} shape={tuple(shape)!s:14s}"
-            + (f" {n:>12,} parameters" if n is not None else "")
-        )
+    for family, entries in families().items():
+        print(f"{family}:")
+        for entry in entries:
+            for p in presets_of(entry.name):
+                cfg = p.config
+                shape = getattr(cfg, "image_shape", None) or (getattr(cfg, "dim", "?"),)
+                count = ""
+                if args.count:
+                    count = f" {count_parameters(entry.build(cfg)):>12,} parameters"
+                print(
+                    f"  {p.name:16s} {entry.name:22s} shape={tuple(shape)!s:14s}{count}"
+                    f"  {p.description}"
+                )
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resflow", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a flow (default: the embedded 8x8 digits)")
-    t.add_argument("--data", default="digits", help="toy density, image data set or .npy/.csv path")
+    t = sub.add_parser(
+        "train",
+        help="train a flow (default: a Residual Flow on the embedded 8x8 digits)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    t.add_argument(
+        "--model",
+        default=None,
+        help=f"model or family: {', '.join(sorted(set(families()) | set(MODELS)))}",
+    )
     t.add_argument("--preset", default=None, help=f"model preset: {', '.join(PRESETS)}")
     t.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a model option, e.g. --set n_blocks=[2,2] --set estimator.dist=geometric",
+        help="override a model option at any depth, e.g. --set n_blocks=[2,2] "
+        "--set estimator.dist=geometric",
     )
     t.add_argument("--out", default=None, help="run folder (default runs/<data>-<preset>)")
     t.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
-    t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--weight-decay", type=float, default=None)
-    t.add_argument("--warmup", type=int, default=None)
-    t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--ema-decay", type=float, default=None)
-    t.add_argument("--eval-every", type=int, default=500)
-    t.add_argument("--eval-max", type=int, default=None, help="test examples in periodic evals")
-    t.add_argument("--eval-batch-size", type=int, default=256)
-    t.add_argument("--checkpoint-every", type=int, default=100)
-    t.add_argument("--sample-every", type=int, default=0)
-    t.add_argument("--n-samples", type=int, default=64)
-    t.add_argument("--temperature", type=float, default=1.0)
-    t.add_argument("--n-train", type=int, default=50_000, help="toy data: training points")
-    t.add_argument("--n-test", type=int, default=10_000, help="toy data: test points")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--no-tensorboard", action="store_true")
+    t.add_argument("--temperature", type=float, default=1.0, help="of samples.png")
+    add_flags(t, DataConfig, exclude=_DATA_EXCLUDE, rename=_DATA_FLAGS)
+    add_flags(t, TrainConfig)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="test bits/dim (or NLL) of a run, mean +- standard error")
-    e.add_argument("--max", type=int, default=None, help="evaluate the first N test examples")
-    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--max", type=_positive, default=None, help="evaluate the first N test examples")
+    e.add_argument("--batch-size", type=_positive, default=256)
+    e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sample", help="write a PNG grid of samples")
-    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--n", type=_positive, default=64)
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--out", default="samples.png")
     s.set_defaults(func=cmd_sample)
 
     i = sub.add_parser("interpolate", help="decode straight lines between test images' latents")
-    i.add_argument("--pairs", type=int, default=4)
-    i.add_argument("--steps", type=int, default=8)
+    i.add_argument("--pairs", type=_positive, default=4)
+    i.add_argument("--steps", type=_positive, default=8)
     i.add_argument("--out", default="interpolation.png")
     i.set_defaults(func=cmd_interpolate)
 
@@ -310,14 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--run", required=True, help="run folder written by `resflow train`")
         q.add_argument("--which", default="best", help="best or last checkpoint")
         q.add_argument("--seed", type=int, default=0)
-    for q in (t, e, i):
-        q.add_argument("--data-dir", default=None, help="folder with downloaded data sets")
-    t.add_argument("--download", action="store_true", help="download missing data (checksummed)")
-    t.add_argument("--n-bits", type=int, default=None, help="reduce images to n bits")
-    for q in (t, e):
-        q.add_argument("--no-progress", action="store_true")
+        q.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a model option that keeps the weights, e.g. "
+            "--set estimator.eval_dist=poisson",
+        )
+    for q in (e, i):
+        q.add_argument("--data-dir", default=None, help="folder with the data sets")
 
-    pr = sub.add_parser("presets", help="list model presets")
+    pr = sub.add_parser("presets", help="list model presets by family")
     pr.add_argument("--count", action="store_true", help="build each and count parameters")
     pr.set_defaults(func=cmd_presets)
     return p
@@ -327,7 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+    except (
+        ConfigError,
+        ValueError,
+        FileNotFoundError,
+        CheckpointError,
+        InverseNotConvergedError,
+        FloatingPointError,
+    ) as e:
         print(f"resflow {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -24,3 +24,22 @@ class StandardNormal(nn.Module):
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         a = self._anchor
         return temperature * torch.randn(n, *self.shape, device=a.device, dtype=a.dtype)
+
+
+class DiagonalNormal(nn.Module):
+    """``N(mu, diag(sigma^2))`` with learned ``mu`` and ``log sigma`` per element
+    (i-ResNet's prior); ``sample`` scales the noise by ``temperature``."""
+
+    def __init__(self, shape: tuple[int, ...] | int) -> None:
+        super().__init__()
+        self.shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        self.mean = nn.Parameter(torch.zeros(self.shape))
+        self.log_std = nn.Parameter(torch.zeros(self.shape))
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        eps = (z - self.mean) * torch.exp(-self.log_std)
+        return (-0.5 * (eps.pow(2) + LOG_2PI) - self.log_std).flatten(1).sum(1)
+
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+        eps = torch.randn(n, *self.shape, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + temperature * eps * torch.exp(self.log_std)

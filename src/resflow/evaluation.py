@@ -19,11 +19,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from resflow.flow import Flow
-from resflow.layers.lipschitz import refresh_lipschitz
+from resflow.io import atomic_write
+from resflow.layers.base import after_optimizer_step
 
 
 def bits_per_dim(log_prob: Tensor, dim: int, levels: int = 256) -> Tensor:
-    """``-(log p(y) - D log(levels)) / (D ln 2)`` for densities of dequantized data."""
+    """``-(log p(y) - D log(levels)) / (D ln 2)`` from the density ``p(y)`` of the
+    dequantized data ``y`` in ``[0, 1)``. (A :class:`Flow` with a dequantizer already
+    includes the ``-D log(levels)`` term: its ``bits_per_dim`` is ``-log p / (D ln 2)``.)"""
     return -(log_prob - dim * math.log(levels)) / (dim * math.log(2))
 
 
@@ -50,12 +53,13 @@ def evaluate(
 ) -> EvalResult:
     """Per-sample bits/dim (discrete data, ``model.levels`` set) or NLL in nats.
 
-    The model is put in eval mode (20 exact terms + unbiased tail by default) and its
-    Lipschitz estimates are refreshed first; the caller's mode is restored.
+    The model is put in eval mode (for residual flows: 20 exact terms + unbiased tail
+    by default) and its ``after_optimizer_step`` hooks run first (Lipschitz estimates
+    are refreshed); the caller's mode is restored.
     """
     was_training = model.training
     model.eval()
-    refresh_lipschitz(model)
+    after_optimizer_step(model)
     device = device or next(model.parameters()).device
     values = []
     batches = range(0, len(data), batch_size)
@@ -109,7 +113,4 @@ def save_image_grid(
     img = Image.fromarray(image_grid(images, levels, nrow))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    return atomic_write(path, lambda f: img.save(f, format="PNG"))

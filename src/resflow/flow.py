@@ -14,16 +14,20 @@ from resflow.layers.base import FlowLayer, Sequential, check_finite
 class Flow(nn.Module):
     """``log p(x) = log p_base(f(x)) + log|det df/dx|`` for ``f`` = the layers in order.
 
+    For discrete data (``levels`` set) the first layer is a dequantizer, whose logdet
+    carries the ``-D log(levels)`` term, so ``log_prob`` is (an estimate of a lower
+    bound on) the discrete log-likelihood ``log P(x)`` in nats and ``bits_per_dim`` is
+    ``-log P(x) / (D ln 2)``.
+
     Args:
         layers: a flow layer (or list of layers, composed in order) mapping data to
             latent.
-        base: base distribution with ``log_prob(z)`` and ``sample(n, temperature)``;
-            default standard normal over ``shape``.
         shape: event shape of the data (``(D,)`` or ``(C, H, W)``).
-        latent_shape: event shape of the latent (default: ``shape``; image models
-            with a fully connected tail or factor-out have a flat latent).
-        levels: quantization levels of discrete data (256 for 8-bit images), used for
-            bits/dim; ``None`` for continuous data.
+        base: base distribution with ``log_prob(z)`` and ``sample(n, temperature)``;
+            default standard normal over the latent shape.
+        latent_shape: event shape of the latent (default: ``layers.output_shape(shape)``).
+        levels: quantization levels of discrete data (256 for 8-bit images); ``None``
+            for continuous data.
     """
 
     def __init__(
@@ -37,7 +41,9 @@ class Flow(nn.Module):
         super().__init__()
         self.layers = layers if isinstance(layers, FlowLayer) else Sequential(layers)
         self.shape = tuple(shape)
-        self.latent_shape = tuple(latent_shape) if latent_shape is not None else self.shape
+        if latent_shape is None:
+            latent_shape = self.layers.output_shape(self.shape)
+        self.latent_shape = tuple(latent_shape)
         self.levels = levels
         self.base = base if base is not None else StandardNormal(self.latent_shape)
 
@@ -45,17 +51,21 @@ class Flow(nn.Module):
     def dim(self) -> int:
         return math.prod(self.shape)
 
-    def _check(self, x: Tensor) -> None:
-        if tuple(x.shape[1:]) != self.shape:
+    def _check(self, x: Tensor, context: Tensor | None) -> None:
+        if x.dim() == 0 or tuple(x.shape[1:]) != self.shape:
             raise ValueError(
                 f"expected data of shape [B, {', '.join(map(str, self.shape))}], "
                 f"got {list(x.shape)}"
             )
+        if x.shape[0] == 0:
+            raise ValueError("empty batch: expected at least one example")
         check_finite(x)
+        if context is not None and context.shape[0] != x.shape[0]:
+            raise ValueError(f"context has batch size {context.shape[0]}, the data {x.shape[0]}")
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(z, logdet)`` for data ``x``."""
-        self._check(x)
+        self._check(x, context)
         return self.layers(x, context)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
@@ -63,19 +73,39 @@ class Flow(nn.Module):
         return self.layers.inverse(z, context)
 
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """``log p(x)`` per sample (an unbiased estimate for stochastic logdets)."""
+        """``log p(x)`` per sample (an unbiased estimate for stochastic logdets, a
+        lower-bound estimate for stochastic layers)."""
         z, logdet = self(x, context)
         return self.base.log_prob(z) + logdet
 
     def bits_per_dim(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """Bits/dim per sample: ``-(log p(y) - D log(levels)) / (D ln 2)`` for discrete
-        data (``y`` the dequantized data in ``[0, 1)``), ``-log p(x) / (D ln 2)`` else."""
-        logp = self.log_prob(x, context)
-        if self.levels is not None:
-            logp = logp - self.dim * math.log(self.levels)
-        return -logp / (self.dim * math.log(2))
+        """``-log p(x) / (D ln 2)`` per sample (for discrete data ``log p`` already
+        holds the dequantizer's ``-D log(levels)``)."""
+        return -self.log_prob(x, context) / (self.dim * math.log(2))
+
+    def _latent(self, n: int, temperature: float) -> Tensor:
+        if n < 1:
+            raise ValueError(f"the number of samples must be >= 1, got {n}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        return self.base.sample(n, temperature)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, context: Tensor | None = None) -> Tensor:
         """``n`` samples ``f^{-1}(z)``, ``z ~ base`` scaled by ``temperature``."""
-        return self.inverse(self.base.sample(n, temperature), context)
+        return self.inverse(self._latent(n, temperature), context)
+
+    def rsample(self, n: int, temperature: float = 1.0, context: Tensor | None = None) -> Tensor:
+        """Like :meth:`sample`, but differentiable in the parameters (reparameterized;
+        residual blocks differentiate their fixed point implicitly)."""
+        return self.inverse(self._latent(n, temperature), context)
+
+    def sample_and_log_prob(
+        self, n: int, temperature: float = 1.0, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(x, log p(x))`` for ``n`` samples in one inverse pass, differentiable in
+        the parameters (for reverse-KL / variational inference). ``log p`` is that of
+        the model at temperature 1: ``log p_base(z) - log|det dx/dz|``."""
+        z = self._latent(n, temperature)
+        x, logdet_inv = self.layers.inverse_and_logdet(z, context)
+        return x, self.base.log_prob(z) - logdet_inv

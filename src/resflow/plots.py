@@ -12,6 +12,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from resflow.flow import Flow  # noqa: E402
+from resflow.io import atomic_write  # noqa: E402
 
 
 def plot_learning_curve(history: list[dict[str, float]], path: str | Path, unit: str) -> None:
@@ -40,7 +41,7 @@ def plot_learning_curve(history: list[dict[str, float]], path: str | Path, unit:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -79,5 +80,5 @@ def plot_density_2d(
         a.set_yticks([])
         a.set_aspect("equal")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)

@@ -1,12 +1,17 @@
 import pytest
 import torch
 
-from resflow.models.presets import PRESETS, get_preset
-from resflow.models.residual_flow import (
+from resflow.config import ConfigError
+from resflow.models import (
+    MODELS,
+    PRESETS,
     build_model,
     config_from_dict,
     config_to_dict,
     count_parameters,
+    default_preset,
+    get_preset,
+    resolve_model,
 )
 
 PAPER = {
@@ -22,18 +27,40 @@ def test_paper_presets_have_the_authors_parameter_counts(name):
     assert count_parameters(build_model(get_preset(name))) == PAPER[name]
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", PRESETS.names())
 def test_config_round_trips_through_plain_data(name):
-    cfg = PRESETS[name]
-    assert config_from_dict(config_to_dict(cfg)) == cfg
+    cfg = PRESETS.get(name).config
+    data = config_to_dict(cfg)
+    assert data["model"] == PRESETS.get(name).model
+    assert config_from_dict(data) == cfg
 
 
 def test_unknown_preset_and_option():
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         get_preset("nope")
-    bad = config_to_dict(PRESETS["mnist"]) | {"n_blockz": 3}
-    with pytest.raises(ValueError, match="unknown ImageFlowConfig option"):
+    bad = config_to_dict(get_preset("mnist"))
+    bad["config"]["n_blockz"] = 3
+    with pytest.raises(ConfigError, match="unknown option n_blockz for ImageFlowConfig"):
         config_from_dict(bad)
+    with pytest.raises(ValueError, match="model 'glowish' is not registered"):
+        config_from_dict({"model": "glowish", "config": {}})
+
+
+def test_legacy_config_dicts_still_load():
+    """resflow 0.1 stored {"kind": "vector" | "image", **fields}."""
+    cfg = get_preset("toy2d")
+    legacy = {"kind": "vector", **config_to_dict(cfg)["config"]}
+    assert config_from_dict(legacy) == cfg
+
+
+def test_every_family_resolves_by_data_kind():
+    assert resolve_model("residual-flow", "vector").name == "residual-flow-vector"
+    assert resolve_model("residual-flow", "image").name == "residual-flow"
+    assert resolve_model("iresnet", "image").name == "iresnet"
+    assert default_preset(MODELS.get("iresnet"), "digits").name == "iresnet-digits"
+    assert default_preset(MODELS.get("residual-flow-vector"), "8gaussians").name == "toy2d"
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        resolve_model("nope", "image")
 
 
 def test_factor_out_model_round_trip():

@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
+from resflow.checkpoint import save_checkpoint
 from resflow.data import DataSplit, load_data
-from resflow.models.presets import get_preset
+from resflow.models import get_preset
 from resflow.training import CheckpointError, TrainConfig, Trainer, load_checkpoint
-from resflow.training.checkpoint import save_checkpoint
 from resflow.training.trainer import make_optimizer
 
 

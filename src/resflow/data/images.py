@@ -71,6 +71,7 @@ from resflow.data.download import (
     file_md5,
     matches_remote,
 )
+from resflow.preprocess.bits import reduce_bits
 
 __all__ = [
     "DATASETS",
@@ -253,7 +254,7 @@ def load_images(
     if image_size is not None and name not in ("celebahq", "folder"):
         images = _resize_tensor(images, image_size, levels)
     if n_bits is not None and n_bits < 8:
-        images = _reduce_bits(images, n_bits)
+        images = reduce_bits(images, n_bits)
         levels = 2**n_bits
     return ImageData(images=images, labels=labels, levels=levels, name=name)
 
@@ -300,11 +301,6 @@ def _require_root(root: Path | None, name: str) -> Path:
             f"download=True for {name!r} needs a destination: pass data_dir= or set ${DATA_DIR_ENV}"
         )
     return root
-
-
-def _reduce_bits(images: torch.Tensor, n_bits: int) -> torch.Tensor:
-    """Quantize 8-bit values to ``n_bits``: ``x >> (8 - n_bits)`` (in place)."""
-    return images.bitwise_right_shift_(8 - n_bits)
 
 
 def _resize_tensor(images: torch.Tensor, size: int, levels: int) -> torch.Tensor:

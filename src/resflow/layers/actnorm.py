@@ -59,6 +59,27 @@ class ActNorm(FlowLayer):
         logdet = self.log_scale.sum() * pixels
         return y, logdet.expand(x.shape[0])
 
+    @torch.no_grad()
+    def initialize_inverse(self, y: Tensor) -> None:
+        """Set bias and scale so that ``inverse(y)`` has zero mean, unit variance per
+        channel (when data first enter in the inverse direction, e.g. in an
+        :class:`~resflow.layers.base.Inverse` wrapper)."""
+        flat = y.transpose(0, 1).reshape(self.num_channels, -1)
+        mean = flat.mean(1)
+        std = flat.std(1, unbiased=False) if flat.shape[1] > 1 else torch.ones_like(mean)
+        std = std + self.eps
+        self.log_scale.copy_(torch.log(std))
+        self.bias.copy_(mean / std)
+        self.initialized.fill_(True)
+
     def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
+        """``x = y exp(-log_scale) - bias``; an uninitialised layer in training mode
+        first initialises from ``y`` (:meth:`initialize_inverse`)."""
         self._check(y)
+        if self.training and not bool(self.initialized):
+            self.initialize_inverse(y)
         return y * self._view((-self.log_scale).exp(), y) - self._view(self.bias, y)
+
+    def inverse_and_logdet(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        logdet = -self.log_scale.sum() * y[0, 0].numel()
+        return self.inverse(y), logdet.expand(y.shape[0])

@@ -1,30 +1,74 @@
-"""The layer contract shared by every invertible layer in resflow.
+"""The layer contract (v2) shared by every invertible layer in resflow.
 
-Every layer maps **data -> latent**:
+Every layer maps **data -> latent** and takes an optional conditioning tensor
+``context`` (a class embedding, an image, ...) that it may use or ignore:
 
 * ``forward(x, context=None) -> (y, logdet)`` with ``logdet = log|det dy/dx|`` of
   shape ``[batch]``;
-* ``inverse(y, context=None) -> x``.
+* ``inverse(y, context=None) -> x``;
+* ``inverse_and_logdet(y, context=None) -> (x, logdet_inv)`` with
+  ``logdet_inv = log|det dx/dy| = -log|det dy/dx|`` evaluated at ``x = f^{-1}(y)``.
+  The default inverts and runs one forward pass; layers whose inverse yields the
+  log-determinant for free (coupling, ActNorm, autoregressive, 1x1 convolution)
+  override it;
+* ``output_shape(input_shape) -> shape`` of one example (no batch dimension), so that
+  multi-scale models are assembled without hand-computed shapes. The default is the
+  identity (shape-preserving layers).
+
+**Stochastic layers.** A layer whose forward pass draws noise ``u ~ q(u | x)``
+(uniform or variational dequantization, noise augmentation) sets
+``stochastic = True`` and returns ``logdet = log|det dy/d(x, u)| - log q(u | x)``;
+the dimension may grow (``output_shape`` says by how much). ``log p_base(f(x)) +
+logdet`` is then a single-sample estimate of a lower bound on ``log p(x)`` (Jensen):
+``E_q[log p(x, u) - log q(u | x)] <= log p(x)``; averaging ``exp`` of ``K`` such
+estimates gives the importance-weighted bound. Its ``inverse`` is deterministic
+(drop the noise channels, quantize) and its ``inverse_and_logdet`` returns the
+negative of that forward term at the inverted point, so that ``sample_and_log_prob``
+reports the same bound for the samples.
 
 A :class:`Sequential` of layers is itself a layer, so models are built by composition.
+
+**Hooks.** Modules may define ``after_optimizer_step()`` (e.g. refreshing the
+Lipschitz estimates of a residual branch); a training loop calls
+:func:`after_optimizer_step` on the model after every step, and evaluation calls it
+before use, without knowing which layers need it. Modules with state that an
+evaluation detour must not disturb implement ``transient_state()`` /
+``load_transient_state(state)`` (see :func:`preserved_transient_state`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
+Shape = tuple[int, ...]
+
 
 class FlowLayer(nn.Module):
     """Base class of an invertible layer (see the module docstring for the contract)."""
+
+    #: ``True`` for layers that draw noise in ``forward`` (see the module docstring).
+    stochastic: bool = False
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} must implement forward")
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement inverse")
+
+    def inverse_and_logdet(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(x, log|det dx/dy|)`` for ``x = f^{-1}(y)``: by default the inverse, then
+        ``-logdet`` of one forward pass at ``x``."""
+        x = self.inverse(y, context)
+        _, logdet = self.forward(x, context)
+        return x, -logdet
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        """Shape of one output example for one input example of ``input_shape``."""
+        return tuple(input_shape)
 
 
 def zero_logdet(x: Tensor) -> Tensor:
@@ -40,6 +84,10 @@ class Sequential(FlowLayer):
         if len(layers) == 1 and not isinstance(layers[0], nn.Module):
             layers = tuple(layers[0])  # type: ignore[arg-type]
         self.layers = nn.ModuleList(layers)  # type: ignore[arg-type]
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        return any(getattr(layer, "stochastic", False) for layer in self.layers)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -59,12 +107,26 @@ class Sequential(FlowLayer):
             y = layer.inverse(y, context)
         return y
 
+    def inverse_and_logdet(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        logdet = zero_logdet(y)
+        for layer in reversed(self.layers):
+            y, ld = layer.inverse_and_logdet(y, context)
+            logdet = logdet + ld
+        return y, logdet
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        shape = tuple(input_shape)
+        for layer in self.layers:
+            shape = layer.output_shape(shape)
+        return shape
+
 
 class Inverse(FlowLayer):
     """Swap the directions of a layer: ``forward`` runs ``layer.inverse``.
 
-    The log-determinant of the inverse direction is minus the forward logdet at the
-    inverted point, which costs one extra forward pass of the wrapped layer.
+    ``forward`` is the wrapped layer's ``inverse_and_logdet``; ``inverse`` its
+    ``forward``. Shape-changing layers cannot be wrapped (their output shape would
+    need the inverse map of shapes).
     """
 
     def __init__(self, layer: FlowLayer) -> None:
@@ -72,12 +134,13 @@ class Inverse(FlowLayer):
         self.layer = layer
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        y = self.layer.inverse(x, context)
-        _, logdet = self.layer(y, context)
-        return y, -logdet
+        return self.layer.inverse_and_logdet(x, context)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         return self.layer(y, context)[0]
+
+    def inverse_and_logdet(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.layer(y, context)  # log|det d f(y)/dy| is the wrapped forward logdet
 
 
 def check_finite(x: Tensor, name: str = "input") -> None:
@@ -85,3 +148,35 @@ def check_finite(x: Tensor, name: str = "input") -> None:
     if not torch.isfinite(x).all():
         n_bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} contains {n_bad} non-finite value(s) (NaN or inf)")
+
+
+def after_optimizer_step(model: nn.Module) -> None:
+    """Call ``after_optimizer_step()`` on every sub-module that defines it.
+
+    A training loop calls this after every optimizer step, and evaluation or sampling
+    before use (the weights may have changed, e.g. to their EMA average).
+    """
+    for m in model.modules():
+        hook = getattr(m, "after_optimizer_step", None)
+        if callable(hook):
+            hook()
+
+
+@contextmanager
+def preserved_transient_state(model: nn.Module) -> Iterator[None]:
+    """Restore every module's transient state (e.g. power-iteration vectors) on exit.
+
+    Evaluating or sampling with other weights (the EMA average) updates such state for
+    those weights; restoring it keeps training exactly on the path it would have taken
+    without the detour (exact resume depends on it).
+    """
+    saved = [
+        (m, m.transient_state())  # type: ignore[operator]
+        for m in model.modules()
+        if callable(getattr(m, "transient_state", None))
+    ]
+    try:
+        yield
+    finally:
+        for m, state in saved:
+            m.load_transient_state(state)  # type: ignore[operator]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from resflow.layers.base import FlowLayer, zero_logdet
+from resflow.layers.base import FlowLayer, Shape, zero_logdet
 
 
 class Squeeze(FlowLayer):
@@ -31,3 +31,13 @@ class Squeeze(FlowLayer):
             raise ValueError(f"Squeeze({f}).inverse needs channels divisible by {f * f}, got {c}")
         x = y.view(b, c // (f * f), f, f, h, w).permute(0, 1, 4, 2, 5, 3)
         return x.reshape(b, c // (f * f), h * f, w * f)
+
+    def inverse_and_logdet(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.inverse(y), zero_logdet(y)
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        c, h, w = input_shape
+        f = self.factor
+        if h % f or w % f:
+            raise ValueError(f"Squeeze({f}) needs height and width divisible by {f}, got {h}x{w}")
+        return (c * f * f, h // f, w // f)

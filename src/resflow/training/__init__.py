@@ -1,12 +1,17 @@
-"""Training: optimizer setup, EMA, atomic checkpoints and the training loop."""
+"""Training: the loop (trainer), objectives, EMA; checkpoints live in :mod:`resflow.checkpoint`."""
 
-from resflow.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from resflow.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from resflow.train_config import TrainConfig
 from resflow.training.ema import EMA
-from resflow.training.trainer import TrainConfig, Trainer, TrainResult
+from resflow.training.objectives import Batch, MaximumLikelihood, Objective
+from resflow.training.trainer import Trainer, TrainResult
 
 __all__ = [
     "EMA",
+    "Batch",
     "CheckpointError",
+    "MaximumLikelihood",
+    "Objective",
     "TrainConfig",
     "TrainResult",
     "Trainer",

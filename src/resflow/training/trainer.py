@@ -1,8 +1,9 @@
-"""Maximum-likelihood training of flows, with exact resume.
+"""The training loop, for every registered model and objective, with exact resume.
 
 One loop serves vectors, 2-D toy data and images (paper setup, Appendix E): AdamW
 (weight decay applied outside the adaptive update), linear warm-up, gradient-norm
-clipping, a Lipschitz refresh after every step, EMA weights for evaluation and
+clipping, the model's ``after_optimizer_step`` hooks (e.g. a Lipschitz refresh) after
+every step, EMA weights for evaluation and
 sampling, atomic ``last.pt`` / ``best.pt`` checkpoints and TensorBoard logs. A
 checkpoint holds the model, optimizer, scheduler, EMA and RNG states and the step, and
 the data order is a function of ``(seed, epoch)``, so a resumed run continues exactly
@@ -14,60 +15,26 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from resflow.data import DataSplit
+from resflow.checkpoint import load_checkpoint, save_checkpoint
+from resflow.config import to_dict
+from resflow.data import DataConfig, DataSplit, load_data
 from resflow.evaluation import EvalResult, evaluate, image_grid, save_image_grid
 from resflow.flow import Flow
-from resflow.layers.lipschitz import preserved_norm_state, refresh_lipschitz
-from resflow.models.residual_flow import (
-    ModelConfig,
-    build_model,
-    config_from_dict,
-    config_to_dict,
-)
+from resflow.layers.base import after_optimizer_step, preserved_transient_state
+from resflow.models import build_model, config_from_dict, config_to_dict
 from resflow.plots import plot_learning_curve
-from resflow.training.checkpoint import load_checkpoint, save_checkpoint
+from resflow.runs import RunConfig, RunFolder
+from resflow.train_config import TrainConfig
 from resflow.training.ema import EMA
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings (defaults: the paper's, Appendix E)."""
-
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 5e-4
-    betas: tuple[float, float] = (0.9, 0.99)
-    warmup: int = 1000
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    eval_every: int = 500
-    eval_batch_size: int = 256
-    eval_max: int | None = None
-    checkpoint_every: int = 100
-    sample_every: int = 0
-    n_samples: int = 64
-    log_every: int = 10
-    seed: int = 0
-    device: str = "cpu"
-    tensorboard: bool = True
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip <= 0:
-            raise ValueError("lr and grad_clip must be positive and weight_decay >= 0")
+from resflow.training.objectives import Batch, MaximumLikelihood, Objective
 
 
 @dataclass
@@ -100,37 +67,43 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> Tensor:
     return perm[i * batch_size : (i + 1) * batch_size]
 
 
-def loss_fn(model: Flow, x: Tensor) -> Tensor:
-    """Mean bits/dim (discrete data) or mean NLL in nats (continuous data)."""
-    if model.levels is not None:
-        return model.bits_per_dim(x).mean()
-    return -model.log_prob(x).mean()
-
-
 class Trainer:
-    """Train a flow on a :class:`DataSplit`, writing everything under ``out_dir``.
+    """Train a registered model on a data set, writing the run under ``out_dir``.
 
-    ``out_dir`` receives ``config.yaml``, ``last.pt``, ``best.pt``, ``metrics.jsonl``,
-    ``curve.png``, TensorBoard events in ``tb/`` and sample grids in ``samples/``.
-    With ``resume=True`` and a ``last.pt`` present, training continues from it.
+    Args:
+        model_config: the config of any registered model (e.g. ``get_preset("toy2d")``).
+        data: a :class:`DataSplit` or a :class:`DataConfig` to load (only a split that
+            records its config -- as :func:`load_data` returns -- can be evaluated
+            from the CLI later).
+        config: training settings.
+        out_dir: the run folder (:class:`resflow.runs.RunFolder`): ``config.yaml``,
+            ``last.pt``, ``best.pt``, ``metrics.jsonl``, ``curve.png``, ``tb/``,
+            ``samples/``.
+        resume: continue from ``out_dir/last.pt`` when it exists.
+        objective: what a step minimizes (default :class:`MaximumLikelihood`).
     """
 
     def __init__(
         self,
-        model_config: ModelConfig,
-        data: DataSplit,
-        config: TrainConfig,
-        out_dir: str | Path,
+        model_config: Any,
+        data: DataSplit | DataConfig,
+        config: TrainConfig | None = None,
+        out_dir: str | Path = "runs/run",
         resume: bool = False,
+        objective: Objective | None = None,
     ) -> None:
+        config = config or TrainConfig()
         self.model_config = model_config
-        self.data = data
+        self.data = data if isinstance(data, DataSplit) else load_data(data)
+        data = self.data
         self.cfg = config
-        self.out = Path(out_dir)
+        self.run = RunFolder(out_dir)
+        self.out = self.run.path
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         self.device = torch.device(config.device)
         self.model = build_model(model_config).to(self.device)
+        self.objective = objective or MaximumLikelihood(self.model)
         if data.levels is not None and self.model.levels != data.levels:
             raise ValueError(
                 f"data has {data.levels} levels but the model expects {self.model.levels}"
@@ -150,31 +123,18 @@ class Trainer:
         self.best = math.inf
         self.history: list[dict[str, float]] = []
         self.ema: EMA | None = None
-        last = self.out / "last.pt"
-        if resume and last.exists():
-            self._load(last)
-        self._write_config()
+        if resume and self.run.last.exists():
+            self._load(self.run.last)
+        self.run.write_config(RunConfig(model_config, data.config, config))
 
     # ---- state -------------------------------------------------------------------------
-    def _write_config(self) -> None:
-        cfg = {
-            "model": config_to_dict(self.model_config),
-            "train": asdict(self.cfg),
-            "data": {
-                "name": self.data.name,
-                "levels": self.data.levels,
-                "n_train": len(self.data.train),
-                "n_test": len(self.data.test),
-            },
-        }
-        (self.out / "config.yaml").write_text(yaml.safe_dump(_plain(cfg), sort_keys=False))
-
     def state_dict(self) -> dict[str, Any]:
         assert self.ema is not None
         return {
+            "format": 2,
             "model": self.model.state_dict(),
-            "model_config": _plain(config_to_dict(self.model_config)),
-            "train_config": _plain(asdict(self.cfg)),
+            "model_config": to_dict(config_to_dict(self.model_config)),
+            "train_config": to_dict(self.cfg),
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "ema": self.ema.state_dict(),
@@ -182,6 +142,7 @@ class Trainer:
             "best": self.best,
             "history": self.history,
             "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "data": {"name": self.data.name, "levels": self.data.levels},
         }
 
@@ -203,6 +164,9 @@ class Trainer:
         self.best = float(state["best"])
         self.history = list(state["history"])
         torch.set_rng_state(state["rng"].cpu())
+        cuda_rng = state.get("cuda_rng") or []
+        if cuda_rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([t.cpu() for t in cuda_rng])
 
     def _init_lazy_state(self) -> None:
         """ActNorm initialisation and conv norm buffers from the first batch, then EMA."""
@@ -221,7 +185,7 @@ class Trainer:
         self._init_lazy_state()
         assert self.ema is not None
         test = self.data.test if max_examples is None else self.data.test[:max_examples]
-        with torch.random.fork_rng(), preserved_norm_state(self.model):
+        with torch.random.fork_rng(), preserved_transient_state(self.model):
             torch.manual_seed(self.cfg.seed + 17)
             with self.ema.swapped(self.model):
                 result = evaluate(self.model, test, self.cfg.eval_batch_size, progress=progress)
@@ -231,11 +195,11 @@ class Trainer:
         """``n`` samples from the EMA model."""
         self._init_lazy_state()
         assert self.ema is not None
-        with torch.random.fork_rng(), preserved_norm_state(self.model):
+        with torch.random.fork_rng(), preserved_transient_state(self.model):
             torch.manual_seed(self.cfg.seed + 29)
             with self.ema.swapped(self.model):
                 self.model.eval()
-                refresh_lipschitz(self.model)
+                after_optimizer_step(self.model)
                 out = self.model.sample(n, temperature)
                 self.model.train()
         return out
@@ -258,11 +222,10 @@ class Trainer:
             dynamic_ncols=True,
         )
         t0, seen = time.perf_counter(), 0
-        unit = "bpd" if self.model.levels is not None else "nll"
+        unit = self.objective.unit
         while self.step < until:
             idx = batch_indices(len(self.data.train), cfg.batch_size, self.step, cfg.seed)
-            x = self.data.train[idx].to(self.device)
-            loss = loss_fn(self.model, x)
+            loss, extra = self.objective(self.model, self._batch(idx))
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {float(loss)} at step {self.step}; lower the "
@@ -273,12 +236,12 @@ class Trainer:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.opt.step()
             self.sched.step()
-            refresh_lipschitz(self.model)
+            after_optimizer_step(self.model)
             self.ema.update(self.model)
             self.step += 1
             seen += 1
             bar.update(1)
-            rec: dict[str, float] = {"step": self.step, "loss": float(loss.detach())}
+            rec: dict[str, float] = {"step": self.step, "loss": float(loss.detach()), **extra}
             logged = self.step % cfg.log_every == 0 or self.step == cfg.steps
             if logged:
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
@@ -313,9 +276,21 @@ class Trainer:
             plot_learning_curve(self.history, self.out / "curve.png", unit)
         final = next((h for h in reversed(self.history) if "test" in h), None)
         result = None
-        if final is not None:
-            result = EvalResult(final["test"], final["test_stderr"], len(self.data.test), unit)
+        if final is not None and final["step"] == self.step:
+            n = (
+                len(self.data.test)
+                if cfg.eval_max is None
+                else min(cfg.eval_max, len(self.data.test))
+            )
+            result = EvalResult(final["test"], final["test_stderr"], n, _eval_unit(self.model))
         return TrainResult(self.model, self.ema, self.step, self.history, result)
+
+    def _batch(self, idx: Tensor) -> Batch:
+        labels = self.data.train_labels
+        return Batch(
+            self.data.train[idx].to(self.device),
+            None if labels is None else labels[idx].to(self.device),
+        )
 
     def _save_samples(self, writer: Any) -> None:
         levels = self.model.levels or 256
@@ -342,10 +317,5 @@ def _writer(path: Path) -> Any:
     return SummaryWriter(str(path))
 
 
-def _plain(obj: Any) -> Any:
-    """Tuples -> lists, recursively (YAML- and weights_only-friendly plain data)."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
+def _eval_unit(model: Flow) -> str:
+    return "bits/dim" if model.levels is not None else "nats"

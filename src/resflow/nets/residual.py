@@ -1,4 +1,4 @@
-"""Contractive networks ``g`` for residual blocks (Residual Flows, Chen et al. 2019, §1.1).
+"""Contractive residual branches ``g`` for residual blocks (Residual Flows, Chen et al. 2019, §1.1).
 
 Every weight is Lipschitz-constrained (``||W|| <= coeff``) and every activation is
 1-Lipschitz, so ``Lip(g) <= coeff**n_layers < 1``.
@@ -10,8 +10,9 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from resflow.layers.activations import make_activation
-from resflow.layers.lipschitz import LipschitzConv2d, LipschitzLinear, NormOrder, Order
+from resflow.layers.residual.activations import make_activation
+from resflow.layers.residual.lipschitz import LipschitzConv2d, LipschitzLinear, NormOrder, Order
+from resflow.nets import NETS
 
 
 def _orders(n_layers: int, norm_orders: Sequence[float] | None, learn_orders: bool) -> list[Order]:
@@ -98,3 +99,7 @@ def residual_cnn(
         )  # fmt: skip
 
     return _branch(len(kernels), layer, activation, preact)
+
+
+NETS.register("residual-mlp", residual_mlp)
+NETS.register("residual-cnn", residual_cnn)

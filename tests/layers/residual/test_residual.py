@@ -47,3 +47,25 @@ def test_bad_roulette_parameters():
         ResidualBlock(residual_mlp(2), geom_p=1.5)
     with pytest.raises(ValueError, match="poisson_lambda"):
         ResidualBlock(residual_mlp(2), poisson_lambda=0)
+
+
+def test_inverse_gradients_are_the_implicit_ones():
+    """d f^{-1}(y) / d(y, theta) equals autograd through an unrolled fixed point."""
+    from helpers import strong_block
+
+    block = strong_block(3, coeff=0.9).double()
+    y = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, dtype=torch.float64)
+    params = [p for p in block.g.parameters() if p.requires_grad]
+    (block.inverse(y) * w).sum().backward()
+    implicit = [y.grad.clone(), *[p.grad.clone() for p in params]]
+    y.grad = None
+    for p in params:
+        p.grad = None
+    x = y
+    for _ in range(300):  # unrolled: ordinary autograd through every iteration
+        x = y - block.g(x)
+    (x * w).sum().backward()
+    unrolled = [y.grad, *[p.grad for p in params]]
+    for a, b in zip(implicit, unrolled):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

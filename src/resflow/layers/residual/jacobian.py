@@ -25,7 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from resflow.layers.lipschitz import LipschitzConv2d, LipschitzLinear, conv2d, conv2d_adjoint
+from resflow.layers.residual.lipschitz import (
+    LipschitzConv2d,
+    LipschitzLinear,
+    conv2d,
+    conv2d_adjoint,
+)
 
 VJP = Callable[[Tensor], Tensor]
 

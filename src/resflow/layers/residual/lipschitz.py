@@ -17,12 +17,13 @@ every optimizer step and before evaluation.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from resflow.layers.base import preserved_transient_state
 
 INF = math.inf
 
@@ -158,6 +159,18 @@ class LipschitzLayer(nn.Module):
         self.v.copy_(v)
         self.sigma.copy_(sigma)
         return it
+
+    def after_optimizer_step(self) -> None:
+        """The generic hook of :func:`resflow.layers.base.after_optimizer_step`."""
+        self.refresh()
+
+    def transient_state(self) -> tuple[Tensor, Tensor]:
+        """The power-iteration state (see :func:`resflow.layers.base.preserved_transient_state`)."""
+        return self.v.clone(), self.sigma.clone()
+
+    def load_transient_state(self, state: tuple[Tensor, Tensor]) -> None:
+        self.v = state[0]
+        self.sigma.copy_(state[1])
 
     def _closed_form_norm(self) -> Tensor | None:
         if isinstance(self.domain, NormOrder) or isinstance(self.codomain, NormOrder):
@@ -330,20 +343,7 @@ def refresh_lipschitz(
     return most
 
 
-@contextmanager
-def preserved_norm_state(model: nn.Module) -> Iterator[None]:
-    """Restore every norm estimate (vectors and sigma) on exit.
-
-    Evaluating or sampling with other weights (e.g. the EMA average) refreshes the
-    estimates for those weights; restoring them afterwards keeps training exactly on
-    the path it would have taken without the detour (exact resume depends on it).
-    """
-    saved = [
-        (m, m.v.clone(), m.sigma.clone()) for m in model.modules() if isinstance(m, LipschitzLayer)
-    ]
-    try:
-        yield
-    finally:
-        for m, v, sigma in saved:
-            m.v = v
-            m.sigma.copy_(sigma)
+def preserved_norm_state(model: nn.Module) -> AbstractContextManager[None]:
+    """Restore every norm estimate (vectors and sigma) on exit (an alias of
+    :func:`resflow.layers.base.preserved_transient_state`)."""
+    return preserved_transient_state(model)

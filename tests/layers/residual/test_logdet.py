@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from resflow.layers import EXACT_ESTIMATOR, LogdetEstimator, truncated_estimator
-from resflow.layers.logdet import draw_terms, survival
+from resflow.layers.residual.logdet import draw_terms, survival
 
 from helpers import strong_block
 

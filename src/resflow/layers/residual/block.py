@@ -1,20 +1,24 @@
 """The invertible residual block ``f(x) = x + g(x)`` with ``Lip(g) < 1``.
 
 Invertible by Banach's fixed-point theorem (i-ResNet, Behrmann et al. 2019); its
-log-determinant is estimated by :mod:`resflow.layers.logdet` (Residual Flows, Chen
+log-determinant is estimated by :mod:`resflow.layers.residual.logdet` (Residual Flows, Chen
 et al. 2019).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from resflow.layers.base import FlowLayer
-from resflow.layers.jacobian import chain_to_parameters, linearize
-from resflow.layers.logdet import (
+from resflow.layers.residual.jacobian import chain_to_parameters, linearize
+from resflow.layers.residual.logdet import (
     EVAL_ESTIMATOR,
     TRAIN_ESTIMATOR,
+    EstimatorConfig,
     LogdetEstimator,
     attach_gradients,
     draw_terms,
@@ -26,6 +30,21 @@ from resflow.layers.logdet import (
 
 class InverseNotConvergedError(RuntimeError):
     """The fixed-point iteration of a residual block's inverse did not converge."""
+
+
+class _ImplicitGradient(torch.autograd.Function):
+    """Identity in the forward pass; ``solve`` maps the incoming gradient in backward
+    (unlike a tensor hook, it does not fire when the tensor is an ``autograd.grad``
+    input, e.g. for the Jacobian of the block at the inverted point)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, solve: Callable[[Tensor], Tensor]) -> Tensor:
+        ctx.solve = solve
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return ctx.solve(grad), None
 
 
 class ResidualBlock(FlowLayer):
@@ -72,6 +91,12 @@ class ResidualBlock(FlowLayer):
         self.inverse_atol = inverse_atol
         self.inverse_rtol = inverse_rtol
         self.inverse_max_iter = inverse_max_iter
+
+    @classmethod
+    def from_config(cls, g: nn.Module, config: EstimatorConfig) -> ResidualBlock:
+        """A block with the estimators and roulette parameters of ``config``."""
+        train, ev = config.estimators()
+        return cls(g, train, ev, geom_p=config.geom_p, poisson_lambda=config.poisson_lambda)
 
     @property
     def estimator(self) -> LogdetEstimator:
@@ -126,8 +151,50 @@ class ResidualBlock(FlowLayer):
         gx, logdet = self._run(xg, create_graph=True)
         return x + gx, logdet
 
-    @torch.no_grad()
     def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
+        """``f^{-1}(y)`` by the fixed-point iteration of :meth:`fixed_point`.
+
+        When gradients are needed (``y`` or the branch's parameters require them),
+        the result is differentiated implicitly: ``x = y - g(x)`` gives
+        ``dL/dy = w`` with ``w (I + J_g) = dL/dx``, solved by the fixed-point iteration
+        ``w <- dL/dx - w J_g`` (a contraction, since ``Lip(g) < 1``), and
+        ``dL/dtheta = -w dg/dtheta``.
+        """
+        with torch.no_grad():
+            x = self.fixed_point(y)
+        wants_grad = torch.is_grad_enabled() and (
+            y.requires_grad or any(p.requires_grad for p in self.g.parameters())
+        )
+        return self._implicit(x, y) if wants_grad else x
+
+    def _implicit(self, x_star: Tensor, y: Tensor) -> Tensor:
+        x0 = x_star.detach().requires_grad_(True)
+        gx = self.g(x0)
+        x = y - gx  # equals x_star; gradients are corrected by the hook below
+        max_iter = self.inverse_max_iter
+        rtol = max(self.inverse_rtol, 16 * torch.finfo(y.dtype).eps)
+
+        def solve(grad: Tensor) -> Tensor:
+            w, prev = grad, float("inf")
+            scale = float(grad.detach().abs().max())
+            for _ in range(max_iter):
+                (wj,) = torch.autograd.grad(gx, x0, w, retain_graph=True)
+                new = grad - wj
+                step = float((new - w).detach().abs().max())
+                w = new
+                # converged, or stalled by rounding close to convergence
+                if step <= rtol * scale or (step >= prev and step <= 1e3 * rtol * scale):
+                    return w
+                prev = step
+            raise InverseNotConvergedError(
+                f"the implicit gradient of the inverse did not converge in {max_iter} "
+                "iterations; is Lip(g) < 1?"
+            )
+
+        return _ImplicitGradient.apply(x, solve)
+
+    @torch.no_grad()
+    def fixed_point(self, y: Tensor) -> Tensor:
         """Fixed-point iteration ``x_{k+1} = y - g(x_k)`` from ``x_0 = y``.
 
         Stops when the a-posteriori error bound of a contraction,

@@ -29,7 +29,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from resflow.layers.jacobian import VJP
+from resflow.config import Config, param
+from resflow.layers.residual.jacobian import VJP
 
 Method = Literal["exact", "series"]
 Dist = Literal["geometric", "poisson", "none"]
@@ -130,7 +131,7 @@ def _graph_free_vjp(gx: Tensor, x: Tensor, vjp: VJP | None) -> VJP:
 def exact_logdet(gx: Tensor, x: Tensor, create_graph: bool, vjp: VJP | None = None) -> Tensor:
     """``log|det(I + dg/dx)|`` per sample from the full Jacobian (D vector-Jacobian products).
 
-    ``vjp`` (see :mod:`resflow.layers.jacobian`) computes the rows without autograd when
+    ``vjp`` (see :mod:`resflow.layers.residual.jacobian`) computes the rows without autograd when
     no graph is needed."""
     b = x.shape[0]
     d = x[0].numel()
@@ -312,3 +313,46 @@ def grad_in_forward(
     (``g`` gives the parameters that receive gradients)."""
     params = [p for p in g.parameters() if p.requires_grad]
     return _GradInForward.apply(run, x, *params)  # type: ignore[no-untyped-call]
+
+
+@dataclass
+class EstimatorConfig(Config):
+    """Log-determinant estimation of every residual block of a model (paper defaults).
+
+    Training: ``n_exact_terms`` + roulette over ``dist``; evaluation:
+    ``eval_exact_terms`` + the tail over ``eval_dist`` (default: ``dist``; unbiased
+    unless ``"none"``). ``train_method`` / ``eval_method`` may be ``"exact"`` (full
+    Jacobian; small dimensions only).
+    """
+
+    train_method: Method = param("series", help="exact or series")
+    eval_method: Method = param("series", help="exact or series")
+    n_exact_terms: int = param(2, ge=0, help="power-series terms always computed in training")
+    eval_exact_terms: int = param(20, ge=0, help="power-series terms always computed at evaluation")
+    dist: Dist = param("poisson", help="roulette distribution of the extra terms (none: truncate)")
+    eval_dist: Dist | None = param(None, help="roulette distribution at evaluation (null: dist)")
+    geom_p: float = param(0.5, gt=0, lt=1, help="success probability of the geometric roulette")
+    poisson_lambda: float = param(2.0, gt=0, help="rate of the Poisson roulette")
+    n_hutchinson: int = param(1, ge=1, help="Hutchinson vectors per sample")
+    neumann_grad: bool = param(True, help="Neumann-series gradients (constant memory in terms)")
+    grad_in_forward: bool = param(True, help="logdet gradients inside the forward pass")
+
+    def estimators(self) -> tuple[LogdetEstimator, LogdetEstimator]:
+        """The ``(train, eval)`` estimators."""
+        train = LogdetEstimator(
+            method=self.train_method,
+            n_exact_terms=self.n_exact_terms,
+            dist=self.dist,
+            n_hutchinson=self.n_hutchinson,
+            neumann_grad=self.neumann_grad,
+            grad_in_forward=self.grad_in_forward and self.train_method == "series",
+        )
+        ev = LogdetEstimator(
+            method=self.eval_method,
+            n_exact_terms=self.eval_exact_terms,
+            dist=self.dist if self.eval_dist is None else self.eval_dist,
+            n_hutchinson=self.n_hutchinson,
+            neumann_grad=False,
+            grad_in_forward=False,
+        )
+        return train, ev

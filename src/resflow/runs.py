@@ -1,0 +1,186 @@
+"""The run folder: one place that knows what a run writes and how to read it back.
+
+A run folder holds
+
+* ``config.yaml`` -- the registered model name and its config, the data config (with
+  resolved paths) and the training config;
+* ``last.pt`` / ``best.pt`` -- atomic checkpoints of plain data (model, optimizer, EMA
+  and random states; see :mod:`resflow.checkpoint`);
+* ``metrics.jsonl``, ``curve.png``, ``tb/`` (TensorBoard), ``samples/``.
+
+A run trained from Python (:class:`resflow.training.Trainer`) or from the CLI can be
+evaluated, sampled and resumed by either. Folders written by resflow 0.1 (a
+``data.yaml`` beside ``config.yaml``) are read too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from resflow.checkpoint import CheckpointError, load_checkpoint
+from resflow.config import ConfigError, from_dict, override, to_dict
+from resflow.data import DataConfig, DataSplit, load_data
+from resflow.flow import Flow
+from resflow.io import atomic_write_text
+from resflow.layers.base import after_optimizer_step
+from resflow.models import build_model, config_from_dict, config_to_dict
+from resflow.train_config import TrainConfig
+
+FORMAT = 2
+"""Version of the run-folder layout (1: resflow 0.1)."""
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to rebuild a run: model, data and training configs."""
+
+    model: Any
+    data: DataConfig | None
+    train: TrainConfig
+
+
+class RunFolder:
+    """The files of one run (see the module docstring)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def last(self) -> Path:
+        return self.path / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def has_run(self) -> bool:
+        """Whether a run has been written here (a config or a checkpoint)."""
+        return self.config_file.exists() or self.last.exists() or self.best.exists()
+
+    # ---- config ---------------------------------------------------------------------------
+    def write_config(self, config: RunConfig) -> Path:
+        data = None if config.data is None else to_dict(config.data.resolved())
+        doc = {
+            "resflow": FORMAT,
+            "model": config_to_dict(config.model),
+            "data": data,
+            "train": to_dict(config.train),
+        }
+        return atomic_write_text(self.config_file, yaml.safe_dump(doc, sort_keys=False))
+
+    def read_config(self) -> RunConfig:
+        """The run's configs (resflow 0.1 folders included); clear errors for missing or
+        damaged records."""
+        if not self.config_file.exists():
+            raise CheckpointError(
+                f"{self.path} has no config.yaml; is it a run folder written by resflow?"
+            )
+        try:
+            doc = yaml.safe_load(self.config_file.read_text())
+            if not isinstance(doc, dict):
+                raise ValueError("not a mapping")
+            model = config_from_dict(doc["model"])
+            train = from_dict(TrainConfig, doc.get("train") or {})
+            if doc.get("resflow") is None:  # resflow 0.1
+                data = self._legacy_data()
+            else:
+                data = None if doc.get("data") is None else from_dict(DataConfig, doc["data"])
+        except (ValueError, KeyError, TypeError, yaml.YAMLError) as e:
+            raise CheckpointError(f"damaged run record {self.config_file}: {e}") from e
+        return RunConfig(model, data, train)
+
+    def _legacy_data(self) -> DataConfig | None:
+        path = self.path / "data.yaml"
+        if not path.exists():
+            return None
+        info = yaml.safe_load(path.read_text())
+        return DataConfig(
+            name=info["data"],
+            data_dir=info.get("data_dir"),
+            n_train=info["n_train"],
+            n_test=info["n_test"],
+            seed=info["seed"],
+            n_bits=info.get("n_bits"),
+        )
+
+    # ---- model and data -------------------------------------------------------------------
+    def checkpoint(self, which: str = "best") -> Path:
+        """``best.pt`` (or ``last.pt`` while there is no best yet), ``last.pt``, or a path."""
+        if which not in ("best", "last"):
+            path = Path(which)
+        else:
+            path = self.best if which == "best" else self.last
+            if which == "best" and not path.exists():
+                path = self.last  # no evaluation happened yet
+        if not path.exists():
+            raise CheckpointError(f"no checkpoint {path} (is {self.path} a resflow run folder?)")
+        return path
+
+    def load_model(
+        self, which: str = "best", ema: bool = True, overrides: dict[str, Any] | None = None
+    ) -> Flow:
+        """The run's model in eval mode, with the EMA weights by default (as the papers
+        evaluate). ``overrides`` change options that keep the parameters, e.g.
+        ``{"estimator.eval_dist": "poisson"}``."""
+        return load_model(self.checkpoint(which), ema=ema, overrides=overrides)
+
+    def load_data(self, data_dir: str | None = None) -> DataSplit:
+        """The run's data, as recorded at training (``data_dir`` replaces the recorded
+        folder, e.g. on another machine)."""
+        cfg = self.read_config().data
+        if cfg is None:
+            raise CheckpointError(
+                f"{self.path} records no data set (its data were passed to the trainer as "
+                "tensors); load them yourself and call resflow.evaluate"
+            )
+        return load_data(cfg, data_dir=data_dir) if data_dir else load_data(cfg)
+
+
+def load_model(
+    run: str | Path,
+    which: str = "best",
+    ema: bool = True,
+    overrides: dict[str, Any] | None = None,
+) -> Flow:
+    """The model of a run folder (``which`` = ``best`` / ``last``) or of a ``.pt`` file,
+    in eval mode, with the EMA weights by default."""
+    run = Path(run)
+    path = run if run.suffix == ".pt" else RunFolder(run).checkpoint(which)
+    state = load_checkpoint(path)
+    try:
+        cfg = config_from_dict(state["model_config"])
+        if overrides:
+            cfg = override(cfg, overrides)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(state["model"])  # also loads ActNorm's initialised flags
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{path} does not fit its model config ({first}); is the file damaged?"
+        ) from None
+    if ema and "ema" in state:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in state["ema"]["shadow"]:
+                    p.copy_(state["ema"]["shadow"][name])
+    model.eval()
+    after_optimizer_step(model)
+    return model
