@@ -4,6 +4,7 @@
     resflow eval        --run DIR [--set key=value]
     resflow sample      --run DIR [--n 64] [--temperature 1.0] [--out FILE]
     resflow interpolate --run DIR [--steps 8] [--out FILE]
+    resflow check       --run DIR             certify Lipschitz bounds, inverses, densities
     resflow presets     [--count]
 
 Every command maps onto a few library calls (see the README's Python examples). The
@@ -21,21 +22,25 @@ from typing import Any
 
 import torch
 
+from resflow.certify import certify
 from resflow.checkpoint import CheckpointError
 from resflow.config import ConfigError, add_flags, given_flags, override, parse_sets, replace
 from resflow.data import DataConfig, data_kind, load_data
+from resflow.data.download import DownloadError
 from resflow.evaluation import evaluate, interpolate, save_image_grid
 from resflow.layers.residual.block import InverseNotConvergedError
+from resflow.layers.transformers import BracketNotFoundError
 from resflow.models import (
     MODELS,
     PRESETS,
     count_parameters,
     default_preset,
+    entry_for,
     families,
     presets_of,
     resolve_model,
 )
-from resflow.runs import RunFolder
+from resflow.runs import RunExistsError, RunFolder, RunLockedError
 from resflow.train_config import TrainConfig
 from resflow.training import Trainer
 
@@ -64,8 +69,12 @@ def _choose(args: argparse.Namespace, data_name: str) -> tuple[Any, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     train_flags = given_flags(args, TrainConfig)
-    data_cfg = DataConfig(**given_flags(args, DataConfig, _DATA_FLAGS))
-    data_cfg = replace(data_cfg, seed=train_flags.get("seed", TrainConfig().seed))
+    data_flags = given_flags(args, DataConfig, _DATA_FLAGS)
+    if "seed" in train_flags:
+        data_flags["seed"] = train_flags["seed"]
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    data_cfg = DataConfig(**data_flags)
     entry, preset = _choose(args, data_cfg.name)
     model_cfg = preset.config if preset is not None else entry.config()
     sets = parse_sets(args.set)
@@ -73,13 +82,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_cfg = replace(preset.train if preset is not None else TrainConfig(), **train_flags)
     label = preset.name if preset is not None else entry.name
     out = Path(args.out or f"runs/{Path(data_cfg.name).stem}-{label}")
+    run = RunFolder(out)
+    resumed = args.resume and run.config_file.exists()
+    if resumed:  # the run's own records, changed only by what is given explicitly
+        recorded = run.read_config()
+        if recorded.data is None:
+            raise ValueError(f"--resume: {out} records no data set (trained from tensors)")
+        data_cfg = replace(recorded.data, **data_flags)
+        train_cfg = replace(recorded.train, **train_flags)
+        model_cfg = override(recorded.model, sets)
+        print(f"resflow: resuming {out} with its recorded model, data and settings")
 
     data = load_data(data_cfg)
-    model_cfg = override(entry.adapt(model_cfg, data.shape, data.levels), sets)
-    trainer = Trainer(model_cfg, data, train_cfg, out, resume=args.resume)
+    if not resumed:
+        model_cfg = override(entry.adapt(model_cfg, data.shape, data.levels), sets)
+    trainer = Trainer(model_cfg, data, train_cfg, out, resume=args.resume, overwrite=args.overwrite)
     n_params = count_parameters(trainer.model)
     print(
-        f"resflow: training {label} ({entry.name}, {n_params:,} parameters) on "
+        f"resflow: training {label} ({entry_for(model_cfg).name}, {n_params:,} parameters) on "
         f"{data.name} {tuple(data.shape)} for {train_cfg.steps} steps -> {out}"
     )
     result = trainer.fit().final
@@ -160,6 +180,16 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    run = RunFolder(args.run)
+    model = _model(args)
+    data = run.load_data(args.data_dir)
+    cert = certify(model, data.test, args.n)
+    for line in cert.lines():
+        print(line)
+    return 0 if cert.passed else 1
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     for family, entries in families().items():
         print(f"{family}:")
@@ -186,6 +216,7 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resflow", description=__doc__.split("\n\n")[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser(
@@ -209,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--out", default=None, help="run folder (default runs/<data>-<preset>)")
     t.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in <out>")
     t.add_argument("--temperature", type=float, default=1.0, help="of samples.png")
     add_flags(t, DataConfig, exclude=_DATA_EXCLUDE, rename=_DATA_FLAGS)
     add_flags(t, TrainConfig)
@@ -232,7 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", default="interpolation.png")
     i.set_defaults(func=cmd_interpolate)
 
-    for q in (e, s, i):
+    c = sub.add_parser(
+        "check",
+        help="certify a trained model: Lipschitz bounds, inverse errors, log-density gap "
+        "(exit code 1 if any check fails)",
+    )
+    c.add_argument("--n", type=_positive, default=256, help="test examples to check")
+    c.set_defaults(func=cmd_check)
+
+    for q in (e, s, i, c):
         q.add_argument("--run", required=True, help="run folder written by `resflow train`")
         q.add_argument("--which", default="best", help="best or last checkpoint")
         q.add_argument("--seed", type=int, default=0)
@@ -244,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="override a model option that keeps the weights, e.g. "
             "--set estimator.eval_dist=poisson",
         )
-    for q in (e, i):
+    for q in (e, i, c):
         q.add_argument("--data-dir", default=None, help="folder with the data sets")
 
     pr = sub.add_parser("presets", help="list model presets by family")
@@ -253,19 +293,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXPECTED = (
+    ConfigError,
+    ValueError,
+    OSError,
+    CheckpointError,
+    InverseNotConvergedError,
+    BracketNotFoundError,
+    FloatingPointError,
+    RunExistsError,
+    RunLockedError,
+    DownloadError,
+    MemoryError,
+    torch.OutOfMemoryError,
+)
+"""Failures a user can cause or meet: one line and exit code 2, no traceback."""
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return "out of memory; lower --batch-size (or --eval-batch-size)"
+    if isinstance(e, OSError) and e.strerror and not isinstance(e, FileNotFoundError):
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror}{where}"
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (
-        ConfigError,
-        ValueError,
-        FileNotFoundError,
-        CheckpointError,
-        InverseNotConvergedError,
-        FloatingPointError,
-    ) as e:
-        print(f"resflow {args.command}: error: {e}", file=sys.stderr)
+    except EXPECTED as e:
+        if args.debug:
+            raise
+        print(f"resflow {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted; resume with --resume (last.pt is kept)", file=sys.stderr)

@@ -40,7 +40,8 @@ class EvalResult:
     unit: str
 
     def __str__(self) -> str:
-        return f"{self.mean:.4f} +- {self.stderr:.4f} {self.unit} (n={self.n})"
+        err = f"{self.stderr:.4f}" if math.isfinite(self.stderr) else "n/a"
+        return f"{self.mean:.4f} +- {err} {self.unit} (n={self.n})"
 
 
 @torch.no_grad()
@@ -57,6 +58,10 @@ def evaluate(
     by default) and its ``after_optimizer_step`` hooks run first (Lipschitz estimates
     are refreshed); the caller's mode is restored.
     """
+    if len(data) == 0:
+        raise ValueError("nothing to evaluate: the data set is empty")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1 (--batch-size), got {batch_size}")
     was_training = model.training
     model.eval()
     after_optimizer_step(model)
@@ -71,6 +76,12 @@ def evaluate(
             values.append((-model.log_prob(x)).double().cpu())
     model.train(was_training)
     v = torch.cat(values)
+    bad = int((~torch.isfinite(v)).sum())
+    if bad:
+        raise FloatingPointError(
+            f"the model gives a non-finite log-density for {bad} of {len(v)} examples; "
+            "it is broken (diverged weights?) or the data are not what it was trained on"
+        )
     n = len(v)
     stderr = float(v.std() / math.sqrt(n)) if n > 1 else float("nan")
     unit = "bits/dim" if model.levels is not None else "nats"

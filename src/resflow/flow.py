@@ -51,7 +51,24 @@ class Flow(nn.Module):
     def dim(self) -> int:
         return math.prod(self.shape)
 
-    def _check(self, x: Tensor, context: Tensor | None) -> None:
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the model's parameters (float32 unless moved)."""
+        for t in (*self.parameters(), *self.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+        return torch.get_default_dtype()
+
+    def _check(self, x: Tensor, context: Tensor | None) -> Tensor:
+        """``x`` checked (type, shape, values) and, for discrete data, cast to the model's
+        dtype; clear errors instead of wrong numbers or deep tracebacks."""
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"expected a torch.Tensor, got {type(x).__module__}.{type(x).__name__} "
+                "(convert with torch.as_tensor)"
+            )
+        if x.is_complex():
+            raise TypeError(f"expected real data, got a {x.dtype} tensor")
         if x.dim() == 0 or tuple(x.shape[1:]) != self.shape:
             raise ValueError(
                 f"expected data of shape [B, {', '.join(map(str, self.shape))}], "

@@ -15,9 +15,12 @@ evaluated, sampled and resumed by either. Folders written by resflow 0.1 (a
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import yaml
@@ -25,6 +28,7 @@ import yaml
 from resflow.checkpoint import CheckpointError, load_checkpoint
 from resflow.config import ConfigError, from_dict, override, to_dict
 from resflow.data import DataConfig, DataSplit, load_data
+from resflow.data.config import is_file_name
 from resflow.flow import Flow
 from resflow.io import atomic_write_text
 from resflow.layers.base import after_optimizer_step
@@ -33,6 +37,30 @@ from resflow.train_config import TrainConfig
 
 FORMAT = 2
 """Version of the run-folder layout (1: resflow 0.1)."""
+
+
+class RunExistsError(RuntimeError):
+    """The run folder already holds a run and neither resuming nor overwriting was asked."""
+
+
+class RunLockedError(RuntimeError):
+    """Another process is writing to the run folder."""
+
+
+#: What a run writes (removed by :meth:`RunFolder.clear` before an overwrite).
+RUN_FILES = (
+    "config.yaml", "last.pt", "best.pt", "metrics.jsonl", "curve.png", "samples.png",
+    "density.png", "data.yaml",
+)  # fmt: skip
+RUN_DIRS = ("tb", "samples")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @dataclass
@@ -49,6 +77,7 @@ class RunFolder:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._lock: IO[str] | None = None
 
     @property
     def config_file(self) -> Path:
@@ -70,16 +99,77 @@ class RunFolder:
         """Whether a run has been written here (a config or a checkpoint)."""
         return self.config_file.exists() or self.last.exists() or self.best.exists()
 
+    # ---- safety ---------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Take an exclusive lock on the folder (``.lock``) for this process; a second
+        writer gets :class:`RunLockedError`. Released by :meth:`unlock` or at exit."""
+        if self._lock is not None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / ".lock", "a+")  # noqa: SIM115 (held while training)
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this platform
+            self._lock = f
+            return
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            f.close()
+            raise RunLockedError(
+                f"{self.path} is in use by {owner}; wait for it to finish or use another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"resflow process {os.getpid()}")
+        f.flush()
+        self._lock = f
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def clean_temporary_files(self) -> list[Path]:
+        """Remove the temporary files of interrupted atomic writes (``*.tmp``)."""
+        removed = []
+        for folder in (self.path, self.path / "samples"):
+            if folder.is_dir():
+                for tmp in folder.glob("*.tmp"):
+                    tmp.unlink(missing_ok=True)
+                    removed.append(tmp)
+        return removed
+
+    def clear(self) -> None:
+        """Remove a previous run's files (for an explicit overwrite)."""
+        for name in RUN_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        for name in RUN_DIRS:
+            if (self.path / name).is_dir():
+                shutil.rmtree(self.path / name)
+
     # ---- config ---------------------------------------------------------------------------
     def write_config(self, config: RunConfig) -> Path:
-        data = None if config.data is None else to_dict(config.data.resolved())
-        doc = {
+        data = None
+        if config.data is not None:
+            data = to_dict(config.data.resolved())
+        doc: dict[str, Any] = {
             "resflow": FORMAT,
             "model": config_to_dict(config.model),
             "data": data,
             "train": to_dict(config.train),
         }
+        if data is not None and is_file_name(data["name"]) and Path(data["name"]).is_file():
+            doc["data_sha256"] = file_sha256(data["name"])
         return atomic_write_text(self.config_file, yaml.safe_dump(doc, sort_keys=False))
+
+    def recorded_data_sha256(self) -> str | None:
+        if not self.config_file.exists():
+            return None
+        doc = yaml.safe_load(self.config_file.read_text())
+        return doc.get("data_sha256") if isinstance(doc, dict) else None
 
     def read_config(self) -> RunConfig:
         """The run's configs (resflow 0.1 folders included); clear errors for missing or
@@ -145,6 +235,12 @@ class RunFolder:
             raise CheckpointError(
                 f"{self.path} records no data set (its data were passed to the trainer as "
                 "tensors); load them yourself and call resflow.evaluate"
+            )
+        expected = self.recorded_data_sha256()
+        if expected is not None and Path(cfg.name).is_file() and file_sha256(cfg.name) != expected:
+            raise CheckpointError(
+                f"the data file {cfg.name} has changed since {self.path} was trained "
+                "(its checksum differs); restore it or evaluate on purpose with the library"
             )
         return load_data(cfg, data_dir=data_dir) if data_dir else load_data(cfg)
 

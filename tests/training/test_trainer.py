@@ -99,7 +99,7 @@ def test_bad_data_shape_and_size(tmp_path):
     with pytest.raises(ValueError, match="does not match the model"):
         Trainer(get_preset("toy2d", dim=3), data, _cfg(), tmp_path)
     small = DataSplit(data.train[:10], data.test, "x")
-    with pytest.raises(ValueError, match="< batch size"):
+    with pytest.raises(ValueError, match="fewer than the batch size"):
         Trainer(_tiny_vector(), small, _cfg(), tmp_path)
 
 

@@ -54,6 +54,10 @@ _GZIP_MAGIC = b"\x1f\x8b"
 # ---------------------------------------------------------------------------------------------
 
 
+class DownloadError(RuntimeError):
+    """A download failed (no network, HTTP error, ...)."""
+
+
 def _iter_file(path: Path, decompress: bool = False) -> Iterable[bytes]:
     """Yield the bytes of ``path`` in chunks, gunzipped first if ``decompress`` is true."""
     opener = gzip.open if decompress else open
@@ -147,7 +151,7 @@ def download_file(
         ``dest`` as a :class:`~pathlib.Path`.
 
     Raises:
-        RuntimeError: if the download itself fails (network error, HTTP error, ...).
+        DownloadError: if the download itself fails (network error, HTTP error, ...).
         ValueError: if the downloaded bytes do not match ``md5``/``sha256``; ``dest`` is left
             untouched and the temporary file is removed.
     """
@@ -180,7 +184,7 @@ def download_file(
                             h.update(chunk)
                         bar.update(len(chunk))
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
-            raise RuntimeError(
+            raise DownloadError(
                 f"failed to download {url} -> {dest}: {err}. If this machine has no internet "
                 f"access, download the file elsewhere and place it at {dest} (or in your data_dir)."
             ) from err

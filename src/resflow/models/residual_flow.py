@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from resflow.config import Config, param
+from resflow.config import Config, ConfigError, param
 from resflow.distributions import DiagonalNormal
 from resflow.flow import Flow
 from resflow.layers.actnorm import ActNorm
@@ -27,15 +27,29 @@ from resflow.preprocess import image_preprocessing
 from resflow.train_config import TrainConfig
 
 Activation = Literal["lipswish", "elu", "softplus"]
+MAX_BLOCKS = 4096
+MAX_WIDTH = 65536
+MAX_WEIGHTS = 4_000_000_000
+"""Configs whose weights would exceed this many numbers (16 GB in float32) are refused
+before anything is built (a crafted or mistyped config must not hang the machine)."""
+
+
+def _check_size(what: str, n_weights: int) -> None:
+    if n_weights > MAX_WEIGHTS:
+        raise ConfigError(
+            f"{what}: about {n_weights:,} weights, more than the {MAX_WEIGHTS:,} resflow builds"
+        )
 
 
 @dataclass
 class VectorFlowConfig(Config):
     """Residual Flow for vectors / 2-D data: ``[ActNorm] -> (ResBlock -> [ActNorm]) x n``."""
 
-    dim: int = param(2, ge=1, help="data dimension")
-    n_blocks: int = param(10, ge=1, help="residual blocks")
-    hidden: tuple[int, ...] = param((128, 128, 128), ge=1, help="hidden widths of each branch")
+    dim: int = param(2, ge=1, le=1_000_000, help="data dimension")
+    n_blocks: int = param(10, ge=1, le=MAX_BLOCKS, help="residual blocks")
+    hidden: tuple[int, ...] = param(
+        (128, 128, 128), ge=1, le=MAX_WIDTH, help="hidden widths of each branch"
+    )
     coeff: float = param(0.98, gt=0, lt=1, help="Lipschitz coefficient of every layer (< 1)")
     activation: Activation = param("lipswish", help="1-Lipschitz activation")
     actnorm: bool = param(True, help="ActNorm before the first and after every block")
@@ -43,6 +57,12 @@ class VectorFlowConfig(Config):
     learn_orders: bool = param(False, help="learn the norm orders")
     prior: Literal["standard", "diagonal"] = param("standard", help="base distribution")
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        widths = (self.dim, *self.hidden, self.dim)
+        per_block = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+        _check_size("n_blocks x hidden", self.n_blocks * per_block)
 
 
 @dataclass
@@ -53,11 +73,13 @@ class ImageFlowConfig(Config):
     ActNorm) x n_0 -> Squeeze -> [FactorOut] -> ... -> fully connected tail``.
     """
 
-    image_shape: tuple[int, int, int] = param((1, 28, 28), ge=1, help="(C, H, W)")
+    image_shape: tuple[int, int, int] = param((1, 28, 28), ge=1, le=8192, help="(C, H, W)")
     levels: int = param(256, ge=2, le=65536, help="quantization levels of the data")
-    n_blocks: tuple[int, ...] = param((16, 16, 16), ge=1, help="residual blocks per scale")
-    hidden: int = param(512, ge=1, help="hidden channels of each branch")
-    kernels: tuple[int, ...] = param((3, 1, 3), ge=1, help="kernel sizes of each branch")
+    n_blocks: tuple[int, ...] = param(
+        (16, 16, 16), ge=1, le=MAX_BLOCKS, help="residual blocks per scale"
+    )
+    hidden: int = param(512, ge=1, le=MAX_WIDTH, help="hidden channels of each branch")
+    kernels: tuple[int, ...] = param((3, 1, 3), ge=1, le=15, help="kernel sizes of each branch")
     coeff: float = param(0.98, gt=0, lt=1, help="Lipschitz coefficient of every layer (< 1)")
     activation: Activation = param("lipswish", help="1-Lipschitz activation")
     logit_alpha: float = param(1e-6, ge=0, lt=0.5, help="alpha of the logit transform")
@@ -69,12 +91,22 @@ class ImageFlowConfig(Config):
         "after", help="ActNorm after every block (Residual Flows) or before (i-ResNet)"
     )
     fc_end: bool = param(True, help="fully connected residual blocks at the end")
-    fc_blocks: int = param(4, ge=0, help="fully connected blocks at the end")
-    fc_hidden: tuple[int, ...] = param((128, 128), ge=1, help="their hidden widths")
+    fc_blocks: int = param(4, ge=0, le=MAX_BLOCKS, help="fully connected blocks at the end")
+    fc_hidden: tuple[int, ...] = param((128, 128), ge=1, le=MAX_WIDTH, help="their hidden widths")
     norm_orders: tuple[float, ...] | None = param(None, ge=1, help="induced-norm orders")
     learn_orders: bool = param(False, help="learn the norm orders")
     prior: Literal["standard", "diagonal"] = param("standard", help="base distribution")
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        c, h, w = self.image_shape
+        k2 = max(self.kernels) ** 2
+        conv = sum(self.n_blocks) * self.hidden * (self.hidden + 2 * k2 * 16 * c)
+        d = c * h * w
+        widths = (d, *self.fc_hidden, d)
+        fc = self.fc_blocks * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+        _check_size("the model's blocks", conv + (fc if self.fc_end else 0))
 
 
 def _base(prior: str, shape: Shape) -> DiagonalNormal | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +23,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from resflow.checkpoint import load_checkpoint, save_checkpoint
+from resflow.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from resflow.config import to_dict
 from resflow.data import DataConfig, DataSplit, load_data
 from resflow.evaluation import EvalResult, evaluate, image_grid, save_image_grid
 from resflow.flow import Flow
+from resflow.io import atomic_write_text
 from resflow.layers.base import after_optimizer_step, preserved_transient_state
 from resflow.models import build_model, config_from_dict, config_to_dict
 from resflow.plots import plot_learning_curve
-from resflow.runs import RunConfig, RunFolder
+from resflow.runs import RunConfig, RunExistsError, RunFolder
 from resflow.train_config import TrainConfig
 from resflow.training.ema import EMA
 from resflow.training.objectives import Batch, MaximumLikelihood, Objective
@@ -91,6 +92,7 @@ class Trainer:
         out_dir: str | Path = "runs/run",
         resume: bool = False,
         objective: Objective | None = None,
+        overwrite: bool = False,
     ) -> None:
         config = config or TrainConfig()
         self.model_config = model_config
@@ -99,33 +101,76 @@ class Trainer:
         self.cfg = config
         self.run = RunFolder(out_dir)
         self.out = self.run.path
-        self.out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(config.seed)
-        self.device = torch.device(config.device)
-        self.model = build_model(model_config).to(self.device)
-        self.objective = objective or MaximumLikelihood(self.model)
-        if data.levels is not None and self.model.levels != data.levels:
+        self.device = _device(config.device)
+        _check_data(data, config)
+        self.run.lock()
+        try:
+            self._prepare_folder(resume, overwrite)
+            torch.manual_seed(config.seed)
+            self.model = build_model(model_config).to(self.device)
+            self.objective = objective or MaximumLikelihood(self.model)
+            if data.levels is not None and self.model.levels != data.levels:
+                raise ValueError(
+                    f"the data have {data.levels} levels but the model expects {self.model.levels}"
+                )
+            if tuple(data.train.shape[1:]) != self.model.shape:
+                raise ValueError(
+                    f"data shape {tuple(data.train.shape[1:])} does not match the model's "
+                    f"{self.model.shape}"
+                )
+            self.opt = make_optimizer(self.model, config)
+            self.sched = make_scheduler(self.opt, config.warmup)
+            self.step = 0
+            self.saved_step: int | None = None
+            self.best = math.inf
+            self.history: list[dict[str, float]] = []
+            self.ema: EMA | None = None
+            if resume:
+                self._check_resume()
+                self._load(self.run.last)
+            self.run.write_config(RunConfig(model_config, data.config, config))
+        finally:
+            self.run.unlock()
+
+    def _prepare_folder(self, resume: bool, overwrite: bool) -> None:
+        self.run.clean_temporary_files()
+        if resume:
+            if not self.run.last.exists():
+                raise RunExistsError(
+                    f"nothing to resume: {self.run.last} does not exist (train without "
+                    "--resume to start a new run)"
+                )
+        elif self.run.has_run():
+            if not overwrite:
+                raise RunExistsError(
+                    f"{self.out} already holds a run; pass --resume to continue it or "
+                    "--overwrite to replace it (or choose another --out)"
+                )
+            self.run.clear()
+
+    def _check_resume(self) -> None:
+        """The data and settings of a resumed run must be those it was trained with
+        (only the length of the run and how it reports may change)."""
+        try:
+            recorded = self.run.read_config()
+        except CheckpointError:
+            return  # no readable config.yaml: the checkpoint's own records decide
+        if (
+            recorded.data is not None
+            and self.data.config is not None
+            and recorded.data != self.data.config.resolved()
+        ):
             raise ValueError(
-                f"data has {data.levels} levels but the model expects {self.model.levels}"
+                f"--resume: {self.out} was trained on other data ({recorded.data.name}, "
+                f"{_diff(recorded.data, self.data.config.resolved())}); resume with the same "
+                "data or start a new run"
             )
-        if tuple(data.train.shape[1:]) != self.model.shape:
+        changed = _diff(recorded.train, self.cfg, ignore=RESUMABLE_CHANGES)
+        if changed:
             raise ValueError(
-                f"data shape {tuple(data.train.shape[1:])} does not match the model's "
-                f"{self.model.shape}"
+                f"--resume: {self.out} was trained with {changed}; resume with the same "
+                "settings or start a new run"
             )
-        if len(data.train) < config.batch_size:
-            raise ValueError(
-                f"{len(data.train)} training examples < batch size {config.batch_size}"
-            )
-        self.opt = make_optimizer(self.model, config)
-        self.sched = make_scheduler(self.opt, config.warmup)
-        self.step = 0
-        self.best = math.inf
-        self.history: list[dict[str, float]] = []
-        self.ema: EMA | None = None
-        if resume and self.run.last.exists():
-            self._load(self.run.last)
-        self.run.write_config(RunConfig(model_config, data.config, config))
 
     # ---- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -148,6 +193,9 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
+        missing = [k for k in RESUME_KEYS if k not in state]
+        if missing:
+            raise CheckpointError(f"{path} cannot be resumed: it lacks {', '.join(missing)}")
         saved = config_from_dict(state["model_config"])
         if saved != self.model_config:
             raise ValueError(
@@ -155,7 +203,11 @@ class Trainer:
                 "or the same preset/options"
             )
         self._init_lazy_state()  # create lazily-shaped buffers before loading
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise CheckpointError(f"{path} does not fit its model config ({first})") from None
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         assert self.ema is not None
@@ -163,6 +215,7 @@ class Trainer:
         self.step = int(state["step"])
         self.best = float(state["best"])
         self.history = list(state["history"])
+        self.saved_step = self.step
         torch.set_rng_state(state["rng"].cpu())
         cuda_rng = state.get("cuda_rng") or []
         if cuda_rng and torch.cuda.is_available():
@@ -206,13 +259,20 @@ class Trainer:
 
     def fit(self, until: int | None = None) -> TrainResult:
         """Train up to step ``until`` (default ``config.steps``, the end of the run, where
-        the model is evaluated and the learning curve plotted)."""
+        the model is evaluated and the learning curve plotted). The run folder is locked
+        meanwhile (a second writer gets a clear error)."""
+        self.run.lock()
+        try:
+            return self._fit(until)
+        finally:
+            self.run.unlock()
+
+    def _fit(self, until: int | None) -> TrainResult:
         cfg = self.cfg
         until = cfg.steps if until is None else min(until, cfg.steps)
         self._init_lazy_state()
         assert self.ema is not None
         writer = _writer(self.out / "tb") if cfg.tensorboard else None
-        metrics = (self.out / "metrics.jsonl").open("a")
         self.model.train()
         bar = tqdm(
             total=cfg.steps,
@@ -223,67 +283,83 @@ class Trainer:
         )
         t0, seen = time.perf_counter(), 0
         unit = self.objective.unit
-        while self.step < until:
-            idx = batch_indices(len(self.data.train), cfg.batch_size, self.step, cfg.seed)
-            loss, extra = self.objective(self.model, self._batch(idx))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"training loss became {float(loss)} at step {self.step}; lower the "
-                    "learning rate or check the data (last good state is in last.pt)"
-                )
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.opt.step()
-            self.sched.step()
-            after_optimizer_step(self.model)
-            self.ema.update(self.model)
-            self.step += 1
-            seen += 1
-            bar.update(1)
-            rec: dict[str, float] = {"step": self.step, "loss": float(loss.detach()), **extra}
-            logged = self.step % cfg.log_every == 0 or self.step == cfg.steps
-            if logged:
-                rate = seen / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix({unit: f"{rec['loss']:.4f}", "it/s": f"{rate:.2f}"})
-                rec.update(lr=self.sched.get_last_lr()[0], grad_norm=float(gnorm), it_s=rate)
-                if writer is not None:
-                    for k in ("loss", "lr", "grad_norm", "it_s"):
-                        writer.add_scalar(f"train/{k}", rec[k], self.step)
-            evaluated = self.step % cfg.eval_every == 0 or self.step == cfg.steps
-            if evaluated:
-                res = self.evaluate(cfg.eval_max)
-                rec.update(test=res.mean, test_stderr=res.stderr)
-                bar.write(f"step {self.step}: test {res}")
-                if writer is not None:
-                    writer.add_scalar(f"test/{unit}", res.mean, self.step)
-            if logged or evaluated:  # checkpoints keep these records, not every step's
-                self.history.append(rec)
-                metrics.write(json.dumps(rec) + "\n")
-            if evaluated and rec["test"] < self.best:
-                self.best = rec["test"]
-                save_checkpoint(self.state_dict(), self.out / "best.pt")
-            if cfg.sample_every and self.step % cfg.sample_every == 0 and self.model.levels:
-                self._save_samples(writer)
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                metrics.flush()
-                save_checkpoint(self.state_dict(), self.out / "last.pt")
-        bar.close()
-        metrics.close()
-        if writer is not None:
-            writer.close()
+        try:
+            while self.step < until:
+                idx = batch_indices(len(self.data.train), cfg.batch_size, self.step, cfg.seed)
+                loss, extra = self.objective(self.model, self._batch(idx))
+                if not torch.isfinite(loss):
+                    self._diverged(f"the training loss became {float(loss)}")
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                if not torch.isfinite(gnorm):
+                    self._diverged(f"the gradient norm became {float(gnorm)}")
+                self.opt.step()
+                self.sched.step()
+                after_optimizer_step(self.model)
+                self.ema.update(self.model)
+                self.step += 1
+                seen += 1
+                bar.update(1)
+                rec: dict[str, float] = {"step": self.step, "loss": float(loss.detach()), **extra}
+                logged = self.step % cfg.log_every == 0 or self.step == cfg.steps
+                if logged:
+                    rate = seen / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix({unit: f"{rec['loss']:.4f}", "it/s": f"{rate:.2f}"})
+                    rec.update(lr=self.sched.get_last_lr()[0], grad_norm=float(gnorm), it_s=rate)
+                    if writer is not None:
+                        for k in ("loss", "lr", "grad_norm", "it_s"):
+                            writer.add_scalar(f"train/{k}", rec[k], self.step)
+                evaluated = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+                if evaluated:
+                    res = self.evaluate(cfg.eval_max)
+                    rec.update(test=res.mean, test_stderr=res.stderr)
+                    bar.write(f"step {self.step}: test {res}")
+                    if writer is not None:
+                        writer.add_scalar(f"test/{unit}", res.mean, self.step)
+                if logged or evaluated:  # checkpoints keep these records, not every step's
+                    self.history.append(rec)
+                if evaluated and rec["test"] < self.best:
+                    self.best = rec["test"]
+                    self._save(self.run.best)
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and self.model.levels:
+                    self._save_samples(writer)
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self._save(self.run.last)
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
         if self.step == cfg.steps:
             plot_learning_curve(self.history, self.out / "curve.png", unit)
         final = next((h for h in reversed(self.history) if "test" in h), None)
         result = None
         if final is not None and final["step"] == self.step:
-            n = (
-                len(self.data.test)
-                if cfg.eval_max is None
-                else min(cfg.eval_max, len(self.data.test))
-            )
+            n = len(self.data.test)
+            n = n if cfg.eval_max is None else min(cfg.eval_max, n)
             result = EvalResult(final["test"], final["test_stderr"], n, _eval_unit(self.model))
         return TrainResult(self.model, self.ema, self.step, self.history, result)
+
+    def _save(self, path: Path) -> None:
+        """Write a checkpoint (and the metrics it matches) -- never non-finite weights."""
+        bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            self._diverged(f"the weights became non-finite ({bad[0]})")
+        save_checkpoint(self.state_dict(), path)
+        if path == self.run.last:
+            self.saved_step = self.step
+            lines = "".join(json.dumps(h) + "\n" for h in self.history)
+            atomic_write_text(self.run.metrics, lines)
+
+    def _diverged(self, what: str) -> None:
+        if self.saved_step is None:
+            where = "no checkpoint was written yet"
+        else:
+            where = f"{self.run.last} holds the last finite state (step {self.saved_step})"
+        raise FloatingPointError(
+            f"{what} at step {self.step}; nothing non-finite was saved: {where}. Lower the "
+            "learning rate (--lr) or check the data"
+        )
 
     def _batch(self, idx: Tensor) -> Batch:
         labels = self.data.train_labels
@@ -315,6 +391,55 @@ def _writer(path: Path) -> Any:
     except ImportError:  # tensorboard is a dependency, but keep training usable without it
         return None
     return SummaryWriter(str(path))
+
+
+RESUMABLE_CHANGES = (
+    "steps", "eval_every", "eval_batch_size", "eval_max", "checkpoint_every", "sample_every",
+    "n_samples", "log_every", "device", "tensorboard", "progress",
+)  # fmt: skip
+"""Training settings a resumed run may change (the others would change its result)."""
+RESUME_KEYS = ("model", "model_config", "optimizer", "scheduler", "ema", "step", "best",
+               "history", "rng")  # fmt: skip
+
+
+def _diff(old: Any, new: Any, ignore: tuple[str, ...] = ()) -> str:
+    """``"lr=0.001 (now 0.01), ..."`` for the fields of two dataclasses that differ."""
+    parts = []
+    for f in fields(old):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if f.name not in ignore and a != b:
+            parts.append(f"{f.name}={a} (now {b})")
+    return ", ".join(parts)
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"unknown device {name!r} (--device): use cpu, cuda, cuda:1, mps"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine")
+    return device
+
+
+def _check_data(data: DataSplit, cfg: TrainConfig) -> None:
+    """Problems that would otherwise appear only after training."""
+    if len(data.train) < cfg.batch_size:
+        raise ValueError(
+            f"{len(data.train)} training examples are fewer than the batch size "
+            f"(--batch-size {cfg.batch_size})"
+        )
+    if len(data.test) == 0:
+        raise ValueError("the test set is empty: nothing to evaluate the model on")
+    if tuple(data.test.shape[1:]) != tuple(data.train.shape[1:]):
+        raise ValueError(
+            f"training examples have shape {tuple(data.train.shape[1:])} but test examples "
+            f"{tuple(data.test.shape[1:])}"
+        )
 
 
 def _eval_unit(model: Flow) -> str:
