@@ -76,13 +76,24 @@ class Flow(nn.Module):
             )
         if x.shape[0] == 0:
             raise ValueError("empty batch: expected at least one example")
+        dtype = self.dtype
+        if not x.is_floating_point():
+            if self.levels is None:
+                raise TypeError(f"expected floating-point data for this model, got {x.dtype}")
+            x = x.to(dtype)
+        elif x.dtype != dtype:
+            raise TypeError(
+                f"the data are {x.dtype} but the model is {dtype}: convert one of them "
+                f"(x.to({dtype}) or model.to({x.dtype}))"
+            )
         check_finite(x)
         if context is not None and context.shape[0] != x.shape[0]:
             raise ValueError(f"context has batch size {context.shape[0]}, the data {x.shape[0]}")
+        return x
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(z, logdet)`` for data ``x``."""
-        self._check(x, context)
+        x = self._check(x, context)
         return self.layers(x, context)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:

@@ -29,8 +29,8 @@ from resflow.train_config import TrainConfig
 Activation = Literal["lipswish", "elu", "softplus"]
 MAX_BLOCKS = 4096
 MAX_WIDTH = 65536
-MAX_WEIGHTS = 4_000_000_000
-"""Configs whose weights would exceed this many numbers (16 GB in float32) are refused
+MAX_WEIGHTS = 1_000_000_000
+"""Configs whose weights would exceed this many numbers (4 GB in float32) are refused
 before anything is built (a crafted or mistyped config must not hang the machine)."""
 
 

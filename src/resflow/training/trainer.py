@@ -288,7 +288,7 @@ class Trainer:
                 idx = batch_indices(len(self.data.train), cfg.batch_size, self.step, cfg.seed)
                 loss, extra = self.objective(self.model, self._batch(idx))
                 if not torch.isfinite(loss):
-                    self._diverged(f"the training loss became {float(loss)}")
+                    self._diverged(f"the training loss became {float(loss.detach())}")
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -416,9 +416,7 @@ def _device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(
-            f"unknown device {name!r} (--device): use cpu, cuda, cuda:1, mps"
-        ) from None
+        raise ValueError(f"unknown --device {name!r}: use cpu, cuda, cuda:1 or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
     if device.type == "mps" and not torch.backends.mps.is_available():

@@ -1,0 +1,369 @@
+"""Bad input, careless use and broken models: each gets one clear line, a non-zero exit
+(or a specific exception from the library), and nothing on disk changes that should not.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from resflow import DataConfig, TrainConfig, Trainer, build_model, get_preset
+from resflow.checkpoint import CheckpointError
+from resflow.cli import main
+from resflow.runs import RunExistsError, RunFolder, RunLockedError
+from resflow.training.objectives import MaximumLikelihood
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "v1"
+TINY_VEC = ["--data", "8gaussians", "--set", "n_blocks=1", "--set", "hidden=[8]",
+            "--n-train", "128", "--n-test", "64", "--batch-size", "32", "--no-progress",
+            "--no-tensorboard"]  # fmt: skip
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file below ``folder`` with its size and modification time."""
+    if not folder.exists():
+        return {}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, message: str) -> None:
+    assert code == 2, err
+    assert message in err, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.fixture
+def trained(tmp_path_factory) -> Path:
+    """A small finished 2-D run (shared by the tests that only read it)."""
+    run = tmp_path_factory.mktemp("runs") / "vec"
+    assert main(["train", *TINY_VEC, "--steps", "4", "--eval-every", "4", "--out", str(run)]) == 0
+    return run
+
+
+# ---- work that must not be lost ---------------------------------------------------------
+def test_a_second_train_into_a_run_is_refused_unless_asked(trained, capsys):
+    before = snapshot(trained)
+    code, _, err = run_cli(capsys, "train", *TINY_VEC, "--steps", "2", "--out", str(trained))
+    assert_one_line_error(code, err, "already holds a run; pass --resume")
+    assert snapshot(trained) == before
+    code, out, _ = run_cli(capsys, "train", *TINY_VEC, "--steps", "2", "--eval-every", "2",
+                           "--out", str(trained), "--overwrite")  # fmt: skip
+    assert code == 0 and torch.load(trained / "last.pt", weights_only=True)["step"] == 2
+
+
+def test_a_locked_run_folder_refuses_a_second_writer(trained, capsys):
+    holder = RunFolder(trained)
+    holder.lock()
+    try:
+        before = snapshot(trained)
+        code, _, err = run_cli(capsys, "train", *TINY_VEC, "--steps", "6", "--out",
+                               str(trained), "--resume")  # fmt: skip
+        assert_one_line_error(code, err, "is in use by resflow process")
+        assert snapshot(trained) == before
+        with pytest.raises(RunLockedError):
+            RunFolder(trained).lock()
+    finally:
+        holder.unlock()
+
+
+def test_temporary_files_of_a_killed_write_are_removed(trained, capsys):
+    stale = trained / "last.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    code, _, _ = run_cli(capsys, "train", *TINY_VEC, "--steps", "6", "--out", str(trained),
+                         "--resume")  # fmt: skip
+    assert code == 0 and not stale.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lr", "0.5"], "was trained with lr=0.01 (now 0.5)"),
+        (["--n-train", "256"], "was trained on other data (8gaussians, n_train=128 (now 256))"),
+        (["--set", "n_blocks=2"], "was trained with a different model config"),
+    ],
+)
+def test_resume_refuses_changed_settings(trained, capsys, extra, message):
+    before = snapshot(trained)
+    code, _, err = run_cli(capsys, "train", *TINY_VEC, "--steps", "6", "--out", str(trained),
+                           "--resume", *extra)  # fmt: skip
+    assert_one_line_error(code, err, message)
+    assert snapshot(trained) == before
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", *TINY_VEC, "--out", str(tmp_path / "new"),
+                           "--resume")  # fmt: skip
+    assert_one_line_error(code, err, "nothing to resume")
+    assert not (tmp_path / "new" / "config.yaml").exists()
+
+
+def test_resume_may_extend_the_run_and_says_so(trained, capsys):
+    code, out, _ = run_cli(capsys, "train", *TINY_VEC, "--steps", "6", "--out", str(trained),
+                           "--resume")  # fmt: skip
+    assert code == 0 and "resuming" in out
+    assert torch.load(trained / "last.pt", weights_only=True)["step"] == 6
+    steps = [eval(line)["step"] for line in (trained / "metrics.jsonl").read_text().splitlines()]  # noqa: S307
+    assert steps == sorted(set(steps))  # one record per logged step, nothing repeated
+
+
+class _NanAfter(MaximumLikelihood):
+    def __init__(self, model, step):
+        super().__init__(model)
+        self.calls, self.step = 0, step
+
+    def __call__(self, model, batch):
+        loss, extra = super().__call__(model, batch)
+        self.calls += 1
+        return (loss * math.nan if self.calls > self.step else loss), extra
+
+
+def test_a_diverged_run_keeps_its_last_finite_checkpoint(tmp_path):
+    data = DataConfig(name="8gaussians", n_train=128, n_test=64)
+    cfg = get_preset("toy2d", n_blocks=1, hidden=(8,))
+    train = TrainConfig(steps=10, batch_size=32, checkpoint_every=2, eval_every=100,
+                        tensorboard=False, progress=False)  # fmt: skip
+    trainer = Trainer(cfg, data, train, tmp_path)
+    trainer.objective = _NanAfter(trainer.model, 5)
+    with pytest.raises(FloatingPointError, match=r"last.pt holds the last finite state \(step 4\)"):
+        trainer.fit()
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    fresh = Trainer(cfg, data, train, tmp_path / "fresh")
+    fresh.objective = _NanAfter(fresh.model, 0)
+    with pytest.raises(FloatingPointError, match="no checkpoint was written yet"):
+        fresh.fit()
+    assert not (tmp_path / "fresh" / "last.pt").exists()
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    cfg = get_preset("toy2d", n_blocks=1, hidden=(8,))
+    train = TrainConfig(steps=2, batch_size=32, tensorboard=False, progress=False)
+    trainer = Trainer(cfg, DataConfig(name="8gaussians", n_train=64, n_test=32), train, tmp_path)
+    trainer.fit(until=1)
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(math.nan)
+    with pytest.raises(FloatingPointError, match="weights became non-finite"):
+        trainer._save(trainer.run.last)
+    assert not trainer.run.last.exists()
+
+
+# ---- silent wrong results ---------------------------------------------------------------
+def test_eval_of_a_broken_model_is_an_error_not_nan(trained, tmp_path, capsys):
+    run = tmp_path / "broken"
+    shutil.copytree(trained, run)
+    state = torch.load(run / "best.pt", weights_only=True)
+    for k, v in state["ema"]["shadow"].items():
+        state["ema"]["shadow"][k] = torch.full_like(v, math.nan)
+    torch.save(state, run / "best.pt")
+    code, out, err = run_cli(capsys, "eval", "--run", str(run), "--no-progress")
+    assert_one_line_error(code, err, "non-finite log-density")
+    assert "nan" not in out
+
+
+def test_a_changed_data_file_is_not_scored_silently(tmp_path, capsys, monkeypatch):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(300, 2)))
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_cli(capsys, "train", "--data", "x.npy", "--set", "n_blocks=1", "--set",
+                           "hidden=[8]", "--steps", "2", "--batch-size", "32", "--no-progress",
+                           "--no-tensorboard")  # fmt: skip
+    assert code == 0 and (tmp_path / "runs" / "x-toy2d" / "last.pt").exists()
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).normal(size=(300, 2)))
+    code, _, err = run_cli(capsys, "eval", "--run", "runs/x-toy2d", "--no-progress")
+    assert_one_line_error(code, err, "has changed since")
+
+
+def test_a_data_path_outside_never_puts_the_run_outside_runs(tmp_path, capsys, monkeypatch):
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    np.save(tmp_path / "y.npy", np.random.default_rng(0).normal(size=(100, 2)))
+    monkeypatch.chdir(tmp_path / "deep" / "er")
+    code, _, _ = run_cli(capsys, "train", "--data", "../../y.npy", "--set", "n_blocks=1",
+                         "--set", "hidden=[8]", "--steps", "1", "--batch-size", "32",
+                         "--no-progress", "--no-tensorboard")  # fmt: skip
+    assert code == 0
+    assert (tmp_path / "deep" / "er" / "runs" / "y-toy2d" / "config.yaml").exists()
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (torch.full((2, 1, 8, 8), 2.5), "non-integer values"),
+        (torch.full((2, 1, 8, 8), 17.0), r"integer levels in [0, 16]"),
+    ],
+)
+def test_image_models_refuse_values_that_are_not_levels(values, message):
+    model = build_model(get_preset("digits-small", n_blocks=(1, 1), hidden=8, fc_blocks=1,
+                                   fc_hidden=(8,)))  # fmt: skip
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        model.log_prob(values)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda m: m.log_prob(np.zeros((2, 2))), TypeError, "expected a torch.Tensor"),
+        (lambda m: m.log_prob(torch.zeros(2, 2, dtype=torch.complex64)), TypeError, "real data"),
+        (lambda m: m.log_prob(torch.zeros(2, 2, dtype=torch.float64)), TypeError,
+         "the data are torch.float64 but the model is torch.float32"),
+        (lambda m: m.log_prob(torch.zeros(0, 2)), ValueError, "empty batch"),
+        (lambda m: m.log_prob(torch.zeros(2, 3)), ValueError, r"expected data of shape \[B, 2\]"),
+        (lambda m: m.sample(0), ValueError, "number of samples must be >= 1"),
+        (lambda m: m.sample(2, temperature=-0.5), ValueError, "temperature must be >= 0"),
+    ],
+)  # fmt: skip
+def test_python_api_refuses_bad_input(call, error, message):
+    model = build_model(get_preset("toy2d", n_blocks=1, hidden=(8,)))
+    with pytest.raises(error, match=message):
+        call(model)
+
+
+# ---- tracebacks turned into messages ----------------------------------------------------
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "coeff=1"], "coeff: must be < 1, got 1"),
+        (["--set", "coeff=.inf"], "coeff: must be < 1, got inf"),
+        (["--set", "n_blocks=100000"], "n_blocks: must be <= 4096, got 100000"),
+        (["--set", "hidden=[60000,60000]"], "weights, more than the 1,000,000,000"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--eval-batch-size", "0"], "--eval-batch-size: must be >= 1, got 0"),
+        (["--device", "tpu9"], "unknown --device 'tpu9'"),
+        (["--n-test", "0"], "--n-test: must be >= 1, got 0"),
+        (["--steps", "1", "--batch-size", "4096"], "fewer than the batch size (--batch-size 4096)"),
+    ],
+)
+def test_training_option_errors(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", *TINY_VEC, "--out", str(out), *args)
+    assert_one_line_error(code, err, message)
+    assert snapshot(out) == {}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_requested_without_cuda(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", *TINY_VEC, "--out", str(tmp_path / "r"),
+                           "--device", "cuda")  # fmt: skip
+    assert_one_line_error(code, err, "--device cuda: CUDA is not available")
+
+
+def test_download_without_network(tmp_path, capsys, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    code, _, err = run_cli(capsys, "train", "--data", "mnist", "--data-dir", str(tmp_path),
+                           "--download", "--out", str(tmp_path / "r"))  # fmt: skip
+    assert_one_line_error(code, err, "failed to download")
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_sample_to_a_path_under_a_file(trained, tmp_path, capsys):
+    img_run = FIXTURES / "img"
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run_cli(capsys, "sample", "--run", str(img_run), "--out",
+                           str(tmp_path / "afile" / "s.png"))  # fmt: skip
+    assert_one_line_error(code, err, "afile")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sample", "--n", "0"], "must be >= 1, got 0"),
+        (["interpolate", "--pairs", "1000"], "needs 2000 test images; there are 297"),
+        (["eval", "--set", "coeff=2"], "coeff: must be < 1, got 2"),
+        (["eval", "--set", "hidden=16"], "does not fit its model config"),
+        (["sample", "--which", "nope.pt"], "no checkpoint nope.pt"),
+    ],
+)
+def test_run_command_errors(capsys, tmp_path, args, message):
+    run = tmp_path / "img"
+    shutil.copytree(FIXTURES / "img", run)
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, *args, "--run", str(run), *(["--out", str(tmp_path / "o.png")]
+                           if args[0] in ("sample", "interpolate") else []))  # fmt: skip
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err
+    assert snapshot(run) == before
+
+
+def test_damaged_run_records(tmp_path, capsys):
+    run = tmp_path / "vec"
+    shutil.copytree(FIXTURES / "vec", run)
+    (run / "best.pt").write_bytes((run / "best.pt").read_bytes()[:500])
+    code, _, err = run_cli(capsys, "eval", "--run", str(run))
+    assert_one_line_error(code, err, "corrupt or truncated")
+    shutil.copytree(FIXTURES / "vec", tmp_path / "vec2")
+    (tmp_path / "vec2" / "data.yaml").write_text("data: [unclosed\n")
+    code, _, err = run_cli(capsys, "eval", "--run", str(tmp_path / "vec2"))
+    assert code == 2 and "Traceback" not in err
+
+
+def test_crafted_checkpoint_with_an_absurd_size_is_refused_fast(tmp_path, capsys):
+    run = tmp_path / "vec"
+    shutil.copytree(FIXTURES / "vec", run)
+    state = torch.load(run / "best.pt", weights_only=True)
+    state["model_config"]["n_blocks"] = 10**9
+    torch.save(state, run / "best.pt")
+    code, _, err = run_cli(capsys, "eval", "--run", str(run))
+    assert_one_line_error(code, err, "n_blocks: must be <= 4096")
+    state["model_config"]["n_blocks"] = 2
+    del state["model"]["layers.layers.1.g.1.weight"]
+    torch.save(state, run / "best.pt")
+    code, _, err = run_cli(capsys, "eval", "--run", str(run))
+    assert_one_line_error(code, err, "does not fit its model config")
+
+
+def test_trainer_refuses_to_overwrite_from_python_too(trained):
+    cfg = get_preset("toy2d", n_blocks=1, hidden=(8,))
+    with pytest.raises(RunExistsError, match="already holds a run"):
+        Trainer(cfg, DataConfig(name="8gaussians"), TrainConfig(), trained)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        RunFolder(trained / "nothing").load_model()
+
+
+# ---- the certificate --------------------------------------------------------------------
+def test_check_passes_on_a_trained_model(trained, capsys):
+    code, out, _ = run_cli(capsys, "check", "--run", str(trained))
+    assert code == 0 and "certificate: PASSED" in out
+    assert "exact (SVD)" in out and "log-density estimate - exact" in out
+
+
+def test_check_fails_when_a_norm_estimate_is_fooled(trained, tmp_path, capsys):
+    """A power-iteration vector orthogonal to the top singular vector leaves the
+    estimate at the second singular value: the weight is then scaled too little and
+    the block is no longer contractive. Only an exact norm sees it."""
+    run = tmp_path / "fooled"
+    shutil.copytree(trained, run)
+    state = torch.load(run / "best.pt", weights_only=True)
+    key = "layers.layers.1.g.1"
+    w = torch.zeros(8, 2)  # Linear(2 -> 8): singular values 40 (input e1) and 1 (input e2)
+    w[0, 0], w[1, 1] = 40.0, 1.0
+    state["model"][f"{key}.weight"] = w
+    state["ema"]["shadow"][f"{key}.weight"] = w
+    v = torch.tensor([[0.0, 1.0]])  # orthogonal to e1: W^T W v = v, the estimate stays 1
+    state["model"][f"{key}.v"] = v
+    torch.save(state, run / "best.pt")
+    code, out, _ = run_cli(capsys, "check", "--run", str(run))
+    assert code == 1 and "certificate: FAILED" in out
+    assert "FAIL layers.layers.1" in out
