@@ -367,3 +367,66 @@ def test_check_fails_when_a_norm_estimate_is_fooled(trained, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "check", "--run", str(run))
     assert code == 1 and "certificate: FAILED" in out
     assert "FAIL layers.layers.1" in out
+
+
+def _fool_first_linear(state: dict) -> None:
+    """Make both weights of the first fully connected branch expansive in a way the
+    norm estimates cannot see (see test_check_fails_when_a_norm_estimate_is_fooled)."""
+    key = next(k for k, v in state["model"].items() if k.endswith("g.1.weight") and v.dim() == 2)
+    for k in (key, key.replace("g.1.", "g.3.")):
+        w = torch.zeros_like(state["model"][k])
+        w[0, 0], w[1, 1] = 40.0, 1.0
+        state["model"][k] = w
+        state["ema"]["shadow"][k] = w
+        v = torch.zeros(1, w.shape[1])
+        v[0, 1] = 1.0
+        state["model"][k.replace("weight", "v")] = v
+
+
+def test_sampling_a_non_invertible_model_is_one_clear_line(tmp_path, capsys):
+    run = tmp_path / "img"
+    shutil.copytree(FIXTURES / "img", run)
+    state = torch.load(run / "best.pt", weights_only=True)
+    _fool_first_linear(state)
+    torch.save(state, run / "best.pt")
+    out = tmp_path / "s.png"
+    code, _, err = run_cli(capsys, "sample", "--run", str(run), "--n", "16", "--seed", "1",
+                           "--out", str(out))  # fmt: skip
+    assert_one_line_error(code, err, "inverse")
+    assert not out.exists()
+    code, stdout, _ = run_cli(capsys, "check", "--run", str(run), "--n", "16")
+    assert code == 1 and "certificate: FAILED" in stdout
+
+
+def test_an_image_write_that_fails_leaves_the_old_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from resflow.evaluation import save_image_grid
+
+    path = tmp_path / "grid.png"
+    save_image_grid(torch.zeros(4, 1, 8, 8), path, 17)
+    before = path.read_bytes()
+
+    def disk_full(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_image_grid(torch.ones(4, 1, 8, 8), path, 17)
+    assert path.read_bytes() == before
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_data_problems_are_found_before_the_first_step(tmp_path):
+    from resflow.data import DataSplit
+
+    cfg = get_preset("toy2d", n_blocks=1, hidden=(8,))
+    train = TrainConfig(steps=2, batch_size=8, tensorboard=False, progress=False)
+    odd = DataSplit(torch.randn(64, 2), torch.randn(16, 3), "odd")
+    with pytest.raises(ValueError, match=r"test examples \(3,\)"):
+        Trainer(cfg, odd, train, tmp_path / "a")
+    empty = DataSplit(torch.randn(64, 2), torch.randn(0, 2), "empty")
+    with pytest.raises(ValueError, match="the test set is empty"):
+        Trainer(cfg, empty, train, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
