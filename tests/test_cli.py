@@ -205,3 +205,21 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path):
     full, resumed = _state(tmp_path / "full"), _state(cut)
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
+
+
+def test_sample_writes_arrays_and_a_scatter_for_2d_runs(tmp_path):
+    run = tmp_path / "toy"
+    resflow("train", "--data", "8gaussians", "--set", "n_blocks=1", "--set", "hidden=[8]",
+            "--steps", "2", "--batch-size", "64", "--n-train", "256", "--n-test", "128",
+            "--out", str(run), "--no-progress", "--no-tensorboard")  # fmt: skip
+    out = resflow("sample", "--run", str(run), "--n", "300", "--out", str(tmp_path / "s.npy"),
+                  "--check", "--threads", "1").stdout  # fmt: skip
+    import numpy as np
+
+    arr = np.load(tmp_path / "s.npy")
+    assert arr.shape == (300, 2) and np.isfinite(arr).all()
+    assert (tmp_path / "s.png").stat().st_size > 0 and "worst round-trip error" in out
+    resflow("sample", "--run", str(run), "--n", "7", "--out", str(tmp_path / "s.csv"))
+    assert np.loadtxt(tmp_path / "s.csv", delimiter=",").shape == (7, 2)
+    bad = resflow("sample", "--run", str(run), "--out", str(tmp_path / "s.txt"), check=False)
+    assert bad.returncode == 2 and "writes .npy, .csv or (2-D) .png" in bad.stderr

@@ -148,14 +148,58 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     model = _model(args)
-    if model.levels is None:
-        raise ValueError("sample writes image grids; this run models vectors (use the library)")
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    out = Path(args.out)
+    suffix = out.suffix.lower()
+    if model.levels is not None and suffix != ".png":
+        raise ValueError(f"--out {out}: an image run writes a .png grid")
+    if model.levels is None and suffix not in (".npy", ".csv", ".png"):
+        raise ValueError(f"--out {out}: a vector run writes .npy, .csv or (2-D) .png")
+    if model.levels is None and suffix == ".png" and model.shape != (2,):
+        raise ValueError(f"--out {out}: a PNG of samples needs 2-D data; use .npy or .csv")
     torch.manual_seed(args.seed)
-    imgs = model.sample(args.n, args.temperature)
-    scale = max(1, 128 // model.shape[-1])
-    out = save_image_grid(imgs, args.out, model.levels, scale=scale)
-    print(f"wrote {len(imgs)} samples at temperature {args.temperature} to {out}")
+    chunks, errors = [], []
+    for start in range(0, args.n, args.batch_size):
+        z = model.base.sample(min(args.batch_size, args.n - start), args.temperature)
+        with torch.no_grad():
+            chunks.append(model.inverse(z))
+        if args.check:
+            errors.append(model.round_trip_error(z))
+    samples = torch.cat(chunks)
+    if model.levels is not None:
+        scale = max(1, 128 // model.shape[-1])
+        save_image_grid(samples, out, model.levels, scale=scale)
+    else:
+        _write_array(samples, out)
+        if model.shape == (2,):
+            from resflow.plots import plot_samples_2d
+
+            data = RunFolder(args.run).load_data(args.data_dir)
+            png = out if suffix == ".png" else out.with_suffix(".png")
+            plot_samples_2d(samples, data.test, png)
+            print(f"scatter of the samples beside the test data: {png}")
+    print(f"wrote {len(samples)} samples at temperature {args.temperature} to {out}")
+    if args.check:
+        worst = float(torch.cat(errors).max())
+        print(f"worst round-trip error |f(f^-1(z)) - z| of these samples: {worst:.3g}")
     return 0
+
+
+def _write_array(samples: torch.Tensor, out: Path) -> None:
+    import io
+
+    import numpy as np
+
+    from resflow.io import atomic_write
+
+    arr = samples.detach().double().cpu().numpy()
+    if out.suffix.lower() == ".npy":
+        atomic_write(out, lambda f: np.save(f, arr))
+    elif out.suffix.lower() == ".csv":
+        buf = io.StringIO()
+        np.savetxt(buf, arr, delimiter=",", fmt="%.8g")
+        atomic_write(out, lambda f: f.write(buf.getvalue().encode()))
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
@@ -252,10 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("sample", help="write a PNG grid of samples")
+    s = sub.add_parser(
+        "sample", help="write samples: a PNG grid (images), .npy/.csv and a 2-D scatter PNG"
+    )
     s.add_argument("--n", type=_positive, default=64)
     s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--out", default="samples.png")
+    s.add_argument("--batch-size", type=_positive, default=1024, help="samples per inverse pass")
+    s.add_argument("--out", default="samples.png", help="file; its suffix picks the format")
+    s.add_argument(
+        "--check", action="store_true", help="report the worst round-trip error of the samples"
+    )
     s.set_defaults(func=cmd_sample)
 
     i = sub.add_parser("interpolate", help="decode straight lines between test images' latents")
@@ -284,7 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
             help="override a model option that keeps the weights, e.g. "
             "--set estimator.eval_dist=poisson",
         )
-    for q in (e, i, c):
+    for q in (t, e, s, i, c):
+        q.add_argument(
+            "--threads",
+            type=_positive,
+            default=None,
+            help="torch intra-op threads (default: torch's, one per core; on a shared "
+            "machine fewer can be faster)",
+        )
+    for q in (e, s, i, c):
         q.add_argument("--data-dir", default=None, help="folder with the data sets")
 
     pr = sub.add_parser("presets", help="list model presets by family")
@@ -321,6 +379,8 @@ def _message(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args))
     except EXPECTED as e:

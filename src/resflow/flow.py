@@ -123,6 +123,21 @@ class Flow(nn.Module):
         """``n`` samples ``f^{-1}(z)``, ``z ~ base`` scaled by ``temperature``."""
         return self.inverse(self._latent(n, temperature), context)
 
+    @torch.no_grad()
+    def round_trip_error(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        """Per sample, ``max |f(f^{-1}(z)) - z|``: how exactly the inverse inverts.
+
+        Leading stochastic layers (the dequantizer) are left out: they are no bijection,
+        so the round trip is taken through the deterministic layers after them.
+        """
+        layers = list(self.layers.layers) if isinstance(self.layers, Sequential) else [self.layers]
+        while layers and getattr(layers[0], "stochastic", False):
+            layers = layers[1:]
+        body = Sequential(layers)
+        x = body.inverse(z, context)
+        err = (body(x, context)[0] - z).abs()
+        return err.flatten(1).max(1).values
+
     def rsample(self, n: int, temperature: float = 1.0, context: Tensor | None = None) -> Tensor:
         """Like :meth:`sample`, but differentiable in the parameters (reparameterized;
         residual blocks differentiate their fixed point implicitly)."""

@@ -82,3 +82,21 @@ def plot_density_2d(
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
+
+
+def plot_samples_2d(
+    samples: Tensor, data: Tensor, path: str | Path, lim: float = 4.5, bins: int = 150
+) -> None:
+    """2-D histograms of the data beside the model's samples."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    for ax, pts, title in ((axes[0], data, "data"), (axes[1], samples, "samples")):
+        p = pts[:20000].detach().float().cpu()
+        ax.hist2d(p[:, 0].numpy(), p[:, 1].numpy(), bins=bins,
+                  range=[[-lim, lim], [-lim, lim]], cmap="viridis")  # fmt: skip
+        ax.set_title(f"{title} (n={len(p)})")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    plt.close(fig)

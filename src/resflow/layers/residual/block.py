@@ -7,7 +7,9 @@ et al. 2019).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +32,30 @@ from resflow.layers.residual.logdet import (
 
 class InverseNotConvergedError(RuntimeError):
     """The fixed-point iteration of a residual block's inverse did not converge."""
+
+
+PLATEAU = 4
+"""Iterations without a shrinking step that make a rounding plateau."""
+
+
+@dataclass
+class InverseInfo:
+    """How a fixed-point inverse converged.
+
+    Attributes:
+        iterations: iterations used.
+        final_step: the largest change in the last iteration.
+        contraction: the contraction estimate ``rho`` used for the bound.
+        error_bound: per sample, the a-posteriori bound on ``|x - x*|`` (the last step
+            where the iteration ended on a rounding plateau).
+        plateau: whether it ended on a rounding plateau.
+    """
+
+    iterations: int
+    final_step: float
+    contraction: float
+    error_bound: Tensor
+    plateau: bool
 
 
 class _ImplicitGradient(torch.autograd.Function):
@@ -60,7 +86,8 @@ class ResidualBlock(FlowLayer):
         poisson_lambda: rate of the Poisson roulette distribution.
         inverse_atol, inverse_rtol, inverse_max_iter: stopping rule of the fixed-point
             inverse ``x_{k+1} = y - g(x_k)``: all elements satisfy
-            estimated error ``<= atol + rtol |x|`` (see :meth:`inverse`); otherwise
+            estimated error ``<= atol + rtol |x|`` (default 1e-6, 1e-10 in float64; see
+            :meth:`fixed_point`); otherwise
             :class:`InverseNotConvergedError` is raised.
 
     The roulette parameters are stored as (frozen) parameters of the block so that
@@ -74,8 +101,8 @@ class ResidualBlock(FlowLayer):
         eval_estimator: LogdetEstimator = EVAL_ESTIMATOR,
         geom_p: float = 0.5,
         poisson_lambda: float = 2.0,
-        inverse_atol: float = 1e-6,
-        inverse_rtol: float = 1e-6,
+        inverse_atol: float | None = None,
+        inverse_rtol: float | None = None,
         inverse_max_iter: int = 1000,
     ) -> None:
         super().__init__()
@@ -162,6 +189,7 @@ class ResidualBlock(FlowLayer):
         """
         with torch.no_grad():
             x = self.fixed_point(y)
+        assert isinstance(x, Tensor)
         wants_grad = torch.is_grad_enabled() and (
             y.requires_grad or any(p.requires_grad for p in self.g.parameters())
         )
@@ -172,7 +200,7 @@ class ResidualBlock(FlowLayer):
         gx = self.g(x0)
         x = y - gx  # equals x_star; gradients are corrected by the hook below
         max_iter = self.inverse_max_iter
-        rtol = max(self.inverse_rtol, 16 * torch.finfo(y.dtype).eps)
+        rtol = max(self.tolerances(y.dtype)[1], 16 * torch.finfo(y.dtype).eps)
 
         def solve(grad: Tensor) -> Tensor:
             w, prev = grad, float("inf")
@@ -193,36 +221,95 @@ class ResidualBlock(FlowLayer):
 
         return _ImplicitGradient.apply(x, solve)
 
+    def tolerances(self, dtype: torch.dtype) -> tuple[float, float]:
+        """``(atol, rtol)`` of the inverse: as given, else 1e-6 (1e-10 in float64)."""
+        default = 1e-10 if dtype == torch.float64 else 1e-6
+        atol = default if self.inverse_atol is None else self.inverse_atol
+        rtol = default if self.inverse_rtol is None else self.inverse_rtol
+        return atol, rtol
+
     @torch.no_grad()
-    def fixed_point(self, y: Tensor) -> Tensor:
+    def fixed_point(
+        self, y: Tensor, return_info: bool = False
+    ) -> Tensor | tuple[Tensor, InverseInfo]:
         """Fixed-point iteration ``x_{k+1} = y - g(x_k)`` from ``x_0 = y``.
 
-        Stops when the a-posteriori error bound of a contraction,
-        ``|x_{k+1} - x*| <= rho / (1 - rho) |x_{k+1} - x_k|`` (``rho`` estimated from the
-        ratio of successive steps), is below ``atol + rtol |x|`` everywhere -- or, once
-        the plain step is below that, when rounding stops the steps from shrinking.
+        Stopping rule, sound in float32, float64 and bfloat16:
+
+        * the a-posteriori error bound of a contraction,
+          ``|x_{k+1} - x*| <= rho / (1 - rho) |x_{k+1} - x_k|`` (``rho`` the ratio of
+          successive steps), is below ``tol = max(atol + rtol |x|, floor)`` everywhere,
+          where ``floor = 8 eps (|x| + |y|)`` is the rounding level of the dtype
+          (``eps`` its machine epsilon) -- no iteration can get closer than that;
+        * or the steps stop improving on the smallest so far for :data:`PLATEAU`
+          iterations while they are within
+          ``64 floor`` and the average contraction ``(step_k / step_1)^(1/k)`` is
+          ``< 1``: a rounding plateau of a converged iteration.
+
+        A true failure raises :class:`InverseNotConvergedError` saying what was measured:
+        a non-finite iterate, steps that grow (the average contraction estimate is
+        ``>= 1``: ``Lip(g) >= 1``), or no convergence within ``inverse_max_iter``.
+        ``return_info=True`` also returns an :class:`InverseInfo`.
         """
+        if not torch.isfinite(y).all():
+            raise ValueError("the inverse got non-finite input (NaN or inf)")
+        eps = torch.finfo(y.dtype).eps
+        atol, rtol = self.tolerances(y.dtype)
         x = y
-        tol_step = prev = float("inf")
-        for _ in range(self.inverse_max_iter):
+        first = prev = best = math.inf
+        stalled = 0
+        rho_avg = math.nan
+        info = None
+        for k in range(1, self.inverse_max_iter + 1):
             x_new = y - self.g(x)
             if not torch.isfinite(x_new).all():
-                break
+                raise InverseNotConvergedError(
+                    f"the fixed-point inverse became non-finite at iteration {k} (average "
+                    f"contraction estimate {rho_avg:.3g}): the iteration diverges, "
+                    "Lip(g) >= 1"
+                )
             delta = (x_new - x).abs()
             x = x_new
             step = float(delta.max())
-            rho = step / prev if 0.0 < prev < float("inf") else 1.0  # 1: no estimate yet
-            tol = self.inverse_atol + self.inverse_rtol * x.abs()
-            small = bool((delta <= tol).all())
-            factor = rho / (1.0 - rho) if rho < 1.0 else float("inf")
-            if step == 0.0 or (small and (bool((delta * factor <= tol).all()) or step >= prev)):
+            if k == 1:
+                first = step
+            elif first > 0:
+                rho_avg = (step / first) ** (1.0 / (k - 1)) if step > 0 else 0.0
+            floor = 8 * eps * (x.abs() + y.abs())
+            tol = torch.maximum(atol + rtol * x.abs(), floor)
+            rho = step / prev if 0.0 < prev < math.inf else 1.0  # 1: no estimate yet
+            factor = rho / (1.0 - rho) if rho < 1.0 else math.inf
+            bound = delta * factor
+            if step < 0.999 * best:
+                best, stalled = step, 0
+            else:
+                stalled += 1
+            converged = step == 0.0 or bool((bound <= tol).all())
+            plateau = stalled >= PLATEAU and rho_avg < 1.0 and bool((delta <= 64 * floor).all())
+            if converged or plateau:
+                if return_info:
+                    err = bound if converged and step > 0 else delta
+                    per_sample = err.flatten(1).max(1).values if err.dim() > 1 else err
+                    info = InverseInfo(k, step, rho if rho < 1 else rho_avg, per_sample, plateau)
+                    return x, info
                 return x
-            tol_step, prev = float((delta / tol).max()), step
+            if k > 2 * PLATEAU and rho_avg >= 1.0 and step > 10 * first:
+                raise InverseNotConvergedError(
+                    f"the fixed-point inverse diverges: its steps grow (average contraction "
+                    f"estimate {rho_avg:.3g} >= 1 after {k} iterations, last step {step:.3g}); "
+                    "the block is not contractive, Lip(g) >= 1 -- call refresh_lipschitz, "
+                    "or check the model with `resflow check`"
+                )
+            prev = step
         raise InverseNotConvergedError(
-            f"fixed-point inverse did not converge in {self.inverse_max_iter} iterations "
-            f"(last step {prev:.3g}, {tol_step:.3g} times the tolerance atol="
-            f"{self.inverse_atol}, rtol={self.inverse_rtol}); is Lip(g) < 1 (call "
-            "refresh_lipschitz) and the input finite?"
+            f"the fixed-point inverse did not converge in {self.inverse_max_iter} iterations "
+            f"(last step {prev:.3g}, average contraction estimate {rho_avg:.3g}, tolerance "
+            f"atol={atol:g}, rtol={rtol:g}); "
+            + (
+                "the contraction is too weak to converge in time: raise inverse_max_iter"
+                if rho_avg < 1.0
+                else "the block is not contractive, Lip(g) >= 1"
+            )
         )
 
     def extra_repr(self) -> str:
