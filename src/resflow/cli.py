@@ -266,7 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         help="train a flow (default: a Residual Flow on the embedded 8x8 digits)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     t.add_argument(
         "--model",
@@ -285,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="run folder (default runs/<data>-<preset>)")
     t.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in <out>")
-    t.add_argument("--temperature", type=float, default=1.0, help="of samples.png")
+    t.add_argument("--temperature", type=float, default=1.0, help="of samples.png (default: 1.0)")
     add_flags(t, DataConfig, exclude=_DATA_EXCLUDE, rename=_DATA_FLAGS)
     add_flags(t, TrainConfig)
     t.set_defaults(func=cmd_train)
