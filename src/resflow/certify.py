@@ -33,6 +33,7 @@ from resflow.layers.residual.lipschitz import (
     LipschitzLayer,
     LipschitzLinear,
     NormOrder,
+    closed_form_norm,
 )
 from resflow.layers.residual.logdet import EXACT_ESTIMATOR
 
@@ -146,9 +147,7 @@ def enforced_norm(m: LipschitzLayer) -> tuple[float, str]:
     if orders is not None and orders != (2.0, 2.0):
         p, q = orders
         if q == math.inf or p == 1.0:
-            closed = type(m)._closed_form_norm  # the exact formulas, on the used weight
-            probe = _Probe(w, m)
-            return float(closed(probe)), "exact (closed form)"
+            return float(closed_form_norm(w, p, q)), "exact (closed form)"
         return float("nan"), "mixed norm without a closed form: not certified"
     if orders is None:
         return float("nan"), "learned norm orders: not certified"
@@ -162,13 +161,6 @@ def enforced_norm(m: LipschitzLayer) -> tuple[float, str]:
         op = F.conv2d(basis, w, None, padding=m.padding).reshape(n_in, -1)
         return float(torch.linalg.matrix_norm(op, ord=2)), "exact (dense operator SVD)"
     return _power(m, w), "power iteration to convergence (estimate)"
-
-
-class _Probe:
-    """A stand-in with the attributes ``_closed_form_norm`` reads, holding ``w``."""
-
-    def __init__(self, w: Tensor, m: LipschitzLayer) -> None:
-        self.weight, self.domain, self.codomain = w, m.domain, m.codomain
 
 
 @contextmanager

@@ -326,11 +326,14 @@ def given_flags(
         if not hasattr(args, f.name):
             continue
         flag = flag_name(rename.get(f.name, f.name))
-        raw = getattr(args, f.name)
-        value = raw if isinstance(raw, bool) else parse_value(raw)
-        tp = hints[f.name]
-        if tp is str or (get_origin(tp) in (Union, types.UnionType) and str in get_args(tp)):
-            value = raw if not isinstance(raw, bool) and value is not None else value
+        raw, tp = getattr(args, f.name), hints[f.name]
+        takes_text = tp is str or str in get_args(tp)
+        if isinstance(raw, bool):
+            value = raw
+        elif takes_text:  # names and paths stay text ("null" still means none)
+            value = None if raw == "null" else raw
+        else:
+            value = parse_value(raw)
         out[f.name] = coerce(value, tp, flag)
         rng = f.metadata.get("range")
         if rng is not None:

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from resflow.checkpoint import CheckpointError, load_checkpoint
-from resflow.config import ConfigError, from_dict, override, to_dict
+from resflow.config import from_dict, override, to_dict
 from resflow.data import DataConfig, DataSplit, load_data
 from resflow.data.config import is_file_name
 from resflow.flow import Flow
@@ -258,12 +258,10 @@ def load_model(
     state = load_checkpoint(path)
     try:
         cfg = config_from_dict(state["model_config"])
-        if overrides:
-            cfg = override(cfg, overrides)
-    except ConfigError:
-        raise
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
+    if overrides:
+        cfg = override(cfg, overrides)  # a ConfigError naming the user's option
     model = build_model(cfg)
     try:
         model.load_state_dict(state["model"])  # also loads ActNorm's initialised flags

@@ -44,6 +44,20 @@ class NormOrder(nn.Module):
 Order = float | NormOrder
 
 
+def closed_form_norm(w: Tensor, domain: Order, codomain: Order) -> Tensor | None:
+    """``||W||_{p -> q}`` exactly where a closed form exists, else ``None``: ``q = inf``
+    gives the largest ``p*``-norm of a row, ``p = 1`` the largest ``q``-norm of a column
+    (for a convolution, the kernel's output and input slices)."""
+    if isinstance(domain, NormOrder) or isinstance(codomain, NormOrder):
+        return None
+    p, q = float(domain), float(codomain)
+    if q == INF:
+        return torch.linalg.vector_norm(w.flatten(1), ord=_conjugate(p), dim=1).max()
+    if p == 1.0:
+        return torch.linalg.vector_norm(w.transpose(0, 1).flatten(1), ord=q, dim=1).max()
+    return None
+
+
 def _order(p: Order) -> Tensor | float:
     return p.value() if isinstance(p, NormOrder) else p
 
@@ -173,15 +187,7 @@ class LipschitzLayer(nn.Module):
         self.sigma.copy_(state[1])
 
     def _closed_form_norm(self) -> Tensor | None:
-        if isinstance(self.domain, NormOrder) or isinstance(self.codomain, NormOrder):
-            return None
-        p, q = float(self.domain), float(self.codomain)
-        w = self.weight
-        if q == INF:
-            return torch.linalg.vector_norm(w.flatten(1), ord=_conjugate(p), dim=1).max()
-        if p == 1.0:
-            return torch.linalg.vector_norm(w.transpose(0, 1).flatten(1), ord=q, dim=1).max()
-        return None
+        return closed_form_norm(self.weight, self.domain, self.codomain)
 
     def operator_norm(self) -> Tensor:
         """Differentiable norm: the closed form where one exists, else the estimate
