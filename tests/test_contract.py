@@ -11,6 +11,7 @@ log-densities, sampling, ``sample_and_log_prob`` and state dicts.
 from __future__ import annotations
 
 import io
+from functools import partial
 
 import pytest
 import torch
@@ -18,12 +19,20 @@ import torch
 from layers.coupling_cases import CASES as COUPLING_CASES
 from resflow.layers import EXACT_ESTIMATOR, ActNorm, ResidualBlock, Sequential
 from resflow.layers.base import Inverse
+from resflow.layers.batchnorm import BatchNormFlow
+from resflow.layers.conv1x1 import InvertibleConv1x1
+from resflow.layers.coupling import ChannelMask, CheckerboardMask, Coupling
+from resflow.layers.transformers import Additive, Affine
 from resflow.layers.multiscale import ConditionalPrior, DiagonalPrior, FactorOut, Flatten
 from resflow.layers.residual.logdet import EstimatorConfig
 from resflow.layers.squeeze import Squeeze
 from resflow.models import MODELS, build_model, get_preset
+from resflow.models.glow import GlowConfig, GlowVectorConfig
 from resflow.models.iresnet import IResNetConfig, IResNetVectorConfig
+from resflow.models.realnvp import RealNVPConfig, RealNVPVectorConfig
 from resflow.nets import residual_cnn, residual_mlp
+from resflow.nets.glow import GlowNet
+from resflow.nets.realnvp import RealNVPMLP, RealNVPResNet
 from resflow.preprocess import LogitTransform, Normalize
 
 from helpers import brute_logdet
@@ -47,7 +56,60 @@ def _factor(prior: str) -> FactorOut:
     return FactorOut(inner, (4, 2, 2), split)
 
 
+def _batchnorm(c: int) -> BatchNormFlow:
+    """In evaluation mode with non-trivial running averages (the train-mode logdet is
+    checked in tests/layers/test_batchnorm.py: a single example has other batch
+    statistics than the batch)."""
+    layer = BatchNormFlow(c)
+    gen = torch.Generator().manual_seed(3)
+    layer.running_mean.copy_(torch.randn(c, generator=gen))
+    layer.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+    return layer.eval()
+
+
+def _realnvp_coupling(mask) -> Coupling:
+    """Evaluation mode: the net's batch norm uses running statistics."""
+    net = partial(RealNVPResNet, hidden=8, n_blocks=1, context_channels=2)
+    return Coupling.build((2, 4, 4), mask, Affine("exp"), net).eval()
+
+
 LAYERS = {
+    "batchnorm-vec": (lambda: _batchnorm(3), (3,), None),
+    "batchnorm-img": (lambda: _batchnorm(2), (2, 3, 3), None),
+    "conv1x1-lu-img": (lambda: InvertibleConv1x1(3), (3, 3, 3), None),
+    "conv1x1-full-img": (lambda: InvertibleConv1x1(3, lu=False), (3, 3, 3), None),
+    "conv1x1-lu-vec": (lambda: InvertibleConv1x1(4), (4,), None),
+    "coupling-realnvp-checkerboard": (
+        lambda: _realnvp_coupling(CheckerboardMask(True)),
+        (2, 4, 4),
+        None,
+    ),
+    "coupling-realnvp-channel": (lambda: _realnvp_coupling(ChannelMask()), (2, 4, 4), None),
+    "coupling-realnvp-mlp": (
+        lambda: Coupling.build(
+            (4,),
+            ChannelMask(True),
+            Affine("exp"),
+            partial(RealNVPMLP, hidden=(8,), context_features=2),
+        ),
+        (4,),
+        None,
+    ),
+    "coupling-glow-affine": (
+        lambda: Coupling.build(
+            (4, 3, 3),
+            ChannelMask(),
+            Affine("sigmoid"),
+            partial(GlowNet, hidden=8, context_channels=2),
+        ),
+        (4, 3, 3),
+        None,
+    ),
+    "coupling-glow-additive": (
+        lambda: Coupling.build((4, 3, 3), ChannelMask(), Additive(), partial(GlowNet, hidden=8)),
+        (4, 3, 3),
+        None,
+    ),
     "actnorm-vec": (lambda: ActNorm(3), (3,), None),
     "actnorm-img": (lambda: ActNorm(2), (2, 4, 4), None),
     "residual-vec": (_res_vec, (3,), None),
@@ -163,6 +225,20 @@ MODELS_TINY = {
     ),
     "iresnet": lambda: IResNetConfig(**_TINY_IMAGE, squeeze_first=False, estimator=_EXACT),
     "iresnet-vector": lambda: IResNetVectorConfig(n_blocks=2, hidden=(16,), estimator=_EXACT),
+    "realnvp": lambda: RealNVPConfig(
+        image_shape=(1, 4, 4),
+        levels=17,
+        n_scales=2,
+        hidden=8,
+        n_blocks=1,
+        checkerboard=1,
+        channelwise=1,
+        last_checkerboard=1,
+        split_prior="conditional",
+    ),
+    "realnvp-vector": lambda: RealNVPVectorConfig(n_couplings=2, hidden=(8,), batchnorm=True),
+    "glow": lambda: GlowConfig(image_shape=(1, 4, 4), levels=17, n_levels=2, depth=1, hidden=8),
+    "glow-vector": lambda: GlowVectorConfig(depth=2, hidden=(8,)),
 }
 
 
@@ -203,7 +279,9 @@ def test_model_log_prob_sampling_and_state(name):
     torch.testing.assert_close(fresh.log_prob(x), a)
 
 
-@pytest.mark.parametrize("name", ["residual-flow-vector", "iresnet-vector"])
+@pytest.mark.parametrize(
+    "name", ["residual-flow-vector", "iresnet-vector", "realnvp-vector", "glow-vector"]
+)
 def test_sample_and_log_prob_agrees_with_log_prob(name):
     torch.manual_seed(0)
     model = build_model(MODELS_TINY[name]()).double()

@@ -28,6 +28,9 @@ class Flow(nn.Module):
         latent_shape: event shape of the latent (default: ``layers.output_shape(shape)``).
         levels: quantization levels of discrete data (256 for 8-bit images); ``None``
             for continuous data.
+        n_classes: for a class-conditional model, the number of classes: ``context``
+            is then a tensor of class indices ``[B]`` (required), which the layers and
+            the base receive as one-hot vectors ``[B, n_classes]``.
     """
 
     def __init__(
@@ -37,6 +40,7 @@ class Flow(nn.Module):
         base: nn.Module | None = None,
         latent_shape: tuple[int, ...] | None = None,
         levels: int | None = None,
+        n_classes: int | None = None,
     ) -> None:
         super().__init__()
         self.layers = layers if isinstance(layers, FlowLayer) else Sequential(layers)
@@ -45,6 +49,9 @@ class Flow(nn.Module):
             latent_shape = self.layers.output_shape(self.shape)
         self.latent_shape = tuple(latent_shape)
         self.levels = levels
+        if n_classes is not None and n_classes < 2:
+            raise ValueError(f"a class-conditional model needs >= 2 classes, got {n_classes}")
+        self.n_classes = n_classes
         self.base = base if base is not None else StandardNormal(self.latent_shape)
 
     @property
@@ -91,37 +98,76 @@ class Flow(nn.Module):
             raise ValueError(f"context has batch size {context.shape[0]}, the data {x.shape[0]}")
         return x
 
+    def condition(self, context: Tensor | None, n: int) -> Tensor | None:
+        """The context the layers see: for a class-conditional model, class indices
+        ``[n]`` checked and turned into one-hot ``[n, n_classes]``; else unchanged."""
+        if self.n_classes is None:
+            return context
+        k = self.n_classes
+        if context is None:
+            raise ValueError(
+                f"this model is class-conditional ({k} classes): pass the labels "
+                "(context = a tensor of class indices)"
+            )
+        if context.dim() != 1 or context.shape[0] != n:
+            raise ValueError(f"expected {n} class labels of shape [{n}], got {list(context.shape)}")
+        if context.is_floating_point() or context.is_complex():
+            raise TypeError(f"class labels must be integers, got {context.dtype}")
+        if len(context) and (int(context.min()) < 0 or int(context.max()) >= k):
+            bad = context[(context < 0) | (context >= k)][0]
+            raise ValueError(f"class label {int(bad)} is out of range: this model has {k} classes")
+        onehot = torch.nn.functional.one_hot(context.long(), k)
+        return onehot.to(device=context.device, dtype=self.dtype)
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(z, logdet)`` for data ``x``."""
         x = self._check(x, context)
-        return self.layers(x, context)
+        return self.layers(x, self.condition(context, x.shape[0]))
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         """Data ``x`` for latent ``z``."""
-        return self.layers.inverse(z, context)
+        return self.layers.inverse(z, self.condition(context, z.shape[0]))
 
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """``log p(x)`` per sample (an unbiased estimate for stochastic logdets, a
-        lower-bound estimate for stochastic layers)."""
+        """``log p(x)`` (``log p(x | y)`` for a class-conditional model) per sample (an
+        unbiased estimate for stochastic logdets, a lower-bound estimate for
+        stochastic layers)."""
         z, logdet = self(x, context)
-        return self.base.log_prob(z) + logdet
+        return self.base.log_prob(z, self.condition(context, x.shape[0])) + logdet
 
     def bits_per_dim(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``-log p(x) / (D ln 2)`` per sample (for discrete data ``log p`` already
         holds the dequantizer's ``-D log(levels)``)."""
         return -self.log_prob(x, context) / (self.dim * math.log(2))
 
-    def _latent(self, n: int, temperature: float) -> Tensor:
+    def penalty(self) -> Tensor:
+        """The sum of every sub-module's ``penalty()`` (regularizers a family adds to
+        the training loss, e.g. RealNVP's L2 on weight-norm scales); 0 if none."""
+        total = torch.zeros((), dtype=self.dtype)
+        for m in self.modules():
+            fn = getattr(m, "penalty", None)
+            if m is not self and callable(fn):
+                total = total + fn()
+        return total
+
+    def _latent(self, n: int, temperature: float, context: Tensor | None = None) -> Tensor:
         if n < 1:
             raise ValueError(f"the number of samples must be >= 1, got {n}")
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
-        return self.base.sample(n, temperature)
+        return self.base.sample(n, temperature, self.condition(context, n))
+
+    def sample_latent(
+        self, n: int, temperature: float = 1.0, context: Tensor | None = None
+    ) -> Tensor:
+        """``n`` latents from the base (for a class-conditional model, given labels)."""
+        return self._latent(n, temperature, context)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, context: Tensor | None = None) -> Tensor:
-        """``n`` samples ``f^{-1}(z)``, ``z ~ base`` scaled by ``temperature``."""
-        return self.inverse(self._latent(n, temperature), context)
+        """``n`` samples ``f^{-1}(z)``, ``z ~ base`` scaled by ``temperature`` (for a
+        class-conditional model ``context`` holds the ``n`` class labels)."""
+        return self.inverse(self._latent(n, temperature, context), context)
 
     @torch.no_grad()
     def round_trip_error(self, z: Tensor, context: Tensor | None = None) -> Tensor:
@@ -134,14 +180,15 @@ class Flow(nn.Module):
         while layers and getattr(layers[0], "stochastic", False):
             layers = layers[1:]
         body = Sequential(layers)
-        x = body.inverse(z, context)
-        err = (body(x, context)[0] - z).abs()
+        ctx = self.condition(context, z.shape[0])
+        x = body.inverse(z, ctx)
+        err = (body(x, ctx)[0] - z).abs()
         return err.flatten(1).max(1).values
 
     def rsample(self, n: int, temperature: float = 1.0, context: Tensor | None = None) -> Tensor:
         """Like :meth:`sample`, but differentiable in the parameters (reparameterized;
         residual blocks differentiate their fixed point implicitly)."""
-        return self.inverse(self._latent(n, temperature), context)
+        return self.inverse(self._latent(n, temperature, context), context)
 
     def sample_and_log_prob(
         self, n: int, temperature: float = 1.0, context: Tensor | None = None
@@ -149,6 +196,7 @@ class Flow(nn.Module):
         """``(x, log p(x))`` for ``n`` samples in one inverse pass, differentiable in
         the parameters (for reverse-KL / variational inference). ``log p`` is that of
         the model at temperature 1: ``log p_base(z) - log|det dx/dz|``."""
-        z = self._latent(n, temperature)
-        x, logdet_inv = self.layers.inverse_and_logdet(z, context)
-        return x, self.base.log_prob(z) - logdet_inv
+        z = self._latent(n, temperature, context)
+        ctx = self.condition(context, n)
+        x, logdet_inv = self.layers.inverse_and_logdet(z, ctx)
+        return x, self.base.log_prob(z, ctx) - logdet_inv

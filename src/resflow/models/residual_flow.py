@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from resflow.config import Config, ConfigError, param
-from resflow.distributions import DiagonalNormal
+from resflow.distributions import make_base
 from resflow.flow import Flow
 from resflow.layers.actnorm import ActNorm
 from resflow.layers.base import FlowLayer, Sequential, Shape
@@ -96,6 +96,7 @@ class ImageFlowConfig(Config):
     norm_orders: tuple[float, ...] | None = param(None, ge=1, help="induced-norm orders")
     learn_orders: bool = param(False, help="learn the norm orders")
     prior: Literal["standard", "diagonal"] = param("standard", help="base distribution")
+    n_classes: int = param(0, ge=0, le=100_000, help="classes of a class-conditional prior")
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
 
     def __post_init__(self) -> None:
@@ -109,10 +110,6 @@ class ImageFlowConfig(Config):
         _check_size("the model's blocks", conv + (fc if self.fc_end else 0))
 
 
-def _base(prior: str, shape: Shape) -> DiagonalNormal | None:
-    return DiagonalNormal(shape) if prior == "diagonal" else None
-
-
 def build_vector_flow(cfg: VectorFlowConfig) -> Flow:
     layers: list[FlowLayer] = [ActNorm(cfg.dim)] if cfg.actnorm else []
     for _ in range(cfg.n_blocks):
@@ -122,7 +119,7 @@ def build_vector_flow(cfg: VectorFlowConfig) -> Flow:
         layers.append(ResidualBlock.from_config(g, cfg.estimator))
         if cfg.actnorm:
             layers.append(ActNorm(cfg.dim))
-    return Flow(Sequential(layers), (cfg.dim,), base=_base(cfg.prior, (cfg.dim,)))
+    return Flow(Sequential(layers), (cfg.dim,), base=make_base((cfg.dim,), cfg.prior))
 
 
 def build_image_flow(cfg: ImageFlowConfig) -> Flow:
@@ -182,7 +179,13 @@ def build_image_flow(cfg: ImageFlowConfig) -> Flow:
     )
     body = Sequential(layers)
     latent = body.output_shape(cfg.image_shape)
-    return Flow(body, cfg.image_shape, base=_base(cfg.prior, latent), levels=cfg.levels)
+    return Flow(
+        body,
+        cfg.image_shape,
+        base=make_base(latent, cfg.prior, cfg.n_classes),
+        levels=cfg.levels,
+        n_classes=cfg.n_classes or None,
+    )
 
 
 register_model(

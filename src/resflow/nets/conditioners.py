@@ -68,6 +68,16 @@ def check_context(
     return context
 
 
+def concat_context(x: Tensor, context: Tensor | None) -> Tensor:
+    """``cat([x, context], 1)``, a context vector ``[B, k]`` broadcast over an image's
+    ``H, W`` (an image context ``[B, k, H, W]`` is concatenated as it is)."""
+    if context is None:
+        return x
+    if x.dim() > 2 and context.dim() == 2:
+        context = context[:, :, None, None].expand(-1, -1, *x.shape[2:])
+    return torch.cat([x, context.to(x.dtype)], 1)
+
+
 class MLP(nn.Module):
     """``Linear -> act -> ... -> Linear`` on ``cat([x, context], 1)``.
 
@@ -113,9 +123,7 @@ class MLP(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"MLP expects [B, {self.in_features}], got {tuple(x.shape)}")
         context = check_context(context, x, self.context_features, "MLP")
-        if context is not None:
-            x = torch.cat([x, context.to(x.dtype)], 1)
-        return self.net(x)
+        return self.net(concat_context(x, context))
 
 
 class ConvNet(nn.Module):
@@ -173,11 +181,7 @@ class ConvNet(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"ConvNet expects [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
         context = check_context(context, x, self.context_channels, "ConvNet", spatial=True)
-        if context is not None:
-            if context.dim() == 2:
-                context = context[:, :, None, None].expand(-1, -1, *x.shape[2:])
-            x = torch.cat([x, context.to(x.dtype)], 1)
-        return self.net(x)
+        return self.net(concat_context(x, context))
 
 
 NETS.register("mlp", MLP)

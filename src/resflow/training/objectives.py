@@ -35,14 +35,21 @@ class Objective(Protocol):
 
 class MaximumLikelihood:
     """Minimize mean bits/dim (discrete data) or mean negative log-likelihood in nats
-    (continuous data); an unbiased estimate when logdets are stochastic."""
+    (continuous data); an unbiased estimate when logdets are stochastic. A
+    class-conditional model gets the batch's labels as its context, and the model's
+    :meth:`~resflow.flow.Flow.penalty` is added."""
 
     def __init__(self, model: Flow) -> None:
         self.unit = "bpd" if model.levels is not None else "nll"
 
     def __call__(self, model: Flow, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        context = batch.context
+        if context is None and model.n_classes is not None:
+            if batch.labels is None:
+                raise ValueError("a class-conditional model needs labelled training data")
+            context = batch.labels
         if model.levels is not None:
-            loss = model.bits_per_dim(batch.x, batch.context).mean()
+            loss = model.bits_per_dim(batch.x, context).mean()
         else:
-            loss = -model.log_prob(batch.x, batch.context).mean()
-        return loss, {}
+            loss = -model.log_prob(batch.x, context).mean()
+        return loss + model.penalty().to(loss.device), {}
