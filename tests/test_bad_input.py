@@ -292,7 +292,7 @@ def test_sample_to_a_path_under_a_file(trained, tmp_path, capsys):
         (["sample", "--n", "0"], "must be >= 1, got 0"),
         (["interpolate", "--pairs", "1000"], "needs 2000 test images; there are 297"),
         (["eval", "--set", "coeff=2"], "coeff: must be < 1, got 2"),
-        (["eval", "--set", "hidden=16"], "does not fit its model config"),
+        (["eval", "--set", "hidden=16"], "do not fit the model with hidden=16"),
         (["sample", "--which", "nope.pt"], "no checkpoint nope.pt"),
     ],
 )

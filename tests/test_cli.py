@@ -223,3 +223,40 @@ def test_sample_writes_arrays_and_a_scatter_for_2d_runs(tmp_path):
     assert np.loadtxt(tmp_path / "s.csv", delimiter=",").shape == (7, 2)
     bad = resflow("sample", "--run", str(run), "--out", str(tmp_path / "s.txt"), check=False)
     assert bad.returncode == 2 and "writes .npy, .csv or (2-D) .png" in bad.stderr
+
+
+def test_conditional_run_and_latent_tools(tmp_path):
+    run = tmp_path / "run"
+    tiny = ["--set", "hidden=8", "--set", "n_blocks=1"]
+    out = resflow("train", "--preset", "realnvp-digits", *tiny, "--conditional", "--steps", "3",
+                  "--batch-size", "32", "--eval-every", "3", "--out", str(run), "--no-progress",
+                  "--no-tensorboard").stdout  # fmt: skip
+    assert "bits/dim" in out
+    s = resflow("sample", "--run", str(run), "--label", "3", "--n", "4", "--out",
+                str(tmp_path / "s.png")).stdout  # fmt: skip
+    assert "4 samples of class 3 (1x8x8)" in s
+    bad = resflow("sample", "--run", str(run), "--label", "10", check=False)
+    assert bad.returncode == 2 and "--label 10 is out of range" in bad.stderr
+    m = resflow("interpolate", "--run", str(run), "--manifold", "--steps", "3", "--out",
+                str(tmp_path / "m.png")).stdout  # fmt: skip
+    assert "3x3 manifold" in m and (tmp_path / "m.png").exists()
+    c = resflow("compress", "--run", str(run), "--n", "2", "--out", str(tmp_path / "c.png")).stdout
+    assert "keeping 100%, 50%" in c and (tmp_path / "c.png").exists()
+    # the class-conditional prior is per position: no other resolution
+    big = resflow("sample", "--run", str(run), "--size", "16x16", check=False)
+    assert big.returncode == 2 and "not fully convolutional" in big.stderr
+
+
+def test_unconditional_realnvp_samples_at_a_larger_size(tmp_path):
+    run = tmp_path / "run"
+    resflow("train", "--preset", "realnvp-digits", "--set", "hidden=8", "--set", "n_blocks=1",
+            "--steps", "2", "--batch-size", "32", "--eval-every", "2", "--out", str(run),
+            "--no-progress", "--no-tensorboard")  # fmt: skip
+    s = resflow("sample", "--run", str(run), "--size", "16x16", "--n", "4", "--out",
+                str(tmp_path / "big.png")).stdout  # fmt: skip
+    assert "wrote 4 samples (1x16x16)" in s and (tmp_path / "big.png").exists()
+    bad = resflow("sample", "--run", str(run), "--label", "1", check=False)
+    assert bad.returncode == 2 and "not class-conditional" in bad.stderr
+    bad = resflow("train", "--data", "8gaussians", "--preset", "realnvp-toy2d", "--conditional",
+                  "--steps", "1", "--out", str(tmp_path / "t"), check=False)  # fmt: skip
+    assert bad.returncode == 2 and "has no class-conditional form" in bad.stderr

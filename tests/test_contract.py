@@ -22,10 +22,10 @@ from resflow.layers.base import Inverse
 from resflow.layers.batchnorm import BatchNormFlow
 from resflow.layers.conv1x1 import InvertibleConv1x1
 from resflow.layers.coupling import ChannelMask, CheckerboardMask, Coupling
-from resflow.layers.transformers import Additive, Affine
 from resflow.layers.multiscale import ConditionalPrior, DiagonalPrior, FactorOut, Flatten
 from resflow.layers.residual.logdet import EstimatorConfig
 from resflow.layers.squeeze import Squeeze
+from resflow.layers.transformers import Additive, Affine
 from resflow.models import MODELS, build_model, get_preset
 from resflow.models.glow import GlowConfig, GlowVectorConfig
 from resflow.models.iresnet import IResNetConfig, IResNetVectorConfig

@@ -27,3 +27,13 @@ def test_building_block_example_runs():
     exec(compile("import torch\n" + example, "README", "exec"), namespace)
     flow = namespace["flow"]
     assert all(p.grad is not None for p in flow.parameters() if p.requires_grad and p.dim() == 2)
+
+
+def test_families_example_runs():
+    example = next(b for b in _python_blocks() if "manifold_interpolation(" in b)
+    namespace: dict = {}
+    exec(compile("import torch\n" + example, "README", "exec"), namespace)
+    from resflow.models import count_parameters
+
+    assert f"{count_parameters(namespace['glow']) / 1e6:.1f}M" in example
+    assert namespace["grid"].shape == (64, 1, 8, 8)

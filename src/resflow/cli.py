@@ -2,8 +2,9 @@
 
     resflow train       [--data digits] [--model NAME | --preset NAME] [--set key=value]
     resflow eval        --run DIR [--set key=value]
-    resflow sample      --run DIR [--n 64] [--temperature 1.0] [--out FILE]
-    resflow interpolate --run DIR [--steps 8] [--out FILE]
+    resflow sample      --run DIR [--n 64] [--temperature 1.0] [--label K] [--size HxW]
+    resflow interpolate --run DIR [--steps 8] [--manifold] [--out FILE]
+    resflow compress    --run DIR [--n 8]     keep the coarsest latents, resample the rest
     resflow check       --run DIR             certify Lipschitz bounds, inverses, densities
     resflow presets     [--count]
 
@@ -28,6 +29,7 @@ from resflow.config import ConfigError, add_flags, given_flags, override, parse_
 from resflow.data import DataConfig, data_kind, load_data
 from resflow.data.download import DownloadError
 from resflow.evaluation import evaluate, interpolate, save_image_grid
+from resflow.latent import conceptual_compression, manifold_interpolation
 from resflow.layers.residual.block import InverseNotConvergedError
 from resflow.layers.transformers import BracketNotFoundError
 from resflow.models import (
@@ -96,6 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = load_data(data_cfg)
     if not resumed:
         model_cfg = override(entry.adapt(model_cfg, data.shape, data.levels), sets)
+        if args.conditional:
+            model_cfg = _conditional(model_cfg, entry.name, data)
     trainer = Trainer(model_cfg, data, train_cfg, out, resume=args.resume, overwrite=args.overwrite)
     n_params = count_parameters(trainer.model)
     print(
@@ -131,6 +135,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _conditional(model_cfg: Any, name: str, data: Any) -> Any:
+    """``model_cfg`` made class-conditional on the classes of ``data``."""
+    if not hasattr(model_cfg, "n_classes"):
+        able = sorted(e.name for _, e in MODELS.items() if "n_classes" in _fields(e.config))
+        raise ValueError(
+            f"--conditional: model {name} has no class-conditional form (models with one: "
+            f"{', '.join(able)})"
+        )
+    if data.n_classes is None:
+        raise ValueError(f"--conditional needs labelled data; {data.name} has no labels")
+    return replace(model_cfg, n_classes=max(2, data.n_classes))
+
+
+def _fields(cls: type) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _labels(model: Any, label: int | None, n: int) -> torch.Tensor | None:
+    """Class labels for ``n`` samples: ``label`` for all, else ``0..K-1`` in turn."""
+    k = model.n_classes
+    if label is None:
+        return None if k is None else torch.arange(n) % k
+    if k is None:
+        raise ValueError("--label: this model is not class-conditional (train with --conditional)")
+    if not 0 <= label < k:
+        raise ValueError(f"--label {label} is out of range: the model has classes 0..{k - 1}")
+    return torch.full((n,), label, dtype=torch.long)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 16x16, got {text!r}") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return h, w
+
+
 def _model(args: argparse.Namespace) -> Any:
     return RunFolder(args.run).load_model(args.which, overrides=parse_sets(args.set) or None)
 
@@ -140,13 +185,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = _model(args)
     data = run.load_data(args.data_dir)
     test = data.test if args.max is None else data.test[: args.max]
+    labels = None if data.test_labels is None else data.test_labels[: len(test)]
     torch.manual_seed(args.seed)
-    result = evaluate(model, test, args.batch_size, progress=not args.no_progress)
+    result = evaluate(model, test, args.batch_size, progress=not args.no_progress, labels=labels)
     print(f"test {result}")
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    if args.size is not None:
+        args.set = [*args.set, *_resize(args)]
     model = _model(args)
     if not args.temperature >= 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
@@ -160,12 +208,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out}: a PNG of samples needs 2-D data; use .npy or .csv")
     torch.manual_seed(args.seed)
     chunks, errors = [], []
+    labels = _labels(model, args.label, args.n)
     for start in range(0, args.n, args.batch_size):
-        z = model.base.sample(min(args.batch_size, args.n - start), args.temperature)
+        m = min(args.batch_size, args.n - start)
+        y = None if labels is None else labels[start : start + m]
+        z = model.sample_latent(m, args.temperature, y)
         with torch.no_grad():
-            chunks.append(model.inverse(z))
+            chunks.append(model.inverse(z, y))
         if args.check:
-            errors.append(model.round_trip_error(z))
+            errors.append(model.round_trip_error(z, y))
     samples = torch.cat(chunks)
     if model.levels is not None:
         scale = max(1, 128 // model.shape[-1])
@@ -179,11 +230,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
             png = out if suffix == ".png" else out.with_suffix(".png")
             plot_samples_2d(samples, data.test, png)
             print(f"scatter of the samples beside the test data: {png}")
-    print(f"wrote {len(samples)} samples at temperature {args.temperature} to {out}")
+    what = "" if args.label is None else f" of class {args.label}"
+    size = "x".join(map(str, model.shape))
+    print(f"wrote {len(samples)} samples{what} ({size}) at temperature {args.temperature} to {out}")
     if args.check:
         worst = float(torch.cat(errors).max())
         print(f"worst round-trip error |f(f^-1(z)) - z| of these samples: {worst:.3g}")
     return 0
+
+
+def _resize(args: argparse.Namespace) -> list[str]:
+    """``--set image_shape=...`` for ``--size HxW`` (fully convolutional image models)."""
+    cfg = RunFolder(args.run).read_config().model
+    shape = getattr(cfg, "image_shape", None)
+    if shape is None:
+        raise ValueError("--size: this run models vectors, not images")
+    h, w = args.size
+    return [f"image_shape=[{shape[0]},{h},{w}]"]
 
 
 def _write_array(samples: torch.Tensor, out: Path) -> None:
@@ -213,14 +276,53 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
             f"--pairs {args.pairs} needs {2 * args.pairs} test images; there are {len(data.test)}"
         )
     torch.manual_seed(args.seed)
+    scale = max(1, 96 // model.shape[-1])
+    if args.manifold:
+        if len(data.test) < 4:
+            raise ValueError("--manifold needs 4 test images")
+        idx = torch.randperm(len(data.test))[:4]
+        label = None
+        if model.n_classes is not None:
+            assert data.test_labels is not None
+            label = data.test_labels[idx[:1]]
+        grid = manifold_interpolation(model, data.test[idx], args.steps, label)
+        out = save_image_grid(grid, args.out, model.levels, nrow=args.steps, scale=scale)
+        print(f"wrote the {args.steps}x{args.steps} manifold of 4 test images to {out}")
+        return 0
     idx = torch.randperm(len(data.test))[: 2 * args.pairs]
+    if model.n_classes is not None:
+        raise ValueError("interpolate: use --manifold for a class-conditional model")
     rows = [
         interpolate(model, data.test[i], data.test[j], args.steps)
         for i, j in idx.view(-1, 2).tolist()
     ]
-    scale = max(1, 96 // model.shape[-1])
     out = save_image_grid(torch.cat(rows), args.out, model.levels, nrow=args.steps, scale=scale)
     print(f"wrote {args.pairs} interpolation(s) of {args.steps} steps to {out}")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    run = RunFolder(args.run)
+    model = _model(args)
+    if model.levels is None:
+        raise ValueError("compress writes image grids; this run models vectors")
+    data = run.load_data(args.data_dir)
+    if args.n > len(data.test):
+        raise ValueError(f"--n {args.n}: there are {len(data.test)} test images")
+    torch.manual_seed(args.seed)
+    idx = torch.randperm(len(data.test))[: args.n]
+    labels = None
+    if model.n_classes is not None:
+        assert data.test_labels is not None
+        labels = data.test_labels[idx]
+    grid, kept = conceptual_compression(model, data.test[idx], args.temperature, labels)
+    ncol = len(kept) + 1
+    originals = data.test[idx].to(grid.dtype).unsqueeze(1)
+    rows = torch.cat([originals, grid.view(args.n, len(kept), *model.shape)], 1)
+    scale = max(1, 96 // model.shape[-1])
+    out = save_image_grid(rows.flatten(0, 1), args.out, model.levels, nrow=ncol, scale=scale)
+    shares = ", ".join(f"{100 * k:g}%" for k in kept)
+    print(f"wrote {args.n} image(s), then decoded keeping {shares} of the latents, to {out}")
     return 0
 
 
@@ -285,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in <out>")
     t.add_argument("--temperature", type=float, default=1.0, help="of samples.png (default: 1.0)")
+    t.add_argument(
+        "--conditional",
+        action="store_true",
+        help="a class-conditional model of the data's labels (realnvp, glow, residual-flow)",
+    )
     add_flags(t, DataConfig, exclude=_DATA_EXCLUDE, rename=_DATA_FLAGS)
     add_flags(t, TrainConfig)
     t.set_defaults(func=cmd_train)
@@ -305,13 +412,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--check", action="store_true", help="report the worst round-trip error of the samples"
     )
+    s.add_argument(
+        "--label", type=int, default=None, help="class of every sample (class-conditional runs)"
+    )
+    s.add_argument(
+        "--size",
+        type=_size,
+        default=None,
+        metavar="HxW",
+        help="sample at another resolution (fully convolutional models, e.g. RealNVP)",
+    )
     s.set_defaults(func=cmd_sample)
 
     i = sub.add_parser("interpolate", help="decode straight lines between test images' latents")
     i.add_argument("--pairs", type=_positive, default=4)
     i.add_argument("--steps", type=_positive, default=8)
+    i.add_argument(
+        "--manifold",
+        action="store_true",
+        help="the steps x steps manifold spanned by 4 test images (RealNVP, §5)",
+    )
     i.add_argument("--out", default="interpolation.png")
     i.set_defaults(func=cmd_interpolate)
+
+    k = sub.add_parser(
+        "compress",
+        help="conceptual compression: decode test images from their coarsest latents only",
+    )
+    k.add_argument("--n", type=_positive, default=8, help="test images (rows)")
+    k.add_argument("--temperature", type=float, default=1.0, help="of the resampled latents")
+    k.add_argument("--out", default="compression.png")
+    k.set_defaults(func=cmd_compress)
 
     c = sub.add_parser(
         "check",
@@ -321,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--n", type=_positive, default=256, help="test examples to check")
     c.set_defaults(func=cmd_check)
 
-    for q in (e, s, i, c):
+    for q in (e, s, i, k, c):
         q.add_argument("--run", required=True, help="run folder written by `resflow train`")
         q.add_argument("--which", default="best", help="best or last checkpoint")
         q.add_argument("--seed", type=int, default=0)
@@ -333,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="override a model option that keeps the weights, e.g. "
             "--set estimator.eval_dist=poisson",
         )
-    for q in (t, e, s, i, c):
+    for q in (t, e, s, i, k, c):
         q.add_argument(
             "--threads",
             type=_positive,
@@ -341,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="torch intra-op threads (default: torch's, one per core; on a shared "
             "machine fewer can be faster)",
         )
-    for q in (e, s, i, c):
+    for q in (e, s, i, k, c):
         q.add_argument("--data-dir", default=None, help="folder with the data sets")
 
     pr = sub.add_parser("presets", help="list model presets by family")

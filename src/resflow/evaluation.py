@@ -51,8 +51,10 @@ def evaluate(
     batch_size: int = 256,
     progress: bool = False,
     device: torch.device | str | None = None,
+    labels: Tensor | None = None,
 ) -> EvalResult:
-    """Per-sample bits/dim (discrete data, ``model.levels`` set) or NLL in nats.
+    """Per-sample bits/dim (discrete data, ``model.levels`` set) or NLL in nats
+    (``-log p(x | y)`` of a class-conditional model, given the ``labels``).
 
     The model is put in eval mode (for residual flows: 20 exact terms + unbiased tail
     by default) and its ``after_optimizer_step`` hooks run first (Lipschitz estimates
@@ -62,6 +64,13 @@ def evaluate(
         raise ValueError("nothing to evaluate: the data set is empty")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1 (--batch-size), got {batch_size}")
+    if model.n_classes is not None:
+        if labels is None:
+            raise ValueError("a class-conditional model is evaluated with the data's labels")
+        if len(labels) != len(data):
+            raise ValueError(f"{len(labels)} labels for {len(data)} examples")
+    else:
+        labels = None
     was_training = model.training
     model.eval()
     after_optimizer_step(model)
@@ -70,10 +79,11 @@ def evaluate(
     batches = range(0, len(data), batch_size)
     for i in tqdm(batches, desc="eval", disable=not progress, leave=False):
         x = data[i : i + batch_size].to(device)
+        y = None if labels is None else labels[i : i + batch_size].to(device)
         if model.levels is not None:
-            values.append(model.bits_per_dim(x).double().cpu())
+            values.append(model.bits_per_dim(x, y).double().cpu())
         else:
-            values.append((-model.log_prob(x)).double().cpu())
+            values.append((-model.log_prob(x, y)).double().cpu())
     model.train(was_training)
     v = torch.cat(values)
     bad = int((~torch.isfinite(v)).sum())

@@ -266,9 +266,17 @@ def load_model(
     try:
         model.load_state_dict(state["model"])  # also loads ActNorm's initialised flags
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        if overrides:
+            detail = lines[1] if len(lines) > 1 else lines[0]
+            raise CheckpointError(
+                f"the weights of {path} do not fit the model with "
+                f"{', '.join(f'{k}={v}' for k, v in overrides.items())} ({detail}): that "
+                "option changes the parameters (a model that is not fully convolutional "
+                "cannot change its image size)"
+            ) from None
         raise CheckpointError(
-            f"{path} does not fit its model config ({first}); is the file damaged?"
+            f"{path} does not fit its model config ({lines[0]}); is the file damaged?"
         ) from None
     if ema and "ema" in state:
         with torch.no_grad():

@@ -113,6 +113,7 @@ class Trainer:
                 raise ValueError(
                     f"the data have {data.levels} levels but the model expects {self.model.levels}"
                 )
+            _check_labels(self.model, data)
             if tuple(data.train.shape[1:]) != self.model.shape:
                 raise ValueError(
                     f"data shape {tuple(data.train.shape[1:])} does not match the model's "
@@ -227,9 +228,10 @@ class Trainer:
             return
         idx = batch_indices(len(self.data.train), self.cfg.batch_size, 0, self.cfg.seed)
         x = self.data.train[idx].to(self.device)
+        labels = self._labels(self.data.train_labels, idx)
         with torch.random.fork_rng():
             self.model.train()
-            _init_forward(self.model, x)
+            _init_forward(self.model, x, labels)
         self.ema = EMA(self.model, self.cfg.ema_decay)
 
     # ---- loop --------------------------------------------------------------------------
@@ -238,22 +240,30 @@ class Trainer:
         self._init_lazy_state()
         assert self.ema is not None
         test = self.data.test if max_examples is None else self.data.test[:max_examples]
+        labels = self.data.test_labels if self.model.n_classes else None
+        if labels is not None:
+            labels = labels[: len(test)]
         with torch.random.fork_rng(), preserved_transient_state(self.model):
             torch.manual_seed(self.cfg.seed + 17)
             with self.ema.swapped(self.model):
-                result = evaluate(self.model, test, self.cfg.eval_batch_size, progress=progress)
+                result = evaluate(
+                    self.model, test, self.cfg.eval_batch_size, progress=progress, labels=labels
+                )
         return result
 
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
-        """``n`` samples from the EMA model."""
+        """``n`` samples from the EMA model (a class-conditional model: classes
+        ``0, 1, ..., K-1, 0, ...`` in turn)."""
         self._init_lazy_state()
         assert self.ema is not None
+        k = self.model.n_classes
+        labels = torch.arange(n, device=self.device) % k if k else None
         with torch.random.fork_rng(), preserved_transient_state(self.model):
             torch.manual_seed(self.cfg.seed + 29)
             with self.ema.swapped(self.model):
                 self.model.eval()
                 after_optimizer_step(self.model)
-                out = self.model.sample(n, temperature)
+                out = self.model.sample(n, temperature, labels)
                 self.model.train()
         return out
 
@@ -361,11 +371,12 @@ class Trainer:
             "learning rate (--lr) or check the data"
         )
 
+    def _labels(self, labels: Tensor | None, idx: Tensor) -> Tensor | None:
+        return None if labels is None else labels[idx].to(self.device)
+
     def _batch(self, idx: Tensor) -> Batch:
-        labels = self.data.train_labels
         return Batch(
-            self.data.train[idx].to(self.device),
-            None if labels is None else labels[idx].to(self.device),
+            self.data.train[idx].to(self.device), self._labels(self.data.train_labels, idx)
         )
 
     def _save_samples(self, writer: Any) -> None:
@@ -378,11 +389,26 @@ class Trainer:
             writer.add_image("samples", grid, self.step, dataformats=fmt)
 
 
-def _init_forward(model: Flow, x: Tensor) -> None:
+def _init_forward(model: Flow, x: Tensor, labels: Tensor | None) -> None:
     """One forward pass in train mode without gradients: ActNorm data-dependent init
     and lazily shaped power-iteration buffers."""
     with torch.no_grad():
-        model(x)
+        model(x, labels if model.n_classes else None)
+
+
+def _check_labels(model: Flow, data: DataSplit) -> None:
+    """A class-conditional model needs labelled training and test data within its classes."""
+    k = model.n_classes
+    if not k:
+        return
+    if data.train_labels is None or data.test_labels is None:
+        raise ValueError(
+            f"the model is class-conditional ({k} classes) but the data set {data.name!r} "
+            "has no labels"
+        )
+    top = max(int(data.train_labels.max()), int(data.test_labels.max())) + 1
+    if top > k:
+        raise ValueError(f"the data have {top} classes but the model was built for {k}")
 
 
 def _writer(path: Path) -> Any:
