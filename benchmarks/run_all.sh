@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every benchmark behind docs/RESULTS.md, one after another (they must not share the
-# CPU: concurrent runs distort each other's timings). About 45 minutes on 2 cores.
+# CPU: concurrent runs distort each other's timings). About 75 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-../.venv/bin/python}
@@ -12,3 +12,6 @@ $PY speed_memory.py mnist-1block | tee out/mnist-1block.log
 $PY speed_memory.py fig3 | tee out/fig3.log
 $PY speed_memory.py mnist-paper | tee out/mnist-paper.log
 $PY mnist_budget.py --budget 600 | tee out/mnist_budget.log
+$PY families.py --task digits --budget 120 | tee out/families_digits.log
+$PY families.py --task toy --budget 60 | tee out/families_toy.log
+$PY families.py --task mnist --budget 180 | tee out/families_mnist.log

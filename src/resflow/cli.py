@@ -347,7 +347,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
                 if args.count:
                     count = f" {count_parameters(entry.build(cfg)):>12,} parameters"
                 print(
-                    f"  {p.name:16s} {entry.name:22s} shape={tuple(shape)!s:14s}{count}"
+                    f"  {p.name:18s} {entry.name:22s} shape={tuple(shape)!s:14s}{count}"
                     f"  {p.description}"
                 )
     return 0

@@ -59,6 +59,12 @@ def test_every_family_resolves_by_data_kind():
     assert resolve_model("iresnet", "image").name == "iresnet"
     assert default_preset(MODELS.get("iresnet"), "digits").name == "iresnet-digits"
     assert default_preset(MODELS.get("residual-flow-vector"), "8gaussians").name == "toy2d"
+    for family in ("realnvp", "glow"):
+        assert resolve_model(family, "image").name == family
+        assert resolve_model(family, "vector").name == f"{family}-vector"
+        assert default_preset(MODELS.get(family), "digits").name == f"{family}-digits"
+        assert default_preset(MODELS.get(family), "mnist").name == f"{family}-mnist"
+        assert default_preset(MODELS.get(f"{family}-vector"), "grid").name == f"{family}-toy2d"
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         resolve_model("nope", "image")
 
