@@ -51,7 +51,7 @@ def run_one(preset: str, data: Any, budget: float, tag: str) -> dict[str, Any]:
     trainer = Trainer(model_cfg, data, cfg, OUT / f"families_run_{tag}_{preset}", overwrite=True)
     t0 = time.perf_counter()
     chunk = 10  # steps per fit() call (each ends with a checkpoint): grown to ~15 s
-    while (elapsed := time.perf_counter() - t0) < budget:
+    while time.perf_counter() - t0 < budget:
         trainer.fit(until=trainer.step + chunk)
         per_step = (time.perf_counter() - t0) / trainer.step
         left = budget - (time.perf_counter() - t0)
@@ -105,8 +105,8 @@ def main() -> None:
         for name in TOY_DATA:
             data = load_data(DataConfig(name=name, n_train=50_000, n_test=10_000))
             print(f"{name} (entropy {toy_entropy(name):.4f} nats):", flush=True)
-            out[name] = {"entropy": toy_entropy(name),
-                         "rows": [run_one(q, data, args.budget, name) for q in presets]}  # fmt: skip
+            rows = [run_one(q, data, args.budget, name) for q in presets]
+            out[name] = {"entropy": toy_entropy(name), "rows": rows}
     else:
         data = load_data(DataConfig(name=args.task, data_dir=args.data_dir))
         print(f"{args.task} {tuple(data.shape)}, {len(data.test)} test images:", flush=True)

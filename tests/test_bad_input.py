@@ -349,10 +349,10 @@ def test_check_passes_on_a_trained_model(trained, capsys):
     assert "exact (SVD)" in out and "log-density estimate - exact" in out
 
 
-def test_check_fails_when_a_norm_estimate_is_fooled(trained, tmp_path, capsys):
-    """A power-iteration vector orthogonal to the top singular vector leaves the
-    estimate at the second singular value: the weight is then scaled too little and
-    the block is no longer contractive. Only an exact norm sees it."""
+def _fooled_run(trained, tmp_path):
+    """A run whose stored power-iteration vector is orthogonal to the top singular
+    vector: the estimate stays at the second singular value, so a layer scaled by the
+    estimate alone would be 40x too large."""
     run = tmp_path / "fooled"
     shutil.copytree(trained, run)
     state = torch.load(run / "best.pt", weights_only=True)
@@ -361,9 +361,33 @@ def test_check_fails_when_a_norm_estimate_is_fooled(trained, tmp_path, capsys):
     w[0, 0], w[1, 1] = 40.0, 1.0
     state["model"][f"{key}.weight"] = w
     state["ema"]["shadow"][f"{key}.weight"] = w
-    v = torch.tensor([[0.0, 1.0]])  # orthogonal to e1: W^T W v = v, the estimate stays 1
-    state["model"][f"{key}.v"] = v
+    state["model"][f"{key}.v"] = torch.tensor([[0.0, 1.0]])  # W^T W v = v: estimate 1
     torch.save(state, run / "best.pt")
+    return run
+
+
+def test_a_fooled_norm_estimate_is_corrected_when_the_model_is_loaded(trained, tmp_path, capsys):
+    from resflow.layers import LipschitzLinear
+    from resflow.runs import load_model
+
+    run = _fooled_run(trained, tmp_path)
+    code, out, _ = run_cli(capsys, "check", "--run", str(run))
+    assert code == 0 and "certificate: PASSED" in out
+    model = load_model(run)
+    for m in model.modules():
+        if isinstance(m, LipschitzLinear):
+            true = torch.linalg.matrix_norm(m.constrained_weight().detach().double(), 2)
+            assert float(true) <= m.coeff * (1 + 1e-4)
+
+
+def test_check_fails_when_the_bound_is_not_certified(trained, tmp_path, capsys, monkeypatch):
+    """With certification switched off (the power iteration alone, as resflow 0.1 and
+    the authors' code scale weights), the fooled layer is expansive and `check`, which
+    computes the exact norms, fails."""
+    from resflow.layers.residual.lipschitz import LipschitzLayer
+
+    run = _fooled_run(trained, tmp_path)
+    monkeypatch.setattr(LipschitzLayer, "certify", lambda self, *a, **k: self.refresh())
     code, out, _ = run_cli(capsys, "check", "--run", str(run))
     assert code == 1 and "certificate: FAILED" in out
     assert "FAIL layers.layers.1" in out
@@ -371,7 +395,7 @@ def test_check_fails_when_a_norm_estimate_is_fooled(trained, tmp_path, capsys):
 
 def _fool_first_linear(state: dict) -> None:
     """Make both weights of the first fully connected branch expansive in a way the
-    norm estimates cannot see (see test_check_fails_when_a_norm_estimate_is_fooled)."""
+    power-iteration estimates cannot see (see :func:`_fooled_run`)."""
     key = next(k for k, v in state["model"].items() if k.endswith("g.1.weight") and v.dim() == 2)
     for k in (key, key.replace("g.1.", "g.3.")):
         w = torch.zeros_like(state["model"][k])
@@ -383,7 +407,10 @@ def _fool_first_linear(state: dict) -> None:
         state["model"][k.replace("weight", "v")] = v
 
 
-def test_sampling_a_non_invertible_model_is_one_clear_line(tmp_path, capsys):
+def test_sampling_a_non_invertible_model_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    from resflow.layers.residual.lipschitz import LipschitzLayer
+
+    monkeypatch.setattr(LipschitzLayer, "certify", lambda self, *a, **k: self.refresh())
     run = tmp_path / "img"
     shutil.copytree(FIXTURES / "img", run)
     state = torch.load(run / "best.pt", weights_only=True)
@@ -396,6 +423,18 @@ def test_sampling_a_non_invertible_model_is_one_clear_line(tmp_path, capsys):
     assert not out.exists()
     code, stdout, _ = run_cli(capsys, "check", "--run", str(run), "--n", "16")
     assert code == 1 and "certificate: FAILED" in stdout
+
+
+def test_the_same_model_samples_once_its_bounds_are_certified(tmp_path, capsys):
+    run = tmp_path / "img"
+    shutil.copytree(FIXTURES / "img", run)
+    state = torch.load(run / "best.pt", weights_only=True)
+    _fool_first_linear(state)
+    torch.save(state, run / "best.pt")
+    out = tmp_path / "s.png"
+    code, stdout, _ = run_cli(capsys, "sample", "--run", str(run), "--n", "16", "--seed", "1",
+                              "--out", str(out), "--check")  # fmt: skip
+    assert code == 0 and out.exists() and "worst round-trip error" in stdout
 
 
 def test_an_image_write_that_fails_leaves_the_old_file(tmp_path, monkeypatch):

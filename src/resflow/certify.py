@@ -2,13 +2,14 @@
 
 For every residual block ``x + g(x)``:
 
-* the Lipschitz bound actually enforced: the operator norm of each constrained weight
-  *as used in the forward pass* (``W / max(1, sigma_estimate / c)``), computed exactly
-  where possible -- the largest singular value of a dense weight, of the dense
-  convolution operator on its input shape when that fits in memory, or the closed
-  form of a mixed norm -- else by a power iteration run to convergence (marked as an
-  estimate); the block's bound is their product (the activations are 1-Lipschitz) and
-  must be ``< 1``;
+* the Lipschitz bound actually enforced: a certified upper bound on the operator norm
+  of each constrained weight *as used in the forward pass* (``W / max(1, sigma / c)``)
+  from :mod:`resflow.layers.residual.norm_bounds` -- exact for a dense weight (its
+  largest singular value), for a convolution whose operator on its input shape is
+  small enough (its Gram matrix), and for mixed norms with a closed form; a safe
+  bound otherwise (circular convolution, Riesz--Thorin interpolation), marked so. The
+  block's bound is their product (the activations are 1-Lipschitz) and must be
+  ``< 1``. The model is certified first (:func:`refresh_lipschitz`), as at every use;
 * the worst inverse error ``|f^-1(f(x)) - x|`` on test data, block by block;
 
 and, for data of at most :data:`EXACT_DIMS` dimensions, the gap between the model's
@@ -23,7 +24,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resflow.flow import Flow
@@ -31,22 +31,22 @@ from resflow.layers.residual.block import InverseNotConvergedError, ResidualBloc
 from resflow.layers.residual.lipschitz import (
     LipschitzConv2d,
     LipschitzLayer,
-    LipschitzLinear,
     NormOrder,
-    closed_form_norm,
+    refresh_lipschitz,
 )
 from resflow.layers.residual.logdet import EXACT_ESTIMATOR
+from resflow.layers.residual.norm_bounds import conv_spectral_norm, is_exact_pair
 
 EXACT_DIMS = 16
 """Data dimension up to which the exact log-density is computed."""
-DENSE_LIMIT = 1 << 22
-"""Largest dense convolution operator (entries) whose singular values are computed."""
 INVERSE_TOL = 1e-4
 """Largest acceptable inverse error relative to ``1 + |x|``."""
 
 
 @dataclass
 class LayerNorm:
+    """A certified bound ``norm`` on one constrained weight, against its ``coeff``."""
+
     name: str
     coeff: float
     norm: float
@@ -55,6 +55,8 @@ class LayerNorm:
 
 @dataclass
 class BlockReport:
+    """One residual block: ``bound`` (product of its layers' bounds) on ``Lip(g)``."""
+
     name: str
     bound: float
     inverse_error: float
@@ -95,7 +97,7 @@ class Certificate:
             )
             for layer in b.layers:
                 out.append(
-                    f"       {layer.name}: ||W|| = {layer.norm:.6f} (coeff {layer.coeff}, "
+                    f"       {layer.name}: ||W|| <= {layer.norm:.6f} (coeff {layer.coeff}, "
                     f"{layer.method})"
                 )
         if self.density_gap is None:
@@ -111,56 +113,27 @@ class Certificate:
         return out
 
 
-def _orders(m: LipschitzLayer) -> tuple[float, float] | None:
-    if isinstance(m.domain, NormOrder) or isinstance(m.codomain, NormOrder):
-        return None
-    return float(m.domain), float(m.codomain)
-
-
-@torch.no_grad()
-def _power(m: LipschitzLayer, w: Tensor, iters: int = 5000) -> float:
-    """The 2-norm of the operator of ``w`` by power iteration to convergence."""
-    v = m.v.detach().to(w.dtype).clone() if m.v.numel() else None
-    if v is None:
-        return float("nan")
-    v = v / v.norm()
-    prev = 0.0
-    for _ in range(iters):
-        if isinstance(m, LipschitzConv2d):
-            u = F.conv2d(v, w, None, padding=m.padding)
-            v = torch.nn.grad.conv2d_input(v.shape, w, u, padding=m.padding)
-        else:
-            v = F.linear(F.linear(v, w), w.t())
-        sigma2 = float(v.norm())
-        v = v / max(sigma2, 1e-300)
-        if abs(sigma2 - prev) <= 1e-12 * sigma2:
-            break
-        prev = sigma2
-    return math.sqrt(prev if prev else sigma2)
-
-
 @torch.no_grad()
 def enforced_norm(m: LipschitzLayer) -> tuple[float, str]:
-    """``(||W_constrained||, method)`` for the weight the forward pass uses."""
-    w = m.constrained_weight().detach().double()
-    orders = _orders(m)
-    if orders is not None and orders != (2.0, 2.0):
-        p, q = orders
-        if q == math.inf or p == 1.0:
-            return float(closed_form_norm(w, p, q)), "exact (closed form)"
-        return float("nan"), "mixed norm without a closed form: not certified"
-    if orders is None:
-        return float("nan"), "learned norm orders: not certified"
-    if isinstance(m, LipschitzLinear):
-        return float(torch.linalg.matrix_norm(w, ord=2)), "exact (SVD)"
-    shape = tuple(m.v.shape[1:])
-    n_in = math.prod(shape)
-    n_out = m.out_channels * shape[1] * shape[2]
-    if n_in * n_out <= DENSE_LIMIT:
-        basis = torch.eye(n_in, dtype=w.dtype).view(n_in, *shape)
-        op = F.conv2d(basis, w, None, padding=m.padding).reshape(n_in, -1)
-        return float(torch.linalg.matrix_norm(op, ord=2)), "exact (dense operator SVD)"
-    return _power(m, w), "power iteration to convergence (estimate)"
+    """``(bound, method)``: a certified upper bound on ``||W_constrained||_{p->q}`` for
+    the weight the forward pass uses, and how it was obtained."""
+    w = m.constrained_weight().detach()
+    if m.v.numel() == 0:
+        return float("nan"), "never used: input shape unknown"
+    p, q = m._float_orders()
+    learned = isinstance(m.domain, NormOrder) or isinstance(m.codomain, NormOrder)
+    at = f" at learned p={p:.4g}, q={q:.4g}" if learned else ""
+    if (p, q) == (2.0, 2.0) and isinstance(m, LipschitzConv2d):
+        size = (int(m.v.shape[2]), int(m.v.shape[3]))
+        bound = conv_spectral_norm(w, size, (int(m.padding[0]), int(m.padding[1])))
+        return float(bound.value), bound.method + at
+    value = m.certified_norm(w)
+    assert value is not None
+    if (p, q) == (2.0, 2.0):
+        return float(value), "exact (SVD)" + at
+    if is_exact_pair(p, q):
+        return float(value), "exact (closed form)" + at
+    return float(value), "bound (no closed form: interpolation / inclusion)" + at
 
 
 @contextmanager
@@ -196,8 +169,10 @@ def _block_inputs(model: Flow, x: Tensor) -> dict[str, Tensor]:
 
 
 def certify(model: Flow, data: Tensor, n_examples: int = 256) -> Certificate:
-    """Check ``model`` (in eval mode, as loaded) on up to ``n_examples`` of ``data``."""
+    """Certify the Lipschitz layers of ``model`` (eval mode) and check it on up to
+    ``n_examples`` of ``data``."""
     model.eval()
+    refresh_lipschitz(model)
     x = data[:n_examples]
     torch.manual_seed(0)
     inputs = _block_inputs(model, x)

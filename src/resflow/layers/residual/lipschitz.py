@@ -1,17 +1,25 @@
 """Lipschitz-constrained linear and convolutional layers.
 
-The weight is rescaled as ``W / max(1, sigma(W) / c)`` where ``sigma`` is the induced
+The weight is rescaled as ``W / max(1, sigma / c)`` where ``sigma`` bounds the induced
 operator norm ``||W||_{p -> q}`` (``p`` = domain order, ``q`` = codomain order; both 2
-gives the spectral norm of Miyato et al. 2018). ``sigma`` is estimated by an adaptive
-power iteration (Behrmann et al. 2019; for ``p, q != 2`` the generalized power method
-of Residual Flows, Chen et al. 2019, Appendix D) whose vectors are persistent buffers.
+gives the spectral norm of Miyato et al. 2018). For convolutions the norm is that of
+the convolution *operator* on the actual input shape, not that of the reshaped kernel.
 
-For convolutions the norm is that of the convolution *operator* on the actual input
-shape (power iteration through ``conv2d`` / ``conv_transpose2d``), not that of the
-reshaped kernel matrix.
+``sigma = r ||W v||_q / ||v||_p``: a power-iteration estimate at the persistent vector
+``v`` (Behrmann et al. 2019; for ``p, q != 2`` the generalized power method of Residual
+Flows, Chen et al. 2019, Appendix D), which is a *lower* bound on the norm, times a
+correction ``r >= 1``. :meth:`LipschitzLayer.certify` sets ``r = u / estimate`` with
+``u`` a certified *upper* bound (:mod:`resflow.layers.residual.norm_bounds`), so that
+right after it ``sigma = u >= ||W||`` and the rescaled weight has
+``||W / max(1, sigma / c)|| <= c``: a guarantee, not an estimate. Its power iteration
+stops on the gap ``u - estimate``, not on the change of the estimate.
 
-Estimates are refreshed by :func:`refresh_lipschitz`, which a training loop calls after
-every optimizer step and before evaluation.
+:func:`refresh_lipschitz` certifies every layer; ``after_optimizer_step`` (called by the
+training loop after every step and by evaluation, sampling and model loading before
+use) certifies every ``certify_every`` training steps (default: every step) and always
+in eval mode, and otherwise runs the cheap power iteration (:meth:`LipschitzLayer.refresh`)
+with the correction of the last certificate. Where the norm has a closed form (``q =
+inf`` or ``p = 1``), it is used directly.
 """
 
 from __future__ import annotations
@@ -24,6 +32,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resflow.layers.base import preserved_transient_state
+from resflow.layers.residual.norm_bounds import (
+    MARGIN,
+    OperatorFacts,
+    conv_facts,
+    conv_spectral_norm,
+    dense_facts,
+    mixed_norm_bound,
+    one_thread,
+    rounding_margin,
+    spectral_bound_holds,
+    spectral_norm,
+    top_singular_vector,
+)
 
 INF = math.inf
 
@@ -92,25 +113,35 @@ def _dual(x: Tensor, p: Tensor | float) -> Tensor:
         return out.view_as(x)
     if p == 1.0:
         return torch.sign(x)
+    if p == 2.0:
+        return x / torch.linalg.vector_norm(x).clamp_min(1e-30)
     n = _norm(x, p).clamp_min(1e-30)
     return torch.sign(x) * (x.abs() / n) ** (p - 1.0)
 
 
 class LipschitzLayer(nn.Module):
-    """Shared machinery of the constrained layers: norm estimate, refresh, rescaling.
+    """Shared machinery of the constrained layers: norm estimate, certificate, rescaling.
 
     Subclasses define ``_op(v)`` (the operator without bias, on a single domain
-    element of shape ``[1, ...]``) and ``_op_t(u)`` (its adjoint).
+    element of shape ``[1, ...]``), ``_op_t(u)`` (its adjoint) and ``_facts(w)`` (the
+    :class:`~resflow.layers.residual.norm_bounds.OperatorFacts` of weight ``w``).
 
     Where the induced norm has a closed form (``q = inf``: the largest ``p*``-norm of
     a row; ``p = 1``: the largest ``q``-norm of a column; for a convolution the rows
     and columns of its operator are the kernel's output and input slices), it is used
-    exactly; otherwise the power iteration estimates it.
+    exactly; otherwise ``sigma = r * estimate`` (see the module docstring).
+
+    Buffers: ``v`` (power-iteration vector), ``sigma`` (the last estimate, a lower
+    bound), ``ratio`` (``r``), ``upper`` (the last certified bound ``u``, 0 before the
+    first certificate) and ``steps`` (training steps seen, for ``certify_every``).
     """
 
     weight: Tensor
     v: Tensor
     sigma: Tensor
+    ratio: Tensor
+    upper: Tensor
+    steps: Tensor
 
     def _init_lipschitz(
         self,
@@ -121,17 +152,24 @@ class LipschitzLayer(nn.Module):
         rtol: float,
         max_iter: int,
         init_iter: int,
+        certify_every: int = 1,
     ) -> None:
         if not 0.0 < coeff:
             raise ValueError(f"coeff must be positive, got {coeff}")
         for name, p in (("domain", domain), ("codomain", codomain)):
             if not isinstance(p, NormOrder) and not (p >= 1.0):
                 raise ValueError(f"{name} norm order must be >= 1 (or inf), got {p}")
+        if certify_every < 1:
+            raise ValueError(f"certify_every must be >= 1, got {certify_every}")
         self.coeff = coeff
         self.domain = domain
         self.codomain = codomain
         self.atol, self.rtol, self.max_iter, self.init_iter = atol, rtol, max_iter, init_iter
+        self.certify_every = certify_every
         self.register_buffer("sigma", torch.ones(()))
+        self.register_buffer("ratio", torch.ones(()))
+        self.register_buffer("upper", torch.zeros(()))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def _op(self, v: Tensor) -> Tensor:
         raise NotImplementedError
@@ -139,15 +177,39 @@ class LipschitzLayer(nn.Module):
     def _op_t(self, u: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _facts(self, w: Tensor) -> OperatorFacts:
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        for name in ("ratio", "upper", "steps"):  # checkpoints from before certificates
+            if prefix + name not in state_dict:
+                state_dict[prefix + name] = getattr(self, name).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _float_orders(self) -> tuple[float, float]:
+        return float(_order(self.domain)), float(_order(self.codomain))
+
+    def _power_step(self, v: Tensor, wv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One step of the (generalized) power method from ``v`` (with ``wv = W v``):
+        ``(v', W v', ||W v'||_q / ||v'||_p)``."""
+        p, q = self._float_orders()
+        v = _dual(self._op_t(_dual(wv, q)), _conjugate(p))
+        wv = self._op(v)
+        return v, wv, _norm(wv, q) / _norm(v, p).clamp_min(1e-30)
+
+    def _estimate(self, v: Tensor) -> Tensor:
+        """``||W v||_q / ||v||_p`` exactly as :meth:`operator_norm` computes it."""
+        p, q = _order(self.domain), _order(self.codomain)
+        return _norm(self._op(v), q) / _norm(v, p).clamp_min(1e-30)
+
     @torch.no_grad()
     def refresh(
         self, atol: float | None = None, rtol: float | None = None, max_iter: int | None = None
     ) -> int:
-        """Run the power iteration until the norm estimate settles; returns the iterations.
-
-        Stops when ``|sigma_k - sigma_{k-1}| <= atol + rtol * sigma_k`` or after
-        ``max_iter`` iterations (the estimate is then the best found so far).
-        """
+        """The cheap update between certificates: power iteration until the estimate
+        settles, ``|sigma_k - sigma_{k-1}| <= atol + rtol sigma_k``, or ``max_iter``
+        iterations; the correction ``r`` of the last certificate is kept. Returns the
+        iterations. This alone guarantees nothing (see :meth:`certify`)."""
         atol = self.atol if atol is None else atol
         rtol = self.rtol if rtol is None else rtol
         max_iter = self.max_iter if max_iter is None else max_iter
@@ -157,15 +219,11 @@ class LipschitzLayer(nn.Module):
             return 0
         if self.v.numel() == 0:
             return 0  # a convolution that has not seen an input yet
-        p, q = float(_order(self.domain)), float(_order(self.codomain))
-        v = self.v
-        sigma = self.sigma.clone()
-        it = 0
+        v, sigma, it = self.v, self.sigma.clone(), 0
+        wv = self._op(v)
         while it < max_iter:
             it += 1
-            u = _dual(self._op(v), q)
-            v = _dual(self._op_t(u), _conjugate(p))
-            new = _norm(self._op(v), q) / _norm(v, p).clamp_min(1e-30)
+            v, wv, new = self._power_step(v, wv)
             done = abs(float(new - sigma)) <= atol + rtol * float(new)
             sigma = new
             if done:
@@ -174,30 +232,162 @@ class LipschitzLayer(nn.Module):
         self.sigma.copy_(sigma)
         return it
 
+    @torch.no_grad()
+    def certified_norm(
+        self, weight: Tensor | None = None, guess: float | None = None
+    ) -> Tensor | None:
+        """A certified upper bound on ``||weight||_{p->q}`` (default: the raw weight),
+        float64; exact for 2 -> 2 on operators that fit
+        :data:`~resflow.layers.residual.norm_bounds.EXACT_LIMIT` and for the pairs of
+        :func:`~resflow.layers.residual.norm_bounds.is_exact_pair`; for 2 -> 2 a
+        ``guess`` that a Cholesky test confirms is returned instead. ``None`` for a
+        convolution that has not seen an input."""
+        if self.v.numel() == 0:
+            return None
+        w = self.weight if weight is None else weight
+        p, q = self._float_orders()
+        if (p, q) == (2.0, 2.0):
+            return self._spectral_bound(w, guess)
+        return mixed_norm_bound(self._facts(w), p, q)
+
+    def _spectral_bound(self, w: Tensor, guess: float | None) -> Tensor:
+        raise NotImplementedError
+
+    def _top_singular(self) -> tuple[Tensor, Tensor] | None:
+        """The exact 2-norm (certified) and a top right singular vector, or ``None``."""
+        raise NotImplementedError
+
+    def _bound_holds(self, guess: float) -> bool | None:
+        """Whether ``||W||_2 <= guess`` is confirmed (``None``: operator too large)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def certify(
+        self, atol: float | None = None, rtol: float | None = None, max_iter: int | None = None
+    ) -> int:
+        """Certify ``||W / max(1, sigma / c)|| <= c`` for the current weight.
+
+        The power iteration runs until the gap between a certified upper bound ``u``
+        and the lower bound ``sigma_k`` it gives closes, ``u - sigma_k <= atol + rtol
+        u`` (``rtol`` at least the rounding level), or for ``max_iter`` iterations (where
+        ``u`` is not exact the gap may stay open; the certificate holds regardless).
+        For 2 -> 2, ``u = sigma_k (1 + rtol)`` is tried first (Cholesky test, see
+        :func:`~resflow.layers.residual.norm_bounds.spectral_norm`), then the exact
+        norm. Then ``r = u (1 + margin) / estimate``, so that the forward pass uses
+        ``sigma = u (1 + margin) >= ||W||``; ``margin`` covers the rounding of the
+        rescaled weight to the layer's dtype. Returns the iterations.
+        """
+        atol = self.atol if atol is None else atol
+        rtol = self.rtol if rtol is None else rtol
+        max_iter = self.max_iter if max_iter is None else max_iter
+        closed = self._closed_form_norm()
+        if closed is not None:
+            for buf in (self.sigma, self.upper):
+                buf.copy_(closed)
+            self.ratio.fill_(1.0)
+            return 0
+        if self.v.numel() == 0:
+            return 0
+        eps = torch.finfo(self.weight.dtype).eps
+        rtol = max(rtol, 64 * eps + 4e-8)  # the gap cannot close below rounding
+        if float(self.weight.detach().abs().max()) == 0.0:
+            upper, it = self.weight.new_zeros((), dtype=torch.float64), 0
+        else:
+            with one_thread():  # small operations: see one_thread
+                upper, it = self._gap_closing_power_iteration(atol, rtol, max_iter)
+        est = float(self._estimate(self.v))
+        margin = rounding_margin(self.weight.dtype, min(self._dims()))
+        ratio = float(upper) * (1.0 + margin) / est if est > 0 else 1.0
+        self.upper.copy_(upper)
+        self.ratio.fill_(max(ratio, 1.0))
+        return it
+
+    def _gap_closing_power_iteration(
+        self, atol: float, rtol: float, max_iter: int
+    ) -> tuple[Tensor, int]:
+        """Power iteration from ``v`` until ``u - sigma_k <= atol + rtol u``; returns
+        ``(u, iterations)`` and leaves ``v`` and ``sigma`` set."""
+        v, it = self.v, 0
+        if float(self._estimate(v)) <= 0.0:  # v in the null space: restart from a fixed draw
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            v = torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device)
+        wv = self._op(v)
+        sigma = self._estimate(v)
+        quick = (float(_order(self.domain)), float(_order(self.codomain))) == (2.0, 2.0)
+        upper: Tensor | None = None
+        while it < max_iter:
+            if upper is None and quick:  # settle a little, then try a bound just above
+                prev = float(sigma)
+                while it < max_iter:
+                    it += 1
+                    v, wv, sigma = self._power_step(v, wv)
+                    if abs(float(sigma) - prev) <= 0.25 * rtol * float(sigma):
+                        break
+                    prev = float(sigma)
+                guess = float(sigma) * (1.0 + rtol)
+                holds = self._bound_holds(guess)
+                if holds:  # confirmed: u - sigma_k = rtol sigma_k
+                    upper = sigma.new_tensor(guess * (1.0 + MARGIN), dtype=torch.float64)
+                    break
+                top = self._top_singular() if holds is not None else None
+                if top is not None:  # the exact norm and vector: the gap closes at once
+                    upper, best = top
+                    v = best.to(dtype=v.dtype).view_as(v)
+                    wv = self._op(v)
+                    sigma = self._estimate(v)
+                else:  # too large for the exact norm: a safe bound
+                    upper = self.certified_norm()
+                continue
+            if upper is None:
+                upper = self.certified_norm()
+                assert upper is not None
+            if float(upper) - float(sigma) <= atol + rtol * float(upper):
+                break
+            it += 1
+            v, wv, sigma = self._power_step(v, wv)
+        if upper is None:
+            upper = self.certified_norm()
+            assert upper is not None
+        self.v.copy_(v)
+        self.sigma.copy_(sigma)
+        return upper, it
+
+    def _dims(self) -> tuple[int, int]:
+        """``(n_in, n_out)`` of the operator."""
+        raise NotImplementedError
+
     def after_optimizer_step(self) -> None:
-        """The generic hook of :func:`resflow.layers.base.after_optimizer_step`."""
-        self.refresh()
+        """The generic hook of :func:`resflow.layers.base.after_optimizer_step`:
+        :meth:`certify` in eval mode and every ``certify_every`` training steps,
+        else :meth:`refresh`."""
+        if self.training:
+            self.steps += 1
+        if not self.training or int(self.steps) % self.certify_every == 0:
+            self.certify()
+        else:
+            self.refresh()
 
-    def transient_state(self) -> tuple[Tensor, Tensor]:
-        """The power-iteration state (see :func:`resflow.layers.base.preserved_transient_state`)."""
-        return self.v.clone(), self.sigma.clone()
+    def transient_state(self) -> tuple[Tensor, ...]:
+        """The norm state (see :func:`resflow.layers.base.preserved_transient_state`)."""
+        return (self.v.clone(), self.sigma.clone(), self.ratio.clone(), self.upper.clone(),
+                self.steps.clone())  # fmt: skip
 
-    def load_transient_state(self, state: tuple[Tensor, Tensor]) -> None:
+    def load_transient_state(self, state: tuple[Tensor, ...]) -> None:
         self.v = state[0]
-        self.sigma.copy_(state[1])
+        for buf, value in zip((self.sigma, self.ratio, self.upper, self.steps), state[1:]):
+            buf.copy_(value)
 
     def _closed_form_norm(self) -> Tensor | None:
         return closed_form_norm(self.weight, self.domain, self.codomain)
 
     def operator_norm(self) -> Tensor:
-        """Differentiable norm: the closed form where one exists, else the estimate
-        ``||W v||_q / ||v||_p`` at the stored power-iteration vector ``v``."""
+        """Differentiable norm: the closed form where one exists, else
+        ``r ||W v||_q / ||v||_p`` at the stored power-iteration vector ``v`` (the
+        certified bound right after :meth:`certify`)."""
         closed = self._closed_form_norm()
         if closed is not None:
             return closed
-        v = self.v
-        p, q = _order(self.domain), _order(self.codomain)
-        return _norm(self._op(v), q) / _norm(v, p).clamp_min(1e-30)
+        return self.ratio * self._estimate(self.v)
 
     def constrained_weight(self) -> Tensor:
         """``W / max(1, sigma / c)``."""
@@ -234,10 +424,25 @@ class LipschitzLinear(LipschitzLayer, nn.Linear):
         self._init_lipschitz(coeff, domain, codomain, atol, rtol, max_iter, init_iter)
         v = torch.randn(1, in_features)
         self.register_buffer("v", v / v.norm())
-        self.refresh(max_iter=init_iter)
+        self.certify(max_iter=init_iter)
 
     def _op(self, v: Tensor) -> Tensor:
         return F.linear(v, self.weight)
+
+    def _facts(self, w: Tensor) -> OperatorFacts:
+        return dense_facts(w)
+
+    def _spectral_bound(self, w: Tensor, guess: float | None) -> Tensor:
+        return spectral_norm(w, guess)
+
+    def _top_singular(self) -> tuple[Tensor, Tensor] | None:
+        return top_singular_vector(self.weight)
+
+    def _bound_holds(self, guess: float) -> bool | None:
+        return spectral_bound_holds(self.weight, guess)
+
+    def _dims(self) -> tuple[int, int]:
+        return self.in_features, self.out_features
 
     def _op_t(self, u: Tensor) -> Tensor:
         return F.linear(u, self.weight.t())
@@ -281,6 +486,28 @@ class LipschitzConv2d(LipschitzLayer, nn.Conv2d):
     def _op_t(self, u: Tensor) -> Tensor:
         return conv2d_adjoint(u, self.weight, self.padding, self.v.shape)
 
+    def _facts(self, w: Tensor) -> OperatorFacts:
+        return conv_facts(w, self._size(), self._pad())
+
+    def _spectral_bound(self, w: Tensor, guess: float | None) -> Tensor:
+        return conv_spectral_norm(w, self._size(), self._pad(), guess=guess).value
+
+    def _top_singular(self) -> tuple[Tensor, Tensor] | None:
+        return top_singular_vector(self.weight, self._size(), self._pad())
+
+    def _bound_holds(self, guess: float) -> bool | None:
+        return spectral_bound_holds(self.weight, guess, self._size(), self._pad())
+
+    def _size(self) -> tuple[int, int]:
+        return int(self.v.shape[2]), int(self.v.shape[3])
+
+    def _pad(self) -> tuple[int, int]:
+        return int(self.padding[0]), int(self.padding[1])
+
+    def _dims(self) -> tuple[int, int]:
+        n = self.v.shape[2] * self.v.shape[3]
+        return self.in_channels * n, self.out_channels * n
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         key = prefix + "v"
         if key in state_dict and state_dict[key].shape != self.v.shape:
@@ -306,7 +533,7 @@ class LipschitzConv2d(LipschitzLayer, nn.Conv2d):
                 )
             v = torch.randn(shape, device=x.device, dtype=x.dtype)
             self.v = v / v.norm()
-            self.refresh(max_iter=self.init_iter)
+            self.certify(max_iter=self.init_iter)
 
 
 def conv2d(x: Tensor, w: Tensor, bias: Tensor | None, padding: tuple[int, ...]) -> Tensor:
@@ -337,16 +564,31 @@ def refresh_lipschitz(
     atol: float | None = None,
     rtol: float | None = None,
     max_iter: int | None = None,
+    certified: bool = True,
 ) -> int:
-    """Refresh every norm estimate in ``model``; returns the largest iteration count.
+    """Certify (:meth:`LipschitzLayer.certify`) every Lipschitz layer in ``model``, or
+    with ``certified=False`` only run the power iteration (:meth:`LipschitzLayer.refresh`);
+    returns the largest iteration count.
 
-    Call after every optimizer step and before evaluation.
+    After it, every layer satisfies ``||W / max(1, sigma / c)||_{p->q} <= c`` (with
+    ``certified=True``) until its weight changes.
     """
     most = 0
     for m in model.modules():
         if isinstance(m, LipschitzLayer):
-            most = max(most, m.refresh(atol=atol, rtol=rtol, max_iter=max_iter))
+            step = m.certify if certified else m.refresh
+            most = max(most, step(atol=atol, rtol=rtol, max_iter=max_iter))
     return most
+
+
+def set_certify_every(model: nn.Module, every: int) -> None:
+    """Certify the Lipschitz layers of ``model`` every ``every`` training steps (and
+    at every use in eval mode); between certificates only the power iteration runs."""
+    if every < 1:
+        raise ValueError(f"certify_every must be >= 1, got {every}")
+    for m in model.modules():
+        if isinstance(m, LipschitzLayer):
+            m.certify_every = every
 
 
 def preserved_norm_state(model: nn.Module) -> AbstractContextManager[None]:
