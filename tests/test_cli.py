@@ -242,6 +242,7 @@ def test_conditional_run_and_latent_tools(tmp_path):
     assert "3x3 manifold" in m and (tmp_path / "m.png").exists()
     c = resflow("compress", "--run", str(run), "--n", "2", "--out", str(tmp_path / "c.png")).stdout
     assert "keeping 100%, 50%" in c and (tmp_path / "c.png").exists()
+    assert "certificate: PASSED" in resflow("check", "--run", str(run), "--n", "8").stdout
     # the class-conditional prior is per position: no other resolution
     big = resflow("sample", "--run", str(run), "--size", "16x16", check=False)
     assert big.returncode == 2 and "not fully convolutional" in big.stderr

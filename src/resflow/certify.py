@@ -149,7 +149,7 @@ def _exact_logdets(model: nn.Module) -> Iterator[None]:
             b.eval_estimator = est
 
 
-def _block_inputs(model: Flow, x: Tensor) -> dict[str, Tensor]:
+def _block_inputs(model: Flow, x: Tensor, labels: Tensor | None) -> dict[str, Tensor]:
     inputs: dict[str, Tensor] = {}
     handles = []
     for name, m in model.named_modules():
@@ -161,21 +161,24 @@ def _block_inputs(model: Flow, x: Tensor) -> dict[str, Tensor]:
             handles.append(m.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            model(x)
+            model(x, labels)
     finally:
         for h in handles:
             h.remove()
     return inputs
 
 
-def certify(model: Flow, data: Tensor, n_examples: int = 256) -> Certificate:
+def certify(
+    model: Flow, data: Tensor, n_examples: int = 256, labels: Tensor | None = None
+) -> Certificate:
     """Certify the Lipschitz layers of ``model`` (eval mode) and check it on up to
-    ``n_examples`` of ``data``."""
+    ``n_examples`` of ``data`` (with their ``labels`` for a class-conditional model)."""
     model.eval()
     refresh_lipschitz(model)
     x = data[:n_examples]
+    y = None if labels is None or model.n_classes is None else labels[:n_examples]
     torch.manual_seed(0)
-    inputs = _block_inputs(model, x)
+    inputs = _block_inputs(model, x, y)
     reports = []
     for name, m in model.named_modules():
         if not isinstance(m, ResidualBlock):
@@ -203,10 +206,10 @@ def certify(model: Flow, data: Tensor, n_examples: int = 256) -> Certificate:
         return cert
     torch.manual_seed(1)
     with torch.no_grad():
-        estimated = model.log_prob(x).double()
+        estimated = model.log_prob(x, y).double()
     torch.manual_seed(1)
     with _exact_logdets(model), torch.no_grad():
-        exact = model.log_prob(x).double()
+        exact = model.log_prob(x, y).double()
     gap = estimated - exact
     se = float(gap.std() / math.sqrt(len(gap))) if len(gap) > 1 else 0.0
     cert.density_gap = (float(gap.mean()), se, float(gap.abs().max()))

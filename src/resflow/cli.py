@@ -330,7 +330,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     run = RunFolder(args.run)
     model = _model(args)
     data = run.load_data(args.data_dir)
-    cert = certify(model, data.test, args.n)
+    cert = certify(model, data.test, args.n, data.test_labels)
     for line in cert.lines():
         print(line)
     return 0 if cert.passed else 1
