@@ -16,7 +16,8 @@ stops on the gap ``u - estimate``, not on the change of the estimate.
 
 :func:`refresh_lipschitz` certifies every layer; ``after_optimizer_step`` (called by the
 training loop after every step and by evaluation, sampling and model loading before
-use) certifies every ``certify_every`` training steps (default: every step) and always
+use) certifies every ``certify_every`` training steps (default
+:data:`CERTIFY_EVERY`; certifying costs more than a power-iteration step) and always
 in eval mode, and otherwise runs the cheap power iteration (:meth:`LipschitzLayer.refresh`)
 with the correction of the last certificate. Where the norm has a closed form (``q =
 inf`` or ``p = 1``), it is used directly.
@@ -47,6 +48,10 @@ from resflow.layers.residual.norm_bounds import (
 )
 
 INF = math.inf
+CERTIFY_EVERY = 10
+"""Training steps between certificates (the power iteration runs in between; a
+training loop also certifies before every checkpoint, and eval mode always does).
+Every step costs about x1.3 per step on the README's digits model (docs/RESULTS.md §9)."""
 
 
 class NormOrder(nn.Module):
@@ -152,8 +157,9 @@ class LipschitzLayer(nn.Module):
         rtol: float,
         max_iter: int,
         init_iter: int,
-        certify_every: int = 1,
+        certify_every: int | None = None,
     ) -> None:
+        certify_every = CERTIFY_EVERY if certify_every is None else certify_every
         if not 0.0 < coeff:
             raise ValueError(f"coeff must be positive, got {coeff}")
         for name, p in (("domain", domain), ("codomain", codomain)):
