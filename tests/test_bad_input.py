@@ -407,15 +407,20 @@ def _fool_first_linear(state: dict) -> None:
         state["model"][k.replace("weight", "v")] = v
 
 
-def test_sampling_a_non_invertible_model_is_one_clear_line(tmp_path, capsys, monkeypatch):
-    from resflow.layers.residual.lipschitz import LipschitzLayer
-
-    monkeypatch.setattr(LipschitzLayer, "certify", lambda self, *a, **k: self.refresh())
+def _fooled_image_run(tmp_path):
     run = tmp_path / "img"
     shutil.copytree(FIXTURES / "img", run)
     state = torch.load(run / "best.pt", weights_only=True)
     _fool_first_linear(state)
     torch.save(state, run / "best.pt")
+    return run
+
+
+def test_sampling_a_non_invertible_model_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    from resflow.layers.residual.lipschitz import LipschitzLayer
+
+    monkeypatch.setattr(LipschitzLayer, "certify", lambda self, *a, **k: self.refresh())
+    run = _fooled_image_run(tmp_path)
     out = tmp_path / "s.png"
     code, _, err = run_cli(capsys, "sample", "--run", str(run), "--n", "16", "--seed", "1",
                            "--out", str(out))  # fmt: skip
@@ -426,11 +431,7 @@ def test_sampling_a_non_invertible_model_is_one_clear_line(tmp_path, capsys, mon
 
 
 def test_the_same_model_samples_once_its_bounds_are_certified(tmp_path, capsys):
-    run = tmp_path / "img"
-    shutil.copytree(FIXTURES / "img", run)
-    state = torch.load(run / "best.pt", weights_only=True)
-    _fool_first_linear(state)
-    torch.save(state, run / "best.pt")
+    run = _fooled_image_run(tmp_path)
     out = tmp_path / "s.png"
     code, stdout, _ = run_cli(capsys, "sample", "--run", str(run), "--n", "16", "--seed", "1",
                               "--out", str(out), "--check")  # fmt: skip
