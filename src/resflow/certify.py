@@ -75,6 +75,13 @@ class Certificate:
     n_examples: int
     density_gap: tuple[float, float, float] | None = None  # mean, stderr, max |gap|
     density_note: str = ""
+    round_trip: float | None = None  # worst |f(f^-1(z)) - z| of the whole model
+
+    @property
+    def round_trip_ok(self) -> bool:
+        """Reported for every family; a failure only when the inverse broke down
+        (non-finite or not converged): float32 logits alone reach 1e-3 near 0 and 1."""
+        return self.round_trip is None or math.isfinite(self.round_trip)
 
     @property
     def density_ok(self) -> bool:
@@ -85,7 +92,7 @@ class Certificate:
 
     @property
     def passed(self) -> bool:
-        return all(b.ok for b in self.blocks) and self.density_ok
+        return all(b.ok for b in self.blocks) and self.density_ok and self.round_trip_ok
 
     def lines(self) -> list[str]:
         out = [f"{len(self.blocks)} residual block(s), inverse checked on {self.n_examples} "
@@ -100,6 +107,12 @@ class Certificate:
                     f"       {layer.name}: ||W|| <= {layer.norm:.6f} (coeff {layer.coeff}, "
                     f"{layer.method})"
                 )
+        if self.round_trip is not None:
+            mark = "ok  " if self.round_trip_ok else "FAIL"
+            out.append(
+                f"{mark} whole model: worst round trip |f(f^-1(z)) - z| = {self.round_trip:.2e} "
+                f"on the latents of {self.n_examples} example(s)"
+            )
         if self.density_gap is None:
             out.append(f"log-density: {self.density_note}")
         else:
@@ -201,6 +214,13 @@ def certify(
                 error = math.inf
         reports.append(BlockReport(name, bound, error, norms))
     cert = Certificate(reports, len(x))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        z, _ = model(x, y)
+        try:
+            cert.round_trip = float(model.round_trip_error(z, y).max())
+        except InverseNotConvergedError:
+            cert.round_trip = math.inf
     if model.dim > EXACT_DIMS:
         cert.density_note = f"exact check skipped (D = {model.dim} > {EXACT_DIMS})"
         return cert
