@@ -84,3 +84,15 @@ def test_factor_out_model_round_trip():
         z, logdet = model(x)
     assert z.shape == (2, 3 * 16 * 16) and torch.isfinite(logdet).all()
     torch.testing.assert_close(model.inverse(z), x.float())
+
+
+def test_certify_every_reaches_every_lipschitz_layer():
+    from resflow.layers.residual.lipschitz import CERTIFY_EVERY, LipschitzLayer
+
+    for name, every in (("toy2d", 1), ("digits-small", 7), ("iresnet-digits", None)):
+        changes = {} if every is None else {"certify_every": every}
+        model = build_model(get_preset(name, **changes))
+        layers = [m for m in model.modules() if isinstance(m, LipschitzLayer)]
+        assert layers and all(m.certify_every == (every or CERTIFY_EVERY) for m in layers)
+    with pytest.raises(ConfigError, match="certify_every"):
+        get_preset("toy2d", certify_every=0)

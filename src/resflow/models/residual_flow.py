@@ -19,6 +19,7 @@ from resflow.layers.actnorm import ActNorm
 from resflow.layers.base import FlowLayer, Sequential, Shape
 from resflow.layers.multiscale import Flatten
 from resflow.layers.residual.block import ResidualBlock
+from resflow.layers.residual.lipschitz import CERTIFY_EVERY, set_certify_every
 from resflow.layers.residual.logdet import EstimatorConfig
 from resflow.models.multiscale import count_scales, multiscale
 from resflow.models.registry import register_model, register_preset
@@ -56,6 +57,9 @@ class VectorFlowConfig(Config):
     norm_orders: tuple[float, ...] | None = param(None, ge=1, help="induced-norm orders")
     learn_orders: bool = param(False, help="learn the norm orders")
     prior: Literal["standard", "diagonal"] = param("standard", help="base distribution")
+    certify_every: int = param(
+        CERTIFY_EVERY, ge=1, le=1_000_000, help="training steps between certified norm bounds"
+    )
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
 
     def __post_init__(self) -> None:
@@ -97,6 +101,9 @@ class ImageFlowConfig(Config):
     learn_orders: bool = param(False, help="learn the norm orders")
     prior: Literal["standard", "diagonal"] = param("standard", help="base distribution")
     n_classes: int = param(0, ge=0, le=100_000, help="classes of a class-conditional prior")
+    certify_every: int = param(
+        CERTIFY_EVERY, ge=1, le=1_000_000, help="training steps between certified norm bounds"
+    )
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
 
     def __post_init__(self) -> None:
@@ -119,7 +126,9 @@ def build_vector_flow(cfg: VectorFlowConfig) -> Flow:
         layers.append(ResidualBlock.from_config(g, cfg.estimator))
         if cfg.actnorm:
             layers.append(ActNorm(cfg.dim))
-    return Flow(Sequential(layers), (cfg.dim,), base=make_base((cfg.dim,), cfg.prior))
+    flow = Flow(Sequential(layers), (cfg.dim,), base=make_base((cfg.dim,), cfg.prior))
+    set_certify_every(flow, cfg.certify_every)
+    return flow
 
 
 def build_image_flow(cfg: ImageFlowConfig) -> Flow:
@@ -179,13 +188,15 @@ def build_image_flow(cfg: ImageFlowConfig) -> Flow:
     )
     body = Sequential(layers)
     latent = body.output_shape(cfg.image_shape)
-    return Flow(
+    flow = Flow(
         body,
         cfg.image_shape,
         base=make_base(latent, cfg.prior, cfg.n_classes),
         levels=cfg.levels,
         n_classes=cfg.n_classes or None,
     )
+    set_certify_every(flow, cfg.certify_every)
+    return flow
 
 
 register_model(
