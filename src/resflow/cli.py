@@ -271,10 +271,6 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     if model.levels is None:
         raise ValueError("interpolate writes image grids; this run models vectors")
     data = run.load_data(args.data_dir)
-    if 2 * args.pairs > len(data.test):
-        raise ValueError(
-            f"--pairs {args.pairs} needs {2 * args.pairs} test images; there are {len(data.test)}"
-        )
     torch.manual_seed(args.seed)
     scale = max(1, 96 // model.shape[-1])
     if args.manifold:
@@ -289,9 +285,13 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
         out = save_image_grid(grid, args.out, model.levels, nrow=args.steps, scale=scale)
         print(f"wrote the {args.steps}x{args.steps} manifold of 4 test images to {out}")
         return 0
-    idx = torch.randperm(len(data.test))[: 2 * args.pairs]
     if model.n_classes is not None:
         raise ValueError("interpolate: use --manifold for a class-conditional model")
+    if 2 * args.pairs > len(data.test):
+        raise ValueError(
+            f"--pairs {args.pairs} needs {2 * args.pairs} test images; there are {len(data.test)}"
+        )
+    idx = torch.randperm(len(data.test))[: 2 * args.pairs]
     rows = [
         interpolate(model, data.test[i], data.test[j], args.steps)
         for i, j in idx.view(-1, 2).tolist()
