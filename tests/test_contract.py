@@ -18,20 +18,24 @@ import torch
 
 from layers.coupling_cases import CASES as COUPLING_CASES
 from resflow.layers import EXACT_ESTIMATOR, ActNorm, ResidualBlock, Sequential
+from resflow.layers.autoregressive import Autoregressive
 from resflow.layers.base import Inverse
 from resflow.layers.batchnorm import BatchNormFlow
 from resflow.layers.conv1x1 import InvertibleConv1x1
 from resflow.layers.coupling import ChannelMask, CheckerboardMask, Coupling
 from resflow.layers.multiscale import ConditionalPrior, DiagonalPrior, FactorOut, Flatten
 from resflow.layers.residual.logdet import EstimatorConfig
+from resflow.layers.sigmoidal import DDSF, DSF
 from resflow.layers.squeeze import Squeeze
 from resflow.layers.transformers import Additive, Affine
 from resflow.models import MODELS, build_model, get_preset
 from resflow.models.glow import GlowConfig, GlowVectorConfig
 from resflow.models.iresnet import IResNetConfig, IResNetVectorConfig
+from resflow.models.naf import MAFConfig, NAFConfig
 from resflow.models.realnvp import RealNVPConfig, RealNVPVectorConfig
 from resflow.nets import residual_cnn, residual_mlp
 from resflow.nets.glow import GlowNet
+from resflow.nets.made import MADE
 from resflow.nets.realnvp import RealNVPMLP, RealNVPResNet
 from resflow.preprocess import LogitTransform, Normalize
 
@@ -73,7 +77,19 @@ def _realnvp_coupling(mask) -> Coupling:
     return Coupling.build((2, 4, 4), mask, Affine("exp"), net).eval()
 
 
+def _made_layer(transformer, context: int = 0, residual: bool = False) -> Autoregressive:
+    """A MADE-conditioned layer (zero-initialised output: the case perturbs it)."""
+    made = MADE(4, (12, 12), transformer.n_params, order="random", seed=3,
+                context_features=context, residual=residual, activation="tanh")  # fmt: skip
+    return Autoregressive(made, transformer)
+
+
 LAYERS = {
+    "made-affine": (lambda: _made_layer(Affine("exp")), (4,), None),
+    "made-affine-context": (lambda: _made_layer(Affine("exp"), context=2), (4,), None),
+    "made-residual-affine": (lambda: _made_layer(Affine("exp"), residual=True), (4,), None),
+    "made-dsf": (lambda: _made_layer(DSF(4)), (4,), None),
+    "made-ddsf-context": (lambda: _made_layer(DDSF(4, 2), context=2), (4,), None),
     "batchnorm-vec": (lambda: _batchnorm(3), (3,), None),
     "batchnorm-img": (lambda: _batchnorm(2), (2, 3, 3), None),
     "conv1x1-lu-img": (lambda: InvertibleConv1x1(3), (3, 3, 3), None),
@@ -239,6 +255,8 @@ MODELS_TINY = {
     "realnvp-vector": lambda: RealNVPVectorConfig(n_couplings=2, hidden=(8,), batchnorm=True),
     "glow": lambda: GlowConfig(image_shape=(1, 4, 4), levels=17, n_levels=2, depth=1, hidden=8),
     "glow-vector": lambda: GlowVectorConfig(depth=2, hidden=(8,)),
+    "maf": lambda: MAFConfig(dim=3, n_flows=2, hidden=(8,), batch_norm=True),
+    "naf": lambda: NAFConfig(dim=3, n_flows=2, hidden=(8,), sigmoid_units=4),
 }
 
 

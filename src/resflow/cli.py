@@ -492,6 +492,7 @@ EXPECTED = (
     RunExistsError,
     RunLockedError,
     DownloadError,
+    ImportError,  # an optional package a data set needs (the message says which)
     MemoryError,
     torch.OutOfMemoryError,
 )

@@ -27,6 +27,11 @@ class TrainConfig(Config):
     eval_every: int = param(500, ge=1, help="steps between test evaluations")
     eval_batch_size: int = param(256, ge=1, help="examples per evaluation batch")
     eval_max: int | None = param(None, ge=1, help="test examples in periodic evaluations")
+    patience: int = param(
+        0,
+        ge=0,
+        help="stop after this many evaluations without a better validation score (0: never)",
+    )
     checkpoint_every: int = param(100, ge=1, help="steps between last.pt checkpoints")
     sample_every: int = param(0, ge=0, help="steps between sample grids (0: never)")
     n_samples: int = param(64, ge=1, help="samples per grid")

@@ -7,6 +7,7 @@ from torch import nn
 from resflow.layers.autoregressive import Autoregressive
 from resflow.layers.base import Sequential
 from resflow.layers.permutation import Permutation, Reverse
+from resflow.layers.sigmoidal import DDSF, DSF
 from resflow.layers.transformers import Additive, Affine
 from resflow.nets.made import MADE
 
@@ -17,6 +18,8 @@ TRANSFORMERS = {
     "affine-sigmoid": lambda: Affine("sigmoid"),
     "affine-softplus": lambda: Affine("softplus"),
     "additive": Additive,
+    "dsf": lambda: DSF(4),
+    "ddsf": lambda: DDSF(4, 2),
 }
 ORDERS = ["natural", "reversed", "random"]
 D = 5

@@ -114,3 +114,51 @@ def test_checkpoints_are_plain_and_atomic(tmp_path):
     with pytest.raises(CheckpointError, match="not a resflow checkpoint"):
         save_checkpoint({"x": 1}, tmp_path / "other.pt")
         load_checkpoint(tmp_path / "other.pt")
+
+
+def _scripted_evaluate(valid, test):
+    """``Trainer.evaluate`` returning the scores given, one per evaluation and split."""
+    from resflow.evaluation import EvalResult
+
+    calls = {"valid": iter(valid), "test": iter(test)}
+
+    def evaluate(self, max_examples=None, progress=False, split="test"):
+        return EvalResult(next(calls[split]), 0.01, 10, "nats")
+
+    return evaluate
+
+
+def test_early_stopping_keeps_the_best_validation_checkpoint(tmp_path, monkeypatch):
+    data = load_data("8gaussians", n_train=512, n_test=256, n_valid=128)
+    valid = [5.0, 4.0, 4.5, 4.2, 4.1, 3.0, 3.0]
+    test = [5.5, 4.4, 4.0, 3.9, 3.8, 3.0, 3.0]  # the test score never decides
+    monkeypatch.setattr(Trainer, "evaluate", _scripted_evaluate(valid, test))
+    cfg = _cfg(steps=7, eval_every=1, patience=3, checkpoint_every=100)
+    trainer = Trainer(_tiny_vector(), data, cfg, tmp_path / "run")
+    result = trainer.fit()
+    assert trainer.step == 5 and trainer.stopped_early and trainer.best_step == 2
+    assert result.final is not None and result.final.mean == 4.4  # test at the best step
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["step"] == 2 and load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 5
+    for name, p in trainer.model.state_dict().items():  # the best weights are kept
+        assert torch.equal(p, best["model"][name]), name
+    assert (tmp_path / "run" / "curve.png").exists()
+    # a resumed early-stopped run stays stopped
+    again = Trainer(_tiny_vector(), data, cfg, tmp_path / "run", resume=True)
+    assert again.fit().step == 5
+
+
+def test_best_checkpoint_follows_validation_not_test(tmp_path, monkeypatch):
+    data = load_data("8gaussians", n_train=512, n_test=256, n_valid=128)
+    monkeypatch.setattr(Trainer, "evaluate", _scripted_evaluate([3.0, 4.0], [5.0, 1.0]))
+    trainer = Trainer(_tiny_vector(), data, _cfg(steps=2, eval_every=1), tmp_path / "run")
+    trainer.fit()
+    assert trainer.best_step == 1 and load_checkpoint(tmp_path / "run" / "best.pt")["step"] == 1
+
+
+def test_patience_needs_a_validation_split(tmp_path):
+    with pytest.raises(ValueError, match="no validation split.*--n-valid"):
+        Trainer(_tiny_vector(), _toy_data(), _cfg(patience=2), tmp_path / "run")
+    trainer = Trainer(_tiny_vector(), _toy_data(), _cfg(), tmp_path / "run2")
+    with pytest.raises(ValueError, match="no validation split"):
+        trainer.evaluate(split="valid")

@@ -3,11 +3,13 @@
 :func:`load_data` takes a :class:`DataConfig` (or a name) and returns a
 :class:`DataSplit` (train / validation / test tensors, labels where the source has
 them, levels) for any data set: a toy density (``8gaussians`` ...), an image data set
-(``digits``, ``mnist`` ...) or a user's matrix file (``.npy`` / ``.csv``).
+(``digits``, ``mnist`` ...), a tabular benchmark (``power``, ``gas``, ``hepmass``,
+``miniboone``, ``bsds300``) or a user's matrix file (``.npy`` / ``.csv``).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,15 +69,25 @@ def _carve_valid(split: DataSplit, n_valid: int, seed: int) -> DataSplit:
 def data_kind(name: str) -> str:
     """``"image"`` or ``"vector"`` for a data set name, without loading it."""
     from resflow.data.images import DATASETS
+    from resflow.data.tabular_benchmarks import BENCHMARKS
     from resflow.data.toy2d import TOY_DATASETS
 
     if name in DATASETS:
         return "image"
-    if name in TOY_DATASETS or is_file_name(name):
+    if name in TOY_DATASETS or name in BENCHMARKS or is_file_name(name):
         return "vector"
-    raise ValueError(
+    raise ValueError(_unknown(name))
+
+
+def _unknown(name: str) -> str:
+    from resflow.data.images import DATASETS
+    from resflow.data.tabular_benchmarks import BENCHMARKS
+    from resflow.data.toy2d import TOY_DATASETS
+
+    return (
         f"unknown data set {name!r}: use a toy density {list(TOY_DATASETS)}, an image data "
-        f"set {list(DATASETS)}, or a path to a .npy/.csv matrix"
+        f"set {list(DATASETS)}, a tabular benchmark {list(BENCHMARKS)}, or a path to a "
+        ".npy/.csv matrix"
     )
 
 
@@ -88,6 +100,8 @@ def load_data(
       ``n_test`` and ``n_valid`` fresh samples (seeds ``seed``, ``seed + 1``, ``seed + 2``);
     * images (:data:`resflow.data.images.DATASETS`): see
       :func:`resflow.data.images.load_images`; ``n_valid`` training images held out;
+    * a tabular benchmark (:data:`resflow.data.tabular_benchmarks.BENCHMARKS`): its own
+      splits, from ``data_dir`` (or ``$RESFLOW_DATA_DIR``), downloaded with ``download``;
     * a path to a ``.npy`` / ``.csv`` / ``.txt`` matrix: standardised tabular data
       (:func:`resflow.data.tabular.load_tabular`) with its validation rows.
     """
@@ -97,7 +111,7 @@ def load_data(
             cfg = replace(cfg, data_dir=str(data_dir))
     else:
         cfg = DataConfig(name=name, data_dir=None if data_dir is None else str(data_dir), **kwargs)
-    from resflow.data.images import DATASETS, load_images
+    from resflow.data.images import DATA_DIR_ENV, DATASETS, load_images
     from resflow.data.toy2d import TOY_DATASETS, sample_toy
 
     if cfg.name in TOY_DATASETS:
@@ -126,15 +140,18 @@ def load_data(
             config=cfg,
         )
         return _carve_valid(split, cfg.n_valid, cfg.seed)
+    from resflow.data.tabular_benchmarks import BENCHMARKS, load_benchmark
+
+    if cfg.name in BENCHMARKS:
+        root = cfg.data_dir or os.environ.get(DATA_DIR_ENV, "").strip() or None
+        tab = load_benchmark(cfg.name, root, download=cfg.download)
+        return DataSplit(tab.train, tab.test, tab.name, valid=tab.val, config=cfg)
     if is_file_name(cfg.name):
         from resflow.data.tabular import load_tabular
 
         tab = load_tabular(cfg.name, seed=cfg.seed)
         return DataSplit(tab.train, tab.test, tab.name, valid=tab.val, config=cfg)
-    raise ValueError(
-        f"unknown data set {cfg.name!r}: use a toy density {list(TOY_DATASETS)}, an image data "
-        f"set {list(DATASETS)}, or a path to a .npy/.csv matrix"
-    )
+    raise ValueError(_unknown(cfg.name))
 
 
 __all__ = ["DataConfig", "DataSplit", "data_kind", "load_data"]

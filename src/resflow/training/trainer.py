@@ -4,7 +4,10 @@ One loop serves vectors, 2-D toy data and images (paper setup, Appendix E): Adam
 (weight decay applied outside the adaptive update), linear warm-up, gradient-norm
 clipping, the model's ``after_optimizer_step`` hooks (e.g. a Lipschitz refresh) after
 every step, EMA weights for evaluation and
-sampling, atomic ``last.pt`` / ``best.pt`` checkpoints and TensorBoard logs. A
+sampling, atomic ``last.pt`` / ``best.pt`` checkpoints and TensorBoard logs. With
+validation data the best checkpoint is the one with the best validation score, and
+``patience`` stops the run early once that score has not improved for that many
+evaluations (the test score reported is then the best checkpoint's). A
 checkpoint holds the model, optimizer, scheduler, EMA and RNG states and the step, and
 the data order is a function of ``(seed, epoch)``, so a resumed run continues exactly
 as an uninterrupted one would.
@@ -124,6 +127,9 @@ class Trainer:
             self.step = 0
             self.saved_step: int | None = None
             self.best = math.inf
+            self.best_step = 0
+            self.stale = 0  # evaluations since the best one
+            self.stopped_early = False
             self.history: list[dict[str, float]] = []
             self.ema: EMA | None = None
             if resume:
@@ -186,6 +192,9 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "step": self.step,
             "best": self.best,
+            "best_step": self.best_step,
+            "stale": self.stale,
+            "stopped_early": self.stopped_early,
             "history": self.history,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -215,6 +224,9 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.step = int(state["step"])
         self.best = float(state["best"])
+        self.best_step = int(state.get("best_step", 0))
+        self.stale = int(state.get("stale", 0))
+        self.stopped_early = bool(state.get("stopped_early", False))
         self.history = list(state["history"])
         self.saved_step = self.step
         torch.set_rng_state(state["rng"].cpu())
@@ -235,12 +247,20 @@ class Trainer:
         self.ema = EMA(self.model, self.cfg.ema_decay)
 
     # ---- loop --------------------------------------------------------------------------
-    def evaluate(self, max_examples: int | None = None, progress: bool = False) -> EvalResult:
-        """Test metric with the EMA weights (20 exact terms + unbiased tail by default)."""
+    def evaluate(
+        self, max_examples: int | None = None, progress: bool = False, split: str = "test"
+    ) -> EvalResult:
+        """Test (or ``split="valid"``: validation) metric with the EMA weights (20 exact
+        terms + unbiased tail by default)."""
         self._init_lazy_state()
         assert self.ema is not None
-        test = self.data.test if max_examples is None else self.data.test[:max_examples]
-        labels = self.data.test_labels if self.model.n_classes else None
+        if split not in ("test", "valid"):
+            raise ValueError(f"split must be 'test' or 'valid', got {split!r}")
+        data = self.data.test if split == "test" else self.data.valid
+        if data is None:
+            raise ValueError("the data have no validation split (set n_valid)")
+        test = data if max_examples is None else data[:max_examples]
+        labels = getattr(self.data, f"{split}_labels") if self.model.n_classes else None
         if labels is not None:
             labels = labels[: len(test)]
         with torch.random.fork_rng(), preserved_transient_state(self.model):
@@ -293,8 +313,9 @@ class Trainer:
         )
         t0, seen = time.perf_counter(), 0
         unit = self.objective.unit
+        validate = self.data.valid is not None and len(self.data.valid) > 0
         try:
-            while self.step < until:
+            while self.step < until and not self.stopped_early:
                 idx = batch_indices(len(self.data.train), cfg.batch_size, self.step, cfg.seed)
                 loss, extra = self.objective(self.model, self._batch(idx))
                 if not torch.isfinite(loss):
@@ -324,31 +345,63 @@ class Trainer:
                 if evaluated:
                     res = self.evaluate(cfg.eval_max)
                     rec.update(test=res.mean, test_stderr=res.stderr)
-                    bar.write(f"step {self.step}: test {res}")
+                    line = f"step {self.step}: test {res}"
+                    if validate:
+                        val = self.evaluate(cfg.eval_max, split="valid")
+                        rec.update(valid=val.mean, valid_stderr=val.stderr)
+                        line += f", validation {val}"
+                    bar.write(line)
                     if writer is not None:
                         writer.add_scalar(f"test/{unit}", res.mean, self.step)
+                        if validate:
+                            writer.add_scalar(f"valid/{unit}", rec["valid"], self.step)
                 if logged or evaluated:  # checkpoints keep these records, not every step's
                     self.history.append(rec)
-                if evaluated and rec["test"] < self.best:
-                    self.best = rec["test"]
-                    self._save(self.run.best)
+                if evaluated:
+                    score = rec["valid"] if validate else rec["test"]
+                    if score < self.best:
+                        self.best, self.best_step, self.stale = score, self.step, 0
+                        self._save(self.run.best)
+                    else:
+                        self.stale += 1
+                    if cfg.patience and validate and self.stale >= cfg.patience:
+                        self.stopped_early = True
+                        bar.write(
+                            f"stopping early at step {self.step}: no better validation score "
+                            f"in {self.stale} evaluations (best {self.best:.4f} at step "
+                            f"{self.best_step}, whose weights are kept)"
+                        )
                 if cfg.sample_every and self.step % cfg.sample_every == 0 and self.model.levels:
                     self._save_samples(writer)
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                if (
+                    self.step % cfg.checkpoint_every == 0
+                    or self.step == cfg.steps
+                    or self.stopped_early
+                ):
                     self._save(self.run.last)
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
-        if self.step == cfg.steps:
+        if self.step == cfg.steps or self.stopped_early:
             plot_learning_curve(self.history, self.out / "curve.png", unit)
         final = next((h for h in reversed(self.history) if "test" in h), None)
+        if self.stopped_early:
+            self._restore_best()
+            final = next(h for h in self.history if h["step"] == self.best_step and "test" in h)
         result = None
-        if final is not None and final["step"] == self.step:
+        if final is not None and (final["step"] == self.step or self.stopped_early):
             n = len(self.data.test)
             n = n if cfg.eval_max is None else min(cfg.eval_max, n)
             result = EvalResult(final["test"], final["test_stderr"], n, _eval_unit(self.model))
         return TrainResult(self.model, self.ema, self.step, self.history, result)
+
+    def _restore_best(self) -> None:
+        """Load the weights (and EMA) of ``best.pt``: an early-stopped run ends there."""
+        state = load_checkpoint(self.run.best, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        assert self.ema is not None
+        self.ema.load_state_dict(state["ema"])
 
     def _save(self, path: Path) -> None:
         """Write a checkpoint (and the metrics it matches) -- never non-finite weights."""
@@ -421,7 +474,7 @@ def _writer(path: Path) -> Any:
 
 RESUMABLE_CHANGES = (
     "steps", "eval_every", "eval_batch_size", "eval_max", "checkpoint_every", "sample_every",
-    "n_samples", "log_every", "device", "tensorboard", "progress",
+    "n_samples", "log_every", "device", "tensorboard", "progress", "patience",
 )  # fmt: skip
 """Training settings a resumed run may change (the others would change its result)."""
 RESUME_KEYS = ("model", "model_config", "optimizer", "scheduler", "ema", "step", "best",
@@ -459,6 +512,11 @@ def _check_data(data: DataSplit, cfg: TrainConfig) -> None:
         )
     if len(data.test) == 0:
         raise ValueError("the test set is empty: nothing to evaluate the model on")
+    if cfg.patience and (data.valid is None or len(data.valid) == 0):
+        raise ValueError(
+            f"--patience {cfg.patience} stops on the validation score, but the data have no "
+            "validation split (hold some training examples out with --n-valid)"
+        )
     if tuple(data.test.shape[1:]) != tuple(data.train.shape[1:]):
         raise ValueError(
             f"training examples have shape {tuple(data.train.shape[1:])} but test examples "
