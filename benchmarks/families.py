@@ -64,7 +64,7 @@ def run_one(preset: str, data: Any, budget: float, tag: str) -> dict[str, Any]:
     png = OUT / f"families_{tag}_{preset}.png"
     if data.levels is not None:
         save_image_grid(samples, png, data.levels, scale=max(1, 64 // data.shape[-1]))
-    else:
+    elif data.shape == (2,):
         from resflow.plots import plot_samples_2d
 
         more = trainer.sample(2000)
@@ -80,7 +80,7 @@ def run_one(preset: str, data: Any, budget: float, tag: str) -> dict[str, Any]:
         "test_stderr": result.stderr,
         "unit": result.unit,
         "sample64_s": sample_s,
-        "grid": png.name,
+        "grid": png.name if png.exists() else None,
     }
     print(
         f"  {preset:16s} {row['parameters']:>9,} params  {trainer.step:5d} steps "

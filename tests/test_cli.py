@@ -261,3 +261,26 @@ def test_unconditional_realnvp_samples_at_a_larger_size(tmp_path):
     bad = resflow("train", "--data", "8gaussians", "--preset", "realnvp-toy2d", "--conditional",
                   "--steps", "1", "--out", str(tmp_path / "t"), check=False)  # fmt: skip
     assert bad.returncode == 2 and "has no class-conditional form" in bad.stderr
+
+
+def test_naf_on_a_tabular_benchmark_with_early_stopping(tmp_path):
+    """POWER from a synthetic file of the archive's format; validation split and
+    ``--patience`` come with the benchmark; log-likelihood printed beside the paper's."""
+    import numpy as np
+
+    (tmp_path / "power").mkdir()
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "power" / "data.npy", rng.normal(size=(1500, 8)))
+    run = tmp_path / "run"
+    out = resflow("train", "--data", "power", "--data-dir", str(tmp_path), "--model", "naf",
+                  "--set", "hidden=[16]", "--set", "n_flows=2", "--set", "sigmoid_units=4",
+                  "--steps", "6", "--batch-size", "64", "--eval-every", "2", "--patience", "1",
+                  "--out", str(run), "--no-progress", "--no-tensorboard").stdout  # fmt: skip
+    assert "naf-power" in out and "(6,)" in out and "validation" in out
+    assert "test log-likelihood" in out and "(NAF-DDSF(5) in its paper: 0.62)" in out
+    ev = resflow("eval", "--run", str(run), "--data-dir", str(tmp_path), "--no-progress").stdout
+    assert "test log-likelihood" in ev
+    bad = resflow("train", "--data", "gas", "--data-dir", str(tmp_path), "--model", "maf",
+                  "--steps", "1", check=False)  # fmt: skip
+    assert bad.returncode == 2 and "GAS is not here" in bad.stderr and "--download" in bad.stderr
+    assert "Traceback" not in bad.stderr

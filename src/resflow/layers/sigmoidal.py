@@ -22,8 +22,8 @@ saturates in float32:
   is exact for ``|y|`` far beyond 17, where ``sigmoid`` rounds to 1;
 * the Jacobian of a layer has positive entries
   ``J[o, i] = W[o, k] a_k sigmoid(c_k) sigmoid(-c_k) U[k, i] / (D_o (1 - D_o))`` (summed
-  over ``k``; ``D = W sigmoid(c)``), so the chain rule multiplies log-matrices by
-  log-sum-exp.
+  over ``k``; ``D = W sigmoid(c)``), so the chain rule carries ``log dh/dx`` (``x`` is a
+  scalar) from layer to layer by log-sum-exp.
 
 At zero conditioned parameters (a zero-initialised conditioner) ``a = 1``, ``U`` and ``W``
 nearly uniform and ``b`` spread over ``[-2, 2]`` across the hidden units: a smooth
@@ -44,11 +44,6 @@ from torch import Tensor, nn
 from resflow.layers.transformers import MonotoneTransformer
 
 _SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_ONE) = 1
-
-
-def _log_matmul(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """``log(exp(log_a) @ exp(log_b))`` over the last two axes, by log-sum-exp."""
-    return torch.logsumexp(log_a.unsqueeze(-1) + log_b.unsqueeze(-3), dim=-2)
 
 
 class DDSF(MonotoneTransformer):
@@ -113,7 +108,7 @@ class DDSF(MonotoneTransformer):
         p = params.movedim(1, -1)  # [..., n_params]
         n = self.hidden
         h = x.unsqueeze(-1)  # [..., 1]
-        log_jac = x.new_zeros(*x.shape, 1, 1)  # log dh/dx, [..., d_l, 1]
+        log_grad = x.new_zeros(*x.shape, 1)  # log dh/dx (x is a scalar), [..., d_l]
         at, u_index = 0, 0
         for (i, _), w_logits in zip(self._dims, self.w_logits):
             a = F.softplus(p[..., at : at + n] + _SOFTPLUS_ONE) + self.min_slope
@@ -127,19 +122,19 @@ class DDSF(MonotoneTransformer):
                 log_u = F.log_softmax(self.u_logits[u_index] + u_shift.unsqueeze(-2), dim=-1)
                 u_index += 1
                 pre = (log_u.exp() * h.unsqueeze(-2)).sum(-1)  # [..., n]
+                log_dpre = torch.logsumexp(log_u + log_grad.unsqueeze(-2), dim=-1)
             else:
-                log_u = x.new_zeros(*x.shape, n, 1)
                 pre = h.expand(*x.shape, n)
+                log_dpre = log_grad.expand(*x.shape, n)
             c = a * pre + b
             log_s, log_1ms = F.logsigmoid(c), F.logsigmoid(-c)
             log_d = torch.logsumexp(log_w + log_s.unsqueeze(-2), dim=-1)  # [..., o]
             log_1md = torch.logsumexp(log_w + log_1ms.unsqueeze(-2), dim=-1)
             h = log_d - log_1md
-            # d h_o / d h_i = sum_k W[o,k] a_k s_k (1 - s_k) U[k,i] / (D_o (1 - D_o))
-            inner = (a.log() + log_s + log_1ms).unsqueeze(-1) + log_u  # [..., n, i]
-            layer_jac = _log_matmul(log_w, inner) - (log_d + log_1md).unsqueeze(-1)
-            log_jac = _log_matmul(layer_jac, log_jac)
-        return h.squeeze(-1), log_jac.squeeze(-1).squeeze(-1)
+            # d h_o / dx = sum_k W[o,k] a_k s_k (1 - s_k) d pre_k / dx / (D_o (1 - D_o))
+            inner = a.log() + log_s + log_1ms + log_dpre  # [..., n]
+            log_grad = torch.logsumexp(log_w + inner.unsqueeze(-2), dim=-1) - log_d - log_1md
+        return h.squeeze(-1), log_grad.squeeze(-1)
 
 
 class DSF(DDSF):
