@@ -46,6 +46,28 @@ from resflow.layers.transformers import MonotoneTransformer
 _SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_ONE) = 1
 
 
+def _lse_mix(logits: Tensor, u: Tensor) -> Tensor:
+    """``LSE_k(logits[o, k] + u[..., k])`` for every row ``o``: ``[..., o]`` from ``u``
+    ``[..., n]`` and ``logits`` ``[o, n]``, as one matrix product of max-shifted
+    exponentials (no ``[..., o, n]`` tensor); exact log-sum-exps where that underflows."""
+    r = logits.max(-1).values  # [o]
+    m = u.max(-1, keepdim=True).values  # [..., 1]
+    out = torch.matmul((u - m).exp(), (logits - r[:, None]).exp().transpose(0, 1)).log() + m + r
+    if not bool(torch.isfinite(out).all()):  # a row's terms all below float range
+        return torch.logsumexp(logits + u.unsqueeze(-2), dim=-1)
+    return out
+
+
+def _softmax_mix(logits: Tensor, shift: Tensor, h: Tensor) -> Tensor:
+    """``sum_i softmax_i(logits[k, i] + shift[..., i]) h[..., i]`` for every row ``k``."""
+    weights = (shift - shift.max(-1, keepdim=True).values).exp()  # [..., i], max 1
+    e = (logits - logits.max(-1, keepdim=True).values).exp().transpose(0, 1)  # [i, k]
+    den = torch.matmul(weights, e)
+    if not bool((den > 0).all()):
+        return (F.softmax(logits + shift.unsqueeze(-2), -1) * h.unsqueeze(-2)).sum(-1)
+    return torch.matmul(weights * h, e) / den
+
+
 class DDSF(MonotoneTransformer):
     """Deep dense sigmoidal flow: ``layers`` dense sigmoidal layers of ``hidden`` units.
 
@@ -115,25 +137,29 @@ class DDSF(MonotoneTransformer):
             b = p[..., at + n : at + 2 * n] + self.b_offset.to(x.dtype)
             w_shift = p[..., at + 2 * n : at + 3 * n]
             at += 3 * n
-            log_w = F.log_softmax(w_logits + w_shift.unsqueeze(-2), dim=-1)  # [..., o, n]
             if i > 1:
                 u_shift = p[..., at : at + i]
                 at += i
-                log_u = F.log_softmax(self.u_logits[u_index] + u_shift.unsqueeze(-2), dim=-1)
+                u_logits = self.u_logits[u_index]
                 u_index += 1
-                pre = (log_u.exp() * h.unsqueeze(-2)).sum(-1)  # [..., n]
-                log_dpre = torch.logsumexp(log_u + log_grad.unsqueeze(-2), dim=-1)
+                # U = softmax_i(u_logits + u_shift): pre = U h, log(U dh/dx) = mix - norm
+                pre = _softmax_mix(u_logits, u_shift, h)
+                both = _lse_mix(u_logits, torch.stack([u_shift + log_grad, u_shift], -2))
+                log_dpre = both[..., 0, :] - both[..., 1, :]
             else:
                 pre = h.expand(*x.shape, n)
                 log_dpre = log_grad.expand(*x.shape, n)
             c = a * pre + b
             log_s, log_1ms = F.logsigmoid(c), F.logsigmoid(-c)
-            log_d = torch.logsumexp(log_w + log_s.unsqueeze(-2), dim=-1)  # [..., o]
-            log_1md = torch.logsumexp(log_w + log_1ms.unsqueeze(-2), dim=-1)
-            h = log_d - log_1md
-            # d h_o / dx = sum_k W[o,k] a_k s_k (1 - s_k) d pre_k / dx / (D_o (1 - D_o))
-            inner = a.log() + log_s + log_1ms + log_dpre  # [..., n]
-            log_grad = torch.logsumexp(log_w + inner.unsqueeze(-2), dim=-1) - log_d - log_1md
+            inner = a.log() + log_s + log_1ms + log_dpre  # log(a s (1 - s) dpre/dx), [..., n]
+            # with W = softmax_k(w_logits + w_shift) = exp(w_logits + w_shift) / Z:
+            # log D = L(log s) - log Z, log(1 - D) = L(log(1 - s)) - log Z,
+            # log dh/dx = L(inner) - log Z - log D - log(1 - D),  L(v) = LSE_k(w + shift + v)
+            lse = _lse_mix(w_logits, w_shift.unsqueeze(-2) + torch.stack(
+                [log_s, log_1ms, inner, torch.zeros_like(inner)], -2))  # fmt: skip
+            lse_s, lse_1ms, lse_inner, log_z = lse.unbind(-2)  # each [..., o]
+            h = lse_s - lse_1ms
+            log_grad = lse_inner + log_z - lse_s - lse_1ms
         return h.squeeze(-1), log_grad.squeeze(-1)
 
 
