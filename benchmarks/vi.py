@@ -50,7 +50,7 @@ SEED_TABLE = {"gaussian": (-85.00, -81.66), "iaf-affine": (-82.25, -80.05),
               "iaf-dsf": (-81.92, -79.86)}  # fmt: skip
 
 
-def run_targets(steps: int) -> dict[str, Any]:
+def run_targets(steps: int, anneal: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     fig, axes = plt.subplots(len(TARGET_NAMES), 1 + len(FLOWS), figsize=(13, 12))
     for row, name in enumerate(TARGET_NAMES):
@@ -66,7 +66,8 @@ def run_targets(steps: int) -> dict[str, Any]:
             torch.manual_seed(0)
             q = sampling_direction(build_model(get_preset(preset)))
             t0 = time.perf_counter()
-            fit_reverse_kl(q, target, steps=steps, batch_size=256, lr=3e-3, progress=False)
+            fit_reverse_kl(q, target, steps=steps, batch_size=256, lr=3e-3, progress=False,
+                           anneal=anneal, beta0=0.05)  # fmt: skip
             fit_s = time.perf_counter() - t0
             est = estimate_kl(q, target, 10_000)
             with torch.no_grad():
@@ -75,15 +76,15 @@ def run_targets(steps: int) -> dict[str, Any]:
                                   cmap="magma")  # fmt: skip
             axes[row, col].set_title(f"{label}: KL {est.kl:.3f}, ESS {est.ess:.2f}")
             out[name].append({"flow": label, "preset": preset, "steps": steps, "fit_s": fit_s,
-                              "kl": est.kl, "kl_stderr": est.stderr, "ess": est.ess,
-                              "log_z_estimate": est.log_z})  # fmt: skip
+                              "anneal": anneal, "kl": est.kl, "kl_stderr": est.stderr,
+                              "ess": est.ess, "log_z_estimate": est.log_z})  # fmt: skip
             print(f"  {name:12s} {label:14s} {fit_s:6.1f} s  {est}", flush=True)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
     OUT.mkdir(parents=True, exist_ok=True)
-    fig.savefig(OUT / "vi_targets.png", dpi=80)
+    fig.savefig(OUT / f"vi_targets{'_anneal' if anneal else ''}.png", dpi=80)
     return out
 
 
@@ -115,6 +116,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--task", choices=("targets", "vae"), default="targets")
     p.add_argument("--steps", type=int, default=400, help="reverse-KL steps per fit")
+    p.add_argument("--anneal", type=int, default=0, help="annealing steps (beta 0.05 -> 1)")
     p.add_argument("--budget", type=float, default=90.0, help="VAE training seconds")
     p.add_argument("--k", type=int, default=100, help="importance samples per test image")
     p.add_argument("--n-test", type=int, default=1000, help="test images")
@@ -124,11 +126,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out: dict[str, Any] = {"task": args.task, "machine": machine()}
     if args.task == "targets":
-        out.update(run_targets(args.steps))
+        out.update(run_targets(args.steps, args.anneal))
     else:
         out["budget_s"] = args.budget
         out.update(run_vae(args.budget, args.data_dir, args.k, args.n_test))
-    print(f"wrote {save_json(f'vi_{args.task}', out)}")
+    tag = f"vi_{args.task}" + ("_anneal" if args.anneal else "")
+    print(f"wrote {save_json(tag, out)}")
 
 
 if __name__ == "__main__":

@@ -143,3 +143,17 @@ def test_targets_are_what_they_claim():
         make_target("two-moons").sample(3)
     with pytest.raises(ValueError, match=r"expects \[N, 2\]"):
         make_target("banana")(torch.zeros(3, 4))
+
+
+def test_annealing_raises_beta_to_one_then_fits_the_target():
+    target = _gaussian_target()
+    q = _affine_q()
+    history = fit_reverse_kl(q, target, steps=400, batch_size=256, lr=0.05, progress=False,
+                             anneal=200, beta0=0.1)  # fmt: skip
+    betas = [h["beta"] for h in history]
+    assert betas[0] == pytest.approx(0.1) and betas[100] == pytest.approx(0.55)
+    assert all(b == 1.0 for b in betas[200:]) and "kl" not in history[0] and "kl" in history[-1]
+    est = estimate_kl(q, target, 4000)
+    assert est.kl is not None and abs(est.kl) < 0.01
+    with pytest.raises(ValueError, match="beta0"):
+        fit_reverse_kl(q, target, steps=1, beta0=0.0)
