@@ -37,3 +37,13 @@ def test_families_example_runs():
 
     assert f"{count_parameters(namespace['glow']) / 1e6:.1f}M" in example
     assert namespace["grid"].shape == (64, 1, 8, 8)
+
+
+def test_variational_inference_example_runs():
+    example = next(b for b in _python_blocks() if "fit_reverse_kl(" in b)
+    assert "steps=1000" in example
+    short = example.replace("steps=1000", "steps=5").replace("anneal=500", "anneal=3")
+    namespace: dict = {}
+    exec(compile(short, "README", "exec"), namespace)
+    assert namespace["vae"].cfg.posterior == "iaf-dsf"
+    assert not namespace["iaf"].training  # fitted, left in evaluation mode
