@@ -184,3 +184,10 @@ def test_download_verifies_and_extracts_only_what_is_needed(tmp_path, monkeypatc
     with pytest.raises(ValueError, match="md5 mismatch"):
         load_benchmark("miniboone", bad, download=True, progress=False)
     assert not (bad / "data.tar.gz").exists()  # nothing half-written
+
+
+def test_unreadable_gas_pickle_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "gas").mkdir()
+    (tmp_path / "gas" / "ethylene_CO.pickle").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="could not read this pickle"):
+        load_benchmark("gas", tmp_path)

@@ -146,7 +146,13 @@ def _pandas() -> Any:
 
 def _prepare_gas(paths: list[Path]) -> Arrays:
     pd = _pandas()
-    frame = pd.read_pickle(paths[0])
+    try:
+        frame = pd.read_pickle(paths[0])
+    except Exception as err:  # a pickle from an old pandas that this one cannot read
+        raise ValueError(
+            f"{paths[0]}: pandas {pd.__version__} could not read this pickle ({err}); it was "
+            "written by an old pandas, so an older pandas (e.g. pip install 'pandas<2') may"
+        ) from err
     missing = [c for c in ("Meth", "Eth", "Time") if c not in frame.columns]
     if missing:
         raise ValueError(f"{paths[0]}: no column(s) {missing}; is this the MAF archive's file?")
