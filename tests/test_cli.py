@@ -284,3 +284,18 @@ def test_naf_on_a_tabular_benchmark_with_early_stopping(tmp_path):
                   "--steps", "1", check=False)  # fmt: skip
     assert bad.returncode == 2 and "GAS is not here" in bad.stderr and "--download" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_vi_fits_a_target_by_reverse_kl(tmp_path):
+    out = resflow("vi", "--target", "banana", "--model", "naf", "--set", "n_flows=1",
+                  "--set", "hidden=[16]", "--steps", "30", "--batch-size", "64", "--n-eval",
+                  "500", "--out", str(tmp_path), "--no-progress").stdout  # fmt: skip
+    assert "reverse KL" in out and "KL " in out and "ESS" in out
+    assert (tmp_path / "fit.png").exists() and (tmp_path / "result.json").exists()
+    f = tmp_path / "f"
+    funnel = resflow("vi", "--target", "funnel", "--dim", "4", "--model", "maf", "--steps",
+                     "5", "--n-eval", "200", "--out", str(f), "--no-progress")  # fmt: skip
+    assert "4-D" in funnel.stdout and not (f / "fit.png").exists()
+    bad = resflow("vi", "--target", "banana", "--model", "glow", "--preset", "glow-cifar10",
+                  "--steps", "1", check=False)  # fmt: skip
+    assert bad.returncode == 2 and "needs a vector model" in bad.stderr

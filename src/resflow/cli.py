@@ -349,6 +349,51 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if cert.passed else 1
 
 
+def cmd_vi(args: argparse.Namespace) -> int:
+    """Fit a flow to an unnormalized target density by reverse KL (sampling direction)."""
+    import json
+
+    from resflow.io import atomic_write_text
+    from resflow.vi import estimate_kl, fit_reverse_kl, make_target, sampling_direction
+
+    target = make_target(args.target, args.dim)
+    if args.preset:
+        preset = PRESETS.get(args.preset)
+        entry = MODELS.get(preset.model)
+        cfg = preset.config
+    else:
+        entry = resolve_model(args.model, "vector")
+        chosen = default_preset(entry, "vector")
+        cfg = chosen.config if chosen is not None else entry.config()
+    if entry.kind != "vector":
+        raise ValueError(f"--model {entry.name} models images; reverse KL needs a vector model")
+    cfg = override(entry.adapt(cfg, (target.dim,), None), parse_sets(args.set))
+    torch.manual_seed(args.seed)
+    q = sampling_direction(entry.build(cfg))
+    print(f"resflow: fitting {entry.name} ({count_parameters(q):,} parameters) to "
+          f"{target.name} ({target.dim}-D) by reverse KL for {args.steps} steps")  # fmt: skip
+    history = fit_reverse_kl(q, target, args.steps, args.batch_size, args.lr,
+                             progress=not args.no_progress, seed=args.seed,
+                             anneal=args.anneal, beta0=0.05)  # fmt: skip
+    est = estimate_kl(q, target, args.n_eval)
+    print(est)
+    out = Path(args.out or f"runs/vi-{target.name}-{entry.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"target": target.name, "dim": target.dim, "model": entry.name,
+              "steps": args.steps, "kl": est.kl, "stderr": est.stderr, "ess": est.ess,
+              "log_z_estimate": est.log_z, "history": history}  # fmt: skip
+    atomic_write_text(out / "result.json", json.dumps(record, indent=1))
+    if target.dim == 2:
+        from resflow.plots import plot_target_fit
+
+        with torch.no_grad():
+            samples = q.sample(20_000)
+        plot_target_fit(target, samples, out / "fit.png", title=str(est).split(",")[0])
+        print(f"target and samples: {out / 'fit.png'}")
+    print(f"record: {out / 'result.json'}")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     for family, entries in families().items():
         print(f"{family}:")
@@ -487,6 +532,27 @@ def build_parser() -> argparse.ArgumentParser:
         )
     for q in (e, s, i, k, c):
         q.add_argument("--data-dir", default=None, help="folder with the data sets")
+
+    v = sub.add_parser("vi", help="fit a flow to an unnormalized 2-D / n-D target by reverse KL")
+    from resflow.vi.targets import TARGETS
+
+    v.add_argument("--target", required=True, choices=TARGETS.names(), help="target density")
+    v.add_argument("--dim", type=_positive, default=2, help="dimension (funnel only)")
+    v.add_argument("--model", default="naf", help="vector model family (default naf: IAF)")
+    v.add_argument("--preset", default=None, help="a vector model preset instead of --model")
+    v.add_argument("--steps", type=_positive, default=2000)
+    v.add_argument("--batch-size", type=_positive, default=256)
+    v.add_argument("--lr", type=float, default=3e-3)
+    v.add_argument("--anneal", type=int, default=0,
+                   help="steps over which the target's inverse temperature rises to 1")  # fmt: skip
+    v.add_argument("--n-eval", type=_positive, default=10_000, help="samples for the KL")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--out", default=None, help="folder for fit.png and result.json")
+    v.add_argument("--no-progress", action="store_true")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model option")  # fmt: skip
+    v.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads")
+    v.set_defaults(func=cmd_vi)
 
     pr = sub.add_parser("presets", help="list model presets by family")
     pr.add_argument("--count", action="store_true", help="build each and count parameters")

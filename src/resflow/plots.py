@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -94,6 +95,31 @@ def plot_samples_2d(
         ax.hist2d(p[:, 0].numpy(), p[:, 1].numpy(), bins=bins,
                   range=[[-lim, lim], [-lim, lim]], cmap="viridis")  # fmt: skip
         ax.set_title(f"{title} (n={len(p)})")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    plt.close(fig)
+
+
+@torch.no_grad()
+def plot_target_fit(
+    target: Any, samples: Tensor, path: str | Path, n_grid: int = 200, title: str = ""
+) -> None:
+    """A 2-D target density ``exp(log p~)`` beside a 2-D histogram of fitted samples
+    (``target``: a :class:`resflow.vi.targets.Target`)."""
+    lim = float(target.lim)
+    g = torch.linspace(-lim, lim, n_grid, dtype=torch.float64)
+    xy = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
+    density = target(xy).exp().reshape(n_grid, n_grid).numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    axes[0].imshow(density, origin="lower", extent=(-lim, lim, -lim, lim), cmap="viridis")
+    axes[0].set_title(f"target: {target.name}")
+    p = samples.detach().float().cpu().numpy()
+    axes[1].hist2d(p[:, 0], p[:, 1], bins=150, range=[[-lim, lim], [-lim, lim]], cmap="viridis")
+    axes[1].set_title(title or f"samples (n={len(p)})")
+    for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_aspect("equal")
