@@ -16,6 +16,17 @@ from resflow.flow import Flow  # noqa: E402
 from resflow.io import atomic_write  # noqa: E402
 
 
+def _save(fig: Any, axes: Any, path: str | Path) -> None:
+    """Bare, square ``axes``; write ``fig`` to ``path`` atomically as PNG and close it."""
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    plt.close(fig)
+
+
 def plot_learning_curve(history: list[dict[str, float]], path: str | Path, unit: str) -> None:
     """Training loss (the estimator's value) and the test metric against step."""
     if not history:
@@ -76,13 +87,7 @@ def plot_density_2d(
     axes[0].set_title("data")
     axes[1].imshow(dens.numpy(), origin="lower", extent=(-lim, lim, -lim, lim), cmap="viridis")
     axes[1].set_title(title or "model density")
-    for a in axes:
-        a.set_xticks([])
-        a.set_yticks([])
-        a.set_aspect("equal")
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
-    plt.close(fig)
+    _save(fig, axes, path)
 
 
 def plot_samples_2d(
@@ -119,10 +124,4 @@ def plot_target_fit(
     p = samples.detach().float().cpu().numpy()
     axes[1].hist2d(p[:, 0], p[:, 1], bins=150, range=[[-lim, lim], [-lim, lim]], cmap="viridis")
     axes[1].set_title(title or f"samples (n={len(p)})")
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_aspect("equal")
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
-    plt.close(fig)
+    _save(fig, axes, path)
