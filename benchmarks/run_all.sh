@@ -15,3 +15,5 @@ $PY mnist_budget.py --budget 600 | tee out/mnist_budget.log
 $PY families.py --task digits --budget 120 | tee out/families_digits.log
 $PY families.py --task toy --budget 60 | tee out/families_toy.log
 $PY families.py --task mnist --budget 180 | tee out/families_mnist.log
+$PY flowpp.py --task digits --budget 120 --k 16 | tee out/flowpp_digits.log
+$PY flowpp.py --task mnist --budget 120 --k 4 --eval-max 1000 | tee out/flowpp_mnist.log

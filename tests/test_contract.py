@@ -18,22 +18,29 @@ import torch
 
 from layers.coupling_cases import CASES as COUPLING_CASES
 from resflow.layers import EXACT_ESTIMATOR, ActNorm, ResidualBlock, Sequential
+from resflow.layers.actnorm import ElementActNorm
 from resflow.layers.autoregressive import Autoregressive
 from resflow.layers.base import Inverse
 from resflow.layers.batchnorm import BatchNormFlow
 from resflow.layers.conv1x1 import InvertibleConv1x1
-from resflow.layers.coupling import ChannelMask, CheckerboardMask, Coupling
+from resflow.layers.coupling import ChannelMask, CheckerboardMask, ColumnMask, Coupling
+from resflow.layers.halves import Halves
+from resflow.layers.logistic_mixture import LogisticMixtureCDF
 from resflow.layers.multiscale import ConditionalPrior, DiagonalPrior, FactorOut, Flatten
 from resflow.layers.residual.logdet import EstimatorConfig
 from resflow.layers.sigmoidal import DDSF, DSF
 from resflow.layers.squeeze import Squeeze
 from resflow.layers.transformers import Additive, Affine
 from resflow.models import MODELS, build_model, get_preset
+from resflow.models.dequantization import DequantizationConfig
+from resflow.models.flowpp import FlowppConfig
 from resflow.models.glow import GlowConfig, GlowVectorConfig
 from resflow.models.iresnet import IResNetConfig, IResNetVectorConfig
 from resflow.models.naf import MAFConfig, NAFConfig
 from resflow.models.realnvp import RealNVPConfig, RealNVPVectorConfig
 from resflow.nets import residual_cnn, residual_mlp
+from resflow.nets.conditioners import ConvNet
+from resflow.nets.flowpp import FlowppNet
 from resflow.nets.glow import GlowNet
 from resflow.nets.made import MADE
 from resflow.nets.realnvp import RealNVPMLP, RealNVPResNet
@@ -84,7 +91,41 @@ def _made_layer(transformer, context: int = 0, residual: bool = False) -> Autore
     return Autoregressive(made, transformer)
 
 
+def _flowpp_coupling(mask, transformer, shape, size, attention=True) -> Coupling:
+    """Flow++'s coupling: its net (vector context) and transformer."""
+    c_a, c_b = mask.channels(shape)
+    net = FlowppNet(c_a, transformer.n_params * c_b, size, hidden=8, blocks=1, heads=2,
+                    attention=attention, context_channels=2)  # fmt: skip
+    return Coupling(mask, net, transformer)
+
+
 LAYERS = {
+    "coupling-flowpp-mixlog-column": (
+        lambda: _flowpp_coupling(ColumnMask(), LogisticMixtureCDF(3), (2, 2, 2), (2, 1)),
+        (2, 2, 2),
+        None,
+    ),
+    "coupling-flowpp-affine-channel-noattn": (
+        lambda: _flowpp_coupling(ChannelMask(True), Affine("tanh"), (2, 2, 2), (2, 2), False),
+        (2, 2, 2),
+        None,
+    ),
+    "coupling-column-affine": (
+        lambda: Coupling.build((1, 2, 4), ColumnMask(True), Affine(), partial(ConvNet, hidden=8)),
+        (1, 2, 4),
+        None,
+    ),
+    "halves-column": (
+        lambda: Halves(ColumnMask(True), InvertibleConv1x1(2, lu=False), ActNorm(2)),
+        (2, 3, 4),
+        None,
+    ),
+    "halves-channel": (
+        lambda: Halves(ChannelMask(), InvertibleConv1x1(1, lu=False), InvertibleConv1x1(2)),
+        (3, 2, 2),
+        None,
+    ),
+    "element-actnorm": (lambda: ElementActNorm((2, 3, 3)), (2, 3, 3), None),
     "made-affine": (lambda: _made_layer(Affine("exp")), (4,), None),
     "made-affine-context": (lambda: _made_layer(Affine("exp"), context=2), (4,), None),
     "made-residual-affine": (lambda: _made_layer(Affine("exp"), residual=True), (4,), None),
@@ -255,6 +296,26 @@ MODELS_TINY = {
     "realnvp-vector": lambda: RealNVPVectorConfig(n_couplings=2, hidden=(8,), batchnorm=True),
     "glow": lambda: GlowConfig(image_shape=(1, 4, 4), levels=17, n_levels=2, depth=1, hidden=8),
     "glow-vector": lambda: GlowVectorConfig(depth=2, hidden=(8,)),
+    "flowpp": lambda: FlowppConfig(
+        image_shape=(1, 4, 4),
+        levels=17,
+        couplings=(1, 1, 1),
+        hidden=8,
+        blocks=1,
+        components=2,
+        heads=2,
+        dropout=0.0,
+        dequantization=DequantizationConfig(
+            kind="variational",
+            couplings=1,
+            hidden=8,
+            blocks=1,
+            components=2,
+            heads=2,
+            context_hidden=4,
+            context_blocks=1,
+        ),
+    ),  # fmt: skip
     "maf": lambda: MAFConfig(dim=3, n_flows=2, hidden=(8,), batch_norm=True),
     "naf": lambda: NAFConfig(dim=3, n_flows=2, hidden=(8,), sigmoid_units=4),
 }

@@ -28,7 +28,7 @@ from resflow.checkpoint import CheckpointError
 from resflow.config import ConfigError, add_flags, given_flags, override, parse_sets, replace
 from resflow.data import DataConfig, data_kind, load_data
 from resflow.data.download import DownloadError
-from resflow.evaluation import evaluate, interpolate, save_image_grid
+from resflow.evaluation import evaluate, evaluate_bounds, interpolate, save_image_grid
 from resflow.latent import conceptual_compression, manifold_interpolation
 from resflow.layers.residual.block import InverseNotConvergedError
 from resflow.layers.transformers import BracketNotFoundError
@@ -80,6 +80,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     entry, preset = _choose(args, data_cfg.name)
     model_cfg = preset.config if preset is not None else entry.config()
     sets = parse_sets(args.set)
+    if args.dequantization is not None:
+        sets = {"dequantization.kind": args.dequantization, **sets}
     model_cfg = override(model_cfg, sets)  # type and range errors before any data is loaded
     train_cfg = replace(preset.train if preset is not None else TrainConfig(), **train_flags)
     label = preset.name if preset is not None else entry.name
@@ -188,6 +190,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     test = data.test if args.max is None else data.test[: args.max]
     labels = None if data.test_labels is None else data.test_labels[: len(test)]
     torch.manual_seed(args.seed)
+    if args.iw_samples:
+        bounds = evaluate_bounds(
+            model, test, args.iw_samples, args.batch_size, not args.no_progress, labels=labels
+        )
+        print(f"test variational bound {bounds.elbo}")
+        print(f"test importance-weighted bound, K={bounds.k}: {bounds.iw}")
+        return 0
     result = evaluate(model, test, args.batch_size, progress=not args.no_progress, labels=labels)
     print(f"test {result}")
     _report_benchmark(data.name, result)
@@ -450,6 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a class-conditional model of the data's labels (realnvp, glow, residual-flow)",
     )
+    t.add_argument(
+        "--dequantization",
+        choices=("uniform", "variational"),
+        default=None,
+        help="of an image model: uniform noise or Flow++'s learned q(u|x) "
+        "(= --set dequantization.kind=...; default: the preset's)",
+    )
     add_flags(t, DataConfig, exclude=_DATA_EXCLUDE, rename=_DATA_FLAGS)
     add_flags(t, TrainConfig)
     t.set_defaults(func=cmd_train)
@@ -458,6 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max", type=_positive, default=None, help="evaluate the first N test examples")
     e.add_argument("--batch-size", type=_positive, default=256)
     e.add_argument("--no-progress", action="store_true")
+    e.add_argument(
+        "--iw-samples",
+        type=_positive,
+        default=None,
+        metavar="K",
+        help="report the variational and the importance-weighted bound with K noise "
+        "draws per example (dequantized models)",
+    )
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser(

@@ -84,7 +84,7 @@ def test_bad_params_shape_and_scale():
     with pytest.raises(ValueError, match=r"params of shape .*\(4, 2, 3\)"):
         Affine()(torch.randn(4, 3), torch.randn(4, 3))
     with pytest.raises(ValueError, match="unknown scale"):
-        Affine("tanh")  # type: ignore[arg-type]
+        Affine("cosh")  # type: ignore[arg-type]
 
 
 # Rows of (a, b, c, t): flat and steep slopes, sharp large steps, large shifts.

@@ -19,6 +19,11 @@ PAPER = {
     "cifar10": 25_174_233,
     "imagenet32": 47_099_289,
     "imagenet64": 53_294_475,
+    # Flow++: the counts in the authors' code (flows/run_cifar.py, flows/ablations/)
+    "flowpp-cifar10": 31_443_440,
+    "flowpp-cifar10-uniform": 32_324_408,
+    "flowpp-cifar10-affine": 32_045_708,
+    "flowpp-cifar10-noattn": 31_443_440,
 }
 
 

@@ -2,7 +2,8 @@
 
 ``y = (x + bias) * exp(log_scale)`` per channel, initialised from the first batch so
 that the output has zero mean and unit variance per channel. The initialisation flag
-is a buffer, so a loaded checkpoint is never re-initialised.
+is a buffer, so a loaded checkpoint is never re-initialised. :class:`ElementActNorm`
+has a bias and scale per element instead (Flow++'s ``Norm``).
 """
 
 from __future__ import annotations
@@ -83,3 +84,53 @@ class ActNorm(FlowLayer):
     def inverse_and_logdet(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         logdet = -self.log_scale.sum() * y[0, 0].numel()
         return self.inverse(y), logdet.expand(y.shape[0])
+
+
+class ElementActNorm(FlowLayer):
+    """``y = (x + bias) * exp(log_scale)`` with a bias and scale per *element* of an
+    example of ``shape``, initialised from the first batch (zero mean and unit variance
+    of every element over the batch). Flow++'s ``Norm`` (Ho et al. 2019).
+    ``logdet = sum(log_scale)``.
+    """
+
+    initialized: Tensor
+
+    def __init__(self, shape: tuple[int, ...], eps: float = 1e-6) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        self.eps = eps
+        self.bias = nn.Parameter(torch.zeros(self.shape))
+        self.log_scale = nn.Parameter(torch.zeros(self.shape))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def extra_repr(self) -> str:
+        return f"{self.shape}"
+
+    def _check(self, x: Tensor) -> None:
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(
+                f"ElementActNorm{self.shape} expects [B, {', '.join(map(str, self.shape))}], "
+                f"got {tuple(x.shape)}"
+            )
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        mean = x.mean(0)
+        std = x.std(0, unbiased=False) if len(x) > 1 else torch.ones_like(mean)
+        self.bias.copy_(-mean)
+        self.log_scale.copy_(-torch.log(std + self.eps))
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._check(x)
+        if not bool(self.initialized):
+            self.initialize(x)
+        y = (x + self.bias) * self.log_scale.exp()
+        return y, self.log_scale.sum().expand(x.shape[0])
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
+        self._check(y)
+        return y * (-self.log_scale).exp() - self.bias
+
+    def inverse_and_logdet(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.inverse(y), (-self.log_scale.sum()).expand(y.shape[0])

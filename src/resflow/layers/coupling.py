@@ -155,12 +155,47 @@ class CheckerboardMask(Mask):
         return torch.where(m, torch.zeros_like(logdet_b), logdet_b).flatten(1).sum(1)
 
 
+@dataclass(frozen=True)
+class ColumnMask(Mask):
+    """Alternate columns of images ``[B, C, H, W]`` (``W`` even): even columns condition,
+    odd ones are transformed (``reverse=True``: the other way round).
+
+    Both halves are ``[B, C, H, W/2]`` tensors, so the conditioner and the transformer
+    work on half the positions (unlike :class:`CheckerboardMask`, which keeps all of them
+    and masks). This is Flow++'s ``CheckerboardSplit`` (Ho et al. 2019), which despite
+    its name splits by columns.
+    """
+
+    reverse: bool = False
+
+    def channels(self, shape: Shape) -> tuple[int, int]:
+        if len(shape) != 3 or shape[2] % 2:
+            raise ValueError(
+                f"ColumnMask needs images [C, H, W] with an even width, got shape {tuple(shape)}"
+            )
+        return shape[0], shape[0]
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self.channels(tuple(x.shape[1:]))
+        even, odd = x[..., 0::2], x[..., 1::2]
+        return (odd, even) if self.reverse else (even, odd)
+
+    def merge(self, x: Tensor, y_b: Tensor) -> Tensor:
+        x_a = x[..., 1::2] if self.reverse else x[..., 0::2]
+        return self.join(x_a, y_b)
+
+    def join(self, x_a: Tensor, x_b: Tensor) -> Tensor:
+        """The image whose split is ``(x_a, x_b)``."""
+        even, odd = (x_b, x_a) if self.reverse else (x_a, x_b)
+        return torch.stack([even, odd], -1).flatten(-2)
+
+
 class Coupling(FlowLayer):
     """``y_a = x_a``, ``y_b = T(x_b; conditioner(x_a, context))``.
 
     Arguments:
         mask: a :class:`Mask` (:class:`ChannelMask`, :class:`AlternateMask`,
-            :class:`CheckerboardMask`).
+            :class:`CheckerboardMask`, :class:`ColumnMask`).
         conditioner: any module called as ``conditioner(x_a)`` (no context) or
             ``conditioner(x_a, context)``, returning ``n_params * (size of x_b in dim 1)``
             channels/features (and ``x_b``'s spatial size); channel ``i * c_b + c`` is

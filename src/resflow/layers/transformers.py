@@ -11,7 +11,8 @@ which has the shape of ``x``. Log-determinants are returned *elementwise*
   Dhariwal 2018);
 * :class:`Additive` -- ``y = x + t`` (NICE, Dinh et al. 2015);
 * :class:`MonotoneTransformer` -- any map given by its forward formula only; it is
-  inverted numerically by :func:`bisection_inverse` (Flow++, NAF, ...).
+  inverted numerically by :func:`bisection_inverse` (Flow++'s logistic-mixture CDF in
+  :mod:`resflow.layers.logistic_mixture`, NAF's sigmoidal flows, ...).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ScaleKind = Literal["exp", "sigmoid", "softplus"]
+ScaleKind = Literal["exp", "sigmoid", "softplus", "tanh"]
 
 
 class BracketNotFoundError(RuntimeError):
@@ -69,10 +70,11 @@ class Affine(Transformer):
         scale: how the unconstrained ``h`` becomes a positive scale:
             ``"exp"``: ``s = exp(h)`` (RealNVP);
             ``"sigmoid"``: ``s = sigmoid(h + 2)`` (Glow; bounded in ``(0, 1)``);
-            ``"softplus"``: ``s = softplus(h) + eps``.
-            Only ``"exp"`` is the identity at ``h = t = 0`` (a zero-initialised
+            ``"softplus"``: ``s = softplus(h) + eps``;
+            ``"tanh"``: ``s = exp(tanh(h))`` (Flow++'s affine coupling; in ``(1/e, e)``).
+            Only ``"exp"`` and ``"tanh"`` are the identity at ``h = t = 0`` (a zero-initialised
             conditioner); the other two start at ``s = 0.88`` and ``0.69 + eps``.
-        eps: lower bound of the softplus scale (unused by the other two).
+        eps: lower bound of the softplus scale (unused by the others).
 
     The inverse is closed-form: ``x = (y - t) / s(h)``, ``log|dx/dy| = -log s(h)``.
 
@@ -89,8 +91,10 @@ class Affine(Transformer):
 
     def __init__(self, scale: ScaleKind = "exp", eps: float = 1e-3) -> None:
         super().__init__()
-        if scale not in ("exp", "sigmoid", "softplus"):
-            raise ValueError(f"unknown scale {scale!r}; choose 'exp', 'sigmoid' or 'softplus'")
+        if scale not in ("exp", "sigmoid", "softplus", "tanh"):
+            raise ValueError(
+                f"unknown scale {scale!r}; choose 'exp', 'sigmoid', 'softplus' or 'tanh'"
+            )
         if scale == "softplus" and not eps > 0:
             raise ValueError(f"eps must be positive for the softplus scale, got {eps}")
         self.scale = scale
@@ -105,6 +109,8 @@ class Affine(Transformer):
             return h
         if self.scale == "sigmoid":
             return F.logsigmoid(h + 2.0)
+        if self.scale == "tanh":
+            return torch.tanh(h)
         return torch.log(F.softplus(h) + self.eps)
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
@@ -247,14 +253,21 @@ class MonotoneTransformer(Transformer):
     upper: float = 1.0
     max_expansions: int = 64
 
+    def bracket(self, y: Tensor, params: Tensor) -> tuple[float | Tensor, float | Tensor]:
+        """The initial bracket ``(lower, upper)`` of the bisection (floats or tensors
+        shaped like ``y``); the class attributes by default. A transformer that can
+        bound its inverse from its parameters overrides it (fewer bisection steps)."""
+        return self.lower, self.upper
+
     def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         self.check_params(y, params)
         with torch.no_grad():
+            lower, upper = self.bracket(y, params)
             x_star = bisection_inverse(
                 lambda x: self.forward(x, params)[0],
                 y,
-                self.lower,
-                self.upper,
+                lower,
+                upper,
                 self.max_expansions,
             )
         if not (torch.is_grad_enabled() and (y.requires_grad or params.requires_grad)):

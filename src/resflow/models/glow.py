@@ -13,7 +13,7 @@ dequantization (no logit).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
 
@@ -26,6 +26,7 @@ from resflow.layers.conv1x1 import InvertibleConv1x1
 from resflow.layers.coupling import ChannelMask, Coupling
 from resflow.layers.multiscale import ConditionalPrior
 from resflow.layers.transformers import Additive, Affine, Transformer
+from resflow.models.dequantization import DequantizationConfig, build_dequantizer
 from resflow.models.multiscale import count_scales, multiscale
 from resflow.models.registry import register_model, register_preset
 from resflow.nets.conditioners import MLP
@@ -55,6 +56,7 @@ class GlowConfig(Config):
     learn_top: bool = param(True, help="learned diagonal Gaussian top prior")
     horizontal_flip: bool = param(False, help="random horizontal flips in training")
     n_classes: int = param(0, ge=0, le=100_000, help="classes (0: unconditional)")
+    dequantization: DequantizationConfig = field(default_factory=DequantizationConfig)
 
 
 @dataclass
@@ -92,7 +94,11 @@ def build_glow(cfg: GlowConfig) -> Flow:
 
     c = cfg.image_shape[0]
     layers = image_preprocessing(
-        cfg.levels, None, cfg.horizontal_flip, normalize=((0.5,) * c, (1.0,) * c)
+        cfg.levels,
+        None,
+        cfg.horizontal_flip,
+        build_dequantizer(cfg.dequantization, cfg.levels, cfg.image_shape),
+        normalize=((0.5,) * c, (1.0,) * c),
     )
     layers += multiscale(
         cfg.image_shape,

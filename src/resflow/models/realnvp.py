@@ -13,7 +13,7 @@ L2 of 5e-5 on the weight-norm scales is the model's training penalty.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
 
@@ -25,6 +25,7 @@ from resflow.layers.batchnorm import BatchNormFlow
 from resflow.layers.coupling import ChannelMask, CheckerboardMask, Coupling, Mask
 from resflow.layers.multiscale import ConditionalPrior
 from resflow.layers.transformers import Affine
+from resflow.models.dequantization import DequantizationConfig, build_dequantizer
 from resflow.models.multiscale import count_scales, multiscale
 from resflow.models.registry import register_model, register_preset
 from resflow.nets.glow import ZeroConv2d
@@ -56,6 +57,7 @@ class RealNVPConfig(Config):
     horizontal_flip: bool = param(False, help="random horizontal flips in training")
     scale_l2: float = param(5e-5, ge=0, help="L2 penalty on the weight-norm scales")
     n_classes: int = param(0, ge=0, le=100_000, help="classes (0: unconditional)")
+    dequantization: DequantizationConfig = field(default_factory=DequantizationConfig)
 
 
 @dataclass
@@ -104,7 +106,8 @@ def build_realnvp(cfg: RealNVPConfig) -> Flow:
             return None
         return ConditionalPrior(ZeroConv2d(kept[0], 2 * half[0]))
 
-    layers = image_preprocessing(cfg.levels, cfg.logit_alpha, cfg.horizontal_flip)
+    dequantizer = build_dequantizer(cfg.dequantization, cfg.levels, cfg.image_shape)
+    layers = image_preprocessing(cfg.levels, cfg.logit_alpha, cfg.horizontal_flip, dequantizer)
     layers += multiscale(
         cfg.image_shape,
         n,

@@ -21,6 +21,7 @@ from resflow.layers.multiscale import Flatten
 from resflow.layers.residual.block import ResidualBlock
 from resflow.layers.residual.lipschitz import CERTIFY_EVERY, set_certify_every
 from resflow.layers.residual.logdet import EstimatorConfig
+from resflow.models.dequantization import DequantizationConfig, build_dequantizer
 from resflow.models.multiscale import count_scales, multiscale
 from resflow.models.registry import register_model, register_preset
 from resflow.nets.residual import residual_cnn, residual_mlp
@@ -105,6 +106,7 @@ class ImageFlowConfig(Config):
         CERTIFY_EVERY, ge=1, le=1_000_000, help="training steps between certified norm bounds"
     )
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    dequantization: DequantizationConfig = field(default_factory=DequantizationConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -171,7 +173,8 @@ def build_image_flow(cfg: ImageFlowConfig) -> Flow:
                     layers.append(ActNorm(d))
         return layers
 
-    layers = image_preprocessing(cfg.levels, cfg.logit_alpha, cfg.horizontal_flip)
+    dequantizer = build_dequantizer(cfg.dequantization, cfg.levels, cfg.image_shape)
+    layers = image_preprocessing(cfg.levels, cfg.logit_alpha, cfg.horizontal_flip, dequantizer)
     n = count_scales(cfg.image_shape, len(cfg.n_blocks), cfg.squeeze_first)
     _, h, w = cfg.image_shape
     if cfg.squeeze_first and (h % 2 or w % 2):

@@ -11,6 +11,7 @@ from resflow.preprocess.bits import ReduceBits, reduce_bits
 from resflow.preprocess.dequantize import Dequantize, Dequantizer, UniformDequantizer
 from resflow.preprocess.flips import RandomHorizontalFlip
 from resflow.preprocess.transforms import LogitTransform, Normalize
+from resflow.preprocess.variational import VariationalDequantizer
 
 
 def image_preprocessing(
@@ -39,7 +40,7 @@ def image_preprocessing(
     return layers
 
 
-DequantizationKind = Literal["uniform"]
+DequantizationKind = Literal["uniform", "variational"]
 
 __all__ = [
     "Dequantize",
@@ -50,6 +51,7 @@ __all__ = [
     "RandomHorizontalFlip",
     "ReduceBits",
     "UniformDequantizer",
+    "VariationalDequantizer",
     "image_preprocessing",
     "reduce_bits",
 ]
