@@ -24,12 +24,15 @@ from resflow.layers.base import Inverse
 from resflow.layers.batchnorm import BatchNormFlow
 from resflow.layers.conv1x1 import InvertibleConv1x1
 from resflow.layers.coupling import ChannelMask, CheckerboardMask, ColumnMask, Coupling
+from resflow.layers.guidance import ContextDropout
 from resflow.layers.halves import Halves
 from resflow.layers.logistic_mixture import LogisticMixtureCDF
 from resflow.layers.multiscale import ConditionalPrior, DiagonalPrior, FactorOut, Flatten
+from resflow.layers.patch import Patchify
 from resflow.layers.residual.logdet import EstimatorConfig
 from resflow.layers.sigmoidal import DDSF, DSF
 from resflow.layers.squeeze import Squeeze
+from resflow.layers.tarflow import TarFlowBlock
 from resflow.layers.transformers import Additive, Affine
 from resflow.models import MODELS, build_model, get_preset
 from resflow.models.dequantization import DequantizationConfig
@@ -38,12 +41,14 @@ from resflow.models.glow import GlowConfig, GlowVectorConfig
 from resflow.models.iresnet import IResNetConfig, IResNetVectorConfig
 from resflow.models.naf import MAFConfig, NAFConfig
 from resflow.models.realnvp import RealNVPConfig, RealNVPVectorConfig
+from resflow.models.tarflow import TarFlowConfig
 from resflow.nets import residual_cnn, residual_mlp
 from resflow.nets.conditioners import ConvNet
 from resflow.nets.flowpp import FlowppNet
 from resflow.nets.glow import GlowNet
 from resflow.nets.made import MADE
 from resflow.nets.realnvp import RealNVPMLP, RealNVPResNet
+from resflow.nets.transformer import CausalTransformer
 from resflow.preprocess import LogitTransform, Normalize
 
 from helpers import brute_logdet
@@ -99,7 +104,24 @@ def _flowpp_coupling(mask, transformer, shape, size, attention=True) -> Coupling
     return Coupling(mask, net, transformer)
 
 
+def _tarflow_block(flip: bool = False, context: int = 0, guidance: float | None = None):
+    """A TarFlow block on 4 tokens of 3 features (zero-initialised output: perturbed)."""
+    net = CausalTransformer(3, 6, tokens=4, width=16, depth=2, heads=2, context_features=context)
+    block = TarFlowBlock(net, flip=flip)
+    block.guidance = guidance
+    return block
+
+
 LAYERS = {
+    "tarflow-block": (_tarflow_block, (4, 3), None),
+    "tarflow-block-flip-context": (lambda: _tarflow_block(True, context=2), (4, 3), None),
+    "tarflow-block-guided": (lambda: _tarflow_block(context=2, guidance=2.5), (4, 3), None),
+    "context-dropout-eval": (
+        lambda: ContextDropout(_tarflow_block(context=2), p=0.5).eval(),
+        (4, 3),
+        None,
+    ),
+    "patchify": (lambda: Patchify((2, 4, 6), 2), (2, 4, 6), None),
     "coupling-flowpp-mixlog-column": (
         lambda: _flowpp_coupling(ColumnMask(), LogisticMixtureCDF(3), (2, 2, 2), (2, 1)),
         (2, 2, 2),
@@ -316,6 +338,9 @@ MODELS_TINY = {
             context_blocks=1,
         ),
     ),  # fmt: skip
+    "tarflow": lambda: TarFlowConfig(
+        image_shape=(1, 4, 4), levels=17, patch_size=2, width=16, n_blocks=2, depth=1, heads=2
+    ),
     "maf": lambda: MAFConfig(dim=3, n_flows=2, hidden=(8,), batch_norm=True),
     "naf": lambda: NAFConfig(dim=3, n_flows=2, hidden=(8,), sigmoid_units=4),
 }

@@ -3,6 +3,7 @@
     resflow train       [--data digits] [--model NAME | --preset NAME] [--set key=value]
     resflow eval        --run DIR [--set key=value]
     resflow sample      --run DIR [--n 64] [--temperature 1.0] [--label K] [--size HxW]
+                        [--denoise] [--guidance W]
     resflow interpolate --run DIR [--steps 8] [--manifold] [--out FILE]
     resflow compress    --run DIR [--n 8]     keep the coarsest latents, resample the rest
     resflow check       --run DIR             certify Lipschitz bounds, inverses, densities
@@ -28,7 +29,7 @@ from resflow.checkpoint import CheckpointError
 from resflow.config import ConfigError, add_flags, given_flags, override, parse_sets, replace
 from resflow.data import DataConfig, data_kind, load_data
 from resflow.data.download import DownloadError
-from resflow.evaluation import evaluate, evaluate_bounds, interpolate, save_image_grid
+from resflow.evaluation import decode, evaluate, evaluate_bounds, interpolate, save_image_grid
 from resflow.latent import conceptual_compression, manifold_interpolation
 from resflow.layers.residual.block import InverseNotConvergedError
 from resflow.layers.transformers import BracketNotFoundError
@@ -235,8 +236,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         m = min(args.batch_size, args.n - start)
         y = None if labels is None else labels[start : start + m]
         z = model.sample_latent(m, args.temperature, y)
-        with torch.no_grad():
-            chunks.append(model.inverse(z, y))
+        chunks.append(decode(model, z, y, args.denoise, args.guidance))
         if args.check:
             errors.append(model.round_trip_error(z, y))
     samples = torch.cat(chunks)
@@ -253,6 +253,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             plot_samples_2d(samples, data.test, png)
             print(f"scatter of the samples beside the test data: {png}")
     what = "" if args.label is None else f" of class {args.label}"
+    what += "" if args.guidance is None else f" with guidance {args.guidance:g}"
+    what += ", denoised" if args.denoise else ""
     size = "x".join(map(str, model.shape))
     print(f"wrote {len(samples)} samples{what} ({size}) at temperature {args.temperature} to {out}")
     if args.check:
@@ -496,6 +498,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--label", type=int, default=None, help="class of every sample (class-conditional runs)"
+    )
+    s.add_argument(
+        "--denoise",
+        action="store_true",
+        help="one-step denoising with the model's score (models trained with noise_std > 0)",
+    )
+    s.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        metavar="W",
+        help="classifier-free guidance weight (TarFlow; 1: conditional, 0: unconditional)",
     )
     s.add_argument(
         "--size",

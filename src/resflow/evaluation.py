@@ -1,5 +1,6 @@
-"""Evaluation: bits/dim or NLL over a data set (mean +- standard error), sampling,
-latent interpolation, and image grids.
+"""Evaluation: bits/dim or NLL over a data set (mean +- standard error), sampling
+(decoding with classifier-free guidance and one-step denoising), latent
+interpolation, and image grids.
 
 Bits/dim for data with ``L`` quantization levels (``L = 256`` for 8-bit images):
 ``bpd = -(log p(y) - D log L) / (D ln 2)`` where ``y = (x + u) / L`` is the dequantized
@@ -20,7 +21,9 @@ from tqdm.auto import tqdm
 
 from resflow.flow import Flow
 from resflow.io import atomic_write
-from resflow.layers.base import after_optimizer_step
+from resflow.layers.base import Sequential, after_optimizer_step
+from resflow.layers.guidance import guidance as guidance_weight
+from resflow.preprocess.noise import GaussianNoise
 
 
 def bits_per_dim(log_prob: Tensor, dim: int, levels: int = 256) -> Tensor:
@@ -32,16 +35,29 @@ def bits_per_dim(log_prob: Tensor, dim: int, levels: int = 256) -> Tensor:
 
 @dataclass
 class EvalResult:
-    """Mean and standard error over a data set; ``unit`` is ``"bits/dim"`` or ``"nats"``."""
+    """Mean and standard error over a data set; ``unit`` is ``"bits/dim"`` or ``"nats"``;
+    ``note`` says what was measured when it is not the data's likelihood (e.g. that of
+    noise-augmented data, :func:`density_note`)."""
 
     mean: float
     stderr: float
     n: int
     unit: str
+    note: str = ""
 
     def __str__(self) -> str:
         err = f"{self.stderr:.4f}" if math.isfinite(self.stderr) else "n/a"
-        return f"{self.mean:.4f} +- {err} {self.unit} (n={self.n})"
+        note = f", {self.note}" if self.note else ""
+        return f"{self.mean:.4f} +- {err} {self.unit} (n={self.n}){note}"
+
+
+def density_note(model: torch.nn.Module) -> str:
+    """What the model's log-density measures, from its layers' ``density_note()``
+    (noise augmentation: the likelihood of the noisy data); empty for a plain model."""
+    notes = [
+        m.density_note() for m in model.modules() if callable(getattr(m, "density_note", None))
+    ]
+    return "; ".join(notes)
 
 
 @torch.no_grad()
@@ -95,7 +111,7 @@ def evaluate(
     n = len(v)
     stderr = float(v.std() / math.sqrt(n)) if n > 1 else float("nan")
     unit = "bits/dim" if model.levels is not None else "nats"
-    return EvalResult(float(v.mean()), stderr, n, unit)
+    return EvalResult(float(v.mean()), stderr, n, unit, density_note(model))
 
 
 @dataclass
@@ -113,10 +129,10 @@ class BoundResult:
         return f"variational bound {self.elbo}; importance-weighted bound (K={self.k}) {self.iw}"
 
 
-def _summary(v: Tensor, unit: str) -> EvalResult:
+def _summary(v: Tensor, unit: str, note: str = "") -> EvalResult:
     n = len(v)
     stderr = float(v.std() / math.sqrt(n)) if n > 1 else float("nan")
-    return EvalResult(float(v.mean()), stderr, n, unit)
+    return EvalResult(float(v.mean()), stderr, n, unit, note)
 
 
 @torch.no_grad()
@@ -173,7 +189,54 @@ def evaluate_bounds(
     if not (torch.isfinite(e).all() and torch.isfinite(w).all()):
         raise FloatingPointError("the model gives a non-finite log-density for some examples")
     unit = "bits/dim" if model.levels is not None else "nats"
-    return BoundResult(_summary(e, unit), _summary(w, unit), k)
+    note = density_note(model)
+    return BoundResult(_summary(e, unit, note), _summary(w, unit, note), k)
+
+
+def decode(
+    model: Flow,
+    z: Tensor,
+    context: Tensor | None = None,
+    denoise: bool = False,
+    guidance: float | None = None,
+) -> Tensor:
+    """Data ``model.inverse(z, context)`` for latents ``z`` (no gradients), optionally
+
+    * with classifier-free guidance of weight ``guidance`` (class-conditional models
+      with guidable layers, TarFlow: ``theta = theta_null + w (theta_y - theta_null)``
+      on ``mu`` and ``alpha``, see :mod:`resflow.layers.guidance`; 1 is the plain
+      conditional model, 0 the unconditional one);
+    * ``denoise``: for a model trained with Gaussian noise augmentation of std
+      ``sigma`` (:class:`~resflow.preprocess.noise.GaussianNoise`), decode to the noisy
+      ``y`` just after the noise layer, take one step of Tweedie's formula with the
+      model's own score, ``x_hat = y + sigma^2 grad_y log p(y | context)`` (autograd
+      through the unguided log-density), and decode ``x_hat`` through the layers
+      before it (the quantization of the dequantizer).
+    """
+    if guidance is not None and model.n_classes is None:
+        raise ValueError("--guidance needs a class-conditional model (train with --conditional)")
+    ctx = model.condition(context, z.shape[0])
+    layers = list(model.layers.layers) if isinstance(model.layers, Sequential) else [model.layers]
+    noise = [i for i, layer in enumerate(layers) if isinstance(layer, GaussianNoise)]
+    if denoise and not noise:
+        raise ValueError(
+            "--denoise: this model was trained without noise augmentation (noise_std = 0); "
+            "there is nothing to denoise"
+        )
+    cut = noise[-1] + 1 if denoise else 0
+    head, tail = Sequential(layers[:cut]), Sequential(layers[cut:])
+    with torch.no_grad(), guidance_weight(model, guidance):
+        y = tail.inverse(z, ctx)
+    if denoise:
+        with torch.enable_grad():
+            y = y.detach().requires_grad_(True)
+            u, logdet = tail(y, ctx)
+            log_p = model.base.log_prob(u, ctx) + logdet
+            (score,) = torch.autograd.grad(log_p.sum(), y)
+        std = layers[cut - 1].std  # type: ignore[union-attr]
+        y = y.detach() + std**2 * score
+    with torch.no_grad():
+        return head.inverse(y, ctx)
 
 
 @torch.no_grad()

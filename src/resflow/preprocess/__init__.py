@@ -1,6 +1,6 @@
 """Preprocessing flows for discrete data: dequantization (which owns the ``-D log L``
-term of bits/dim), logit / normalize, flips, bit reduction, and the image pipeline
-that every image model of resflow starts with."""
+term of bits/dim), logit / normalize, flips, bit reduction, Gaussian noise
+augmentation, and the image pipeline that every image model of resflow starts with."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from resflow.layers.base import FlowLayer
 from resflow.preprocess.bits import ReduceBits, reduce_bits
 from resflow.preprocess.dequantize import Dequantize, Dequantizer, UniformDequantizer
 from resflow.preprocess.flips import RandomHorizontalFlip
+from resflow.preprocess.noise import GaussianNoise
 from resflow.preprocess.transforms import LogitTransform, Normalize
 from resflow.preprocess.variational import VariationalDequantizer
 
@@ -20,8 +21,9 @@ def image_preprocessing(
     horizontal_flip: bool = False,
     dequantizer: Dequantizer | None = None,
     normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    noise_std: float = 0.0,
 ) -> list[FlowLayer]:
-    """``Dequantize -> [flip] -> Logit(alpha) | Normalize(mean, std) | nothing``.
+    """``Dequantize -> [flip] -> [noise] -> Logit(alpha) | Normalize(mean, std) | nothing``.
 
     Args:
         levels: quantization levels of the data (256 for 8-bit images).
@@ -29,10 +31,14 @@ def image_preprocessing(
         horizontal_flip: random left-right flips in training.
         dequantizer: default :class:`UniformDequantizer`.
         normalize: per-channel ``(mean, std)`` instead of the logit transform.
+        noise_std: Gaussian noise augmentation of the dequantized data in ``[0, 1)``
+            (:class:`GaussianNoise`; 0: none). The model is then one of the noisy data.
     """
     layers: list[FlowLayer] = [dequantizer or UniformDequantizer(levels)]
     if horizontal_flip:
         layers.append(RandomHorizontalFlip())
+    if noise_std > 0:
+        layers.append(GaussianNoise(noise_std))
     if normalize is not None:
         layers.append(Normalize(*normalize))
     elif logit_alpha is not None:
@@ -46,6 +52,7 @@ __all__ = [
     "Dequantize",
     "DequantizationKind",
     "Dequantizer",
+    "GaussianNoise",
     "LogitTransform",
     "Normalize",
     "RandomHorizontalFlip",
