@@ -314,6 +314,9 @@ def test_tarflow_train_eval_and_sample_denoised_with_guidance(tmp_path, capsys):
                  "--out", str(run), "--no-progress", "--no-tensorboard"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "tarflow-digits" in out and "bits/dim" in out
+    test_line = next(line for line in out.splitlines() if line.startswith("test "))
+    assert "of the noisy data" in test_line  # the training run's own report says so too
+    assert "one-step denoising" in out and (run / "samples_denoised.png").exists()
     assert main(["eval", "--run", str(run), "--max", "32", "--no-progress"]) == 0
     assert "bits/dim (n=32), of the noisy data" in capsys.readouterr().out
     png = tmp_path / "s.png"

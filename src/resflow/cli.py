@@ -43,6 +43,7 @@ from resflow.models import (
     presets_of,
     resolve_model,
 )
+from resflow.preprocess.noise import GaussianNoise
 from resflow.runs import RunExistsError, RunFolder, RunLockedError
 from resflow.train_config import TrainConfig
 from resflow.training import Trainer
@@ -119,6 +120,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         scale = max(1, 128 // data.shape[-1])
         path = save_image_grid(imgs, out / "samples.png", data.levels, scale=scale)
         print(f"samples: {path}")
+        if any(isinstance(m, GaussianNoise) for m in trainer.model.modules()):
+            imgs = trainer.sample(train_cfg.n_samples, args.temperature, denoise=True)
+            path = save_image_grid(imgs, out / "samples_denoised.png", data.levels, scale=scale)
+            print(f"samples after one-step denoising: {path}")
     elif data.shape == (2,):
         from resflow.data.toy2d import TOY_DATASETS, toy_entropy
         from resflow.plots import plot_density_2d

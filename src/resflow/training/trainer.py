@@ -29,7 +29,14 @@ from tqdm.auto import tqdm
 from resflow.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from resflow.config import to_dict
 from resflow.data import DataConfig, DataSplit, load_data
-from resflow.evaluation import EvalResult, evaluate, image_grid, save_image_grid
+from resflow.evaluation import (
+    EvalResult,
+    decode,
+    density_note,
+    evaluate,
+    image_grid,
+    save_image_grid,
+)
 from resflow.flow import Flow
 from resflow.io import atomic_write_text
 from resflow.layers.base import after_optimizer_step, preserved_transient_state
@@ -271,9 +278,17 @@ class Trainer:
                 )
         return result
 
-    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+    def sample(
+        self,
+        n: int,
+        temperature: float = 1.0,
+        denoise: bool = False,
+        guidance: float | None = None,
+    ) -> Tensor:
         """``n`` samples from the EMA model (a class-conditional model: classes
-        ``0, 1, ..., K-1, 0, ...`` in turn)."""
+        ``0, 1, ..., K-1, 0, ...`` in turn). ``denoise`` (a model trained with noise
+        augmentation) and ``guidance`` (a class-conditional one) are those of
+        :func:`resflow.evaluation.decode`."""
         self._init_lazy_state()
         assert self.ema is not None
         k = self.model.n_classes
@@ -283,7 +298,8 @@ class Trainer:
             with self.ema.swapped(self.model):
                 self.model.eval()
                 after_optimizer_step(self.model)
-                out = self.model.sample(n, temperature, labels)
+                z = self.model.sample_latent(n, temperature, labels)
+                out = decode(self.model, z, labels, denoise, guidance)
                 self.model.train()
         return out
 
@@ -393,7 +409,8 @@ class Trainer:
         if final is not None and (final["step"] == self.step or self.stopped_early):
             n = len(self.data.test)
             n = n if cfg.eval_max is None else min(cfg.eval_max, n)
-            result = EvalResult(final["test"], final["test_stderr"], n, _eval_unit(self.model))
+            unit, note = _eval_unit(self.model), density_note(self.model)
+            result = EvalResult(final["test"], final["test_stderr"], n, unit, note)
         return TrainResult(self.model, self.ema, self.step, self.history, result)
 
     def _restore_best(self) -> None:
