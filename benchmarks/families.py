@@ -1,5 +1,5 @@
-"""RealNVP, Glow and the Residual Flow side by side, each on the same data and the same
-wall-clock training budget on this machine.
+"""RealNVP, Glow, the Residual Flow, TarFlow and DenseFlow side by side, each on the same
+data and the same wall-clock training budget on this machine.
 
     python benchmarks/families.py --task digits --budget 120
     python benchmarks/families.py --task mnist --budget 180
@@ -8,9 +8,12 @@ wall-clock training budget on this machine.
 For each family's small preset: seconds per iteration, the test metric of the EMA
 model after the budget (bits/dim on the 8x8 digits and MNIST; NLL in nats on
 8gaussians / checkerboard / grid, beside the data's entropy), the time to draw 64
-samples, and a sample grid (images) or a scatter (2-D). Families train one after the
-other, one thread each (``--threads``). Writes ``benchmarks/out/families_<task>.json``
-and the grids ``benchmarks/out/families_<task>_<preset>.png``.
+samples, and a sample grid (images) or a scatter (2-D). With ``--iw-samples K`` also
+the variational bound and the importance-weighted bound with ``K`` noise draws per
+test image (stochastic models: dequantization, DenseFlow's augmentation; ``--eval-max``
+test images). Families train one after the other, one thread each (``--threads``).
+Writes ``benchmarks/out/families_<task>.json`` and the grids
+``benchmarks/out/families_<task>_<preset>.png``.
 """
 
 from __future__ import annotations
@@ -26,20 +29,33 @@ from common import OUT, machine, save_json
 from resflow.config import replace
 from resflow.data import DataConfig, load_data
 from resflow.data.toy2d import toy_entropy
-from resflow.evaluation import save_image_grid
+from resflow.evaluation import evaluate_bounds, save_image_grid
 from resflow.models import MODELS, PRESETS, count_parameters, get_preset
 from resflow.training import Trainer
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 PRESETS_BY_TASK = {
-    "digits": ("realnvp-digits", "glow-digits", "digits-small"),
-    "mnist": ("realnvp-mnist", "glow-mnist", "mnist-small"),
+    "digits": (
+        "realnvp-digits",
+        "glow-digits",
+        "digits-small",
+        "tarflow-digits",
+        "denseflow-digits",
+    ),
+    "mnist": ("realnvp-mnist", "glow-mnist", "mnist-small", "tarflow-mnist", "denseflow-mnist"),
     "toy": ("realnvp-toy2d", "glow-toy2d", "toy2d"),
 }
 TOY_DATA = ("8gaussians", "checkerboard", "grid")
 
 
-def run_one(preset: str, data: Any, budget: float, tag: str) -> dict[str, Any]:
+def run_one(
+    preset: str,
+    data: Any,
+    budget: float,
+    tag: str,
+    iw_samples: int = 0,
+    eval_max: int | None = None,
+) -> dict[str, Any]:
     """Train ``preset`` on ``data`` for ``budget`` seconds, then evaluate and sample."""
     torch.manual_seed(0)
     entry = PRESETS.get(preset)
@@ -58,6 +74,13 @@ def run_one(preset: str, data: Any, budget: float, tag: str) -> dict[str, Any]:
         chunk = max(1, min(int(15 / per_step), int(left / per_step) + 1))
     train_s = time.perf_counter() - t0
     result = trainer.evaluate()
+    bounds = None
+    if iw_samples:  # the single-draw bound above and the importance-weighted one
+        test = data.test if eval_max is None else data.test[:eval_max]
+        assert trainer.ema is not None
+        torch.manual_seed(1)
+        with trainer.ema.swapped(trainer.model):
+            bounds = evaluate_bounds(trainer.model, test, k=iw_samples, batch_size=512)
     t1 = time.perf_counter()
     samples = trainer.sample(64)
     sample_s = time.perf_counter() - t1
@@ -80,11 +103,24 @@ def run_one(preset: str, data: Any, budget: float, tag: str) -> dict[str, Any]:
         "test_stderr": result.stderr,
         "unit": result.unit,
         "sample64_s": sample_s,
+        **(
+            {}
+            if bounds is None
+            else {
+                "iw_samples": iw_samples,
+                "iw_n": bounds.iw.n,
+                "elbo": bounds.elbo.mean,
+                "elbo_stderr": bounds.elbo.stderr,
+                "iw": bounds.iw.mean,
+                "iw_stderr": bounds.iw.stderr,
+            }
+        ),
         "grid": png.name if png.exists() else None,
     }
     print(
         f"  {preset:16s} {row['parameters']:>9,} params  {trainer.step:5d} steps "
-        f"({row['sec_per_iter']:.3f} s/iter)  test {result}  sample 64: {sample_s:.2f} s",
+        f"({row['sec_per_iter']:.3f} s/iter)  test {result}  sample 64: {sample_s:.2f} s"
+        + ("" if bounds is None else f"  IW bound (K={iw_samples}) {bounds.iw}"),
         flush=True,
     )
     return row
@@ -97,6 +133,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-dir", default=str(MNIST_DIR))
     p.add_argument("--presets", nargs="*", default=None, help="a subset of the task's presets")
+    p.add_argument(
+        "--iw-samples",
+        type=int,
+        default=0,
+        help="also report the variational and the importance-weighted bound with K "
+        "noise draws per test image (stochastic models: dequantization, augmentation)",
+    )
+    p.add_argument("--eval-max", type=int, default=None, help="test images for the IW bound")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     presets = args.presets or PRESETS_BY_TASK[args.task]
@@ -105,12 +149,17 @@ def main() -> None:
         for name in TOY_DATA:
             data = load_data(DataConfig(name=name, n_train=50_000, n_test=10_000))
             print(f"{name} (entropy {toy_entropy(name):.4f} nats):", flush=True)
-            rows = [run_one(q, data, args.budget, name) for q in presets]
+            rows = [
+                run_one(q, data, args.budget, name, args.iw_samples, args.eval_max) for q in presets
+            ]
             out[name] = {"entropy": toy_entropy(name), "rows": rows}
     else:
         data = load_data(DataConfig(name=args.task, data_dir=args.data_dir))
         print(f"{args.task} {tuple(data.shape)}, {len(data.test)} test images:", flush=True)
-        out["rows"] = [run_one(q, data, args.budget, args.task) for q in presets]
+        out["rows"] = [
+            run_one(q, data, args.budget, args.task, args.iw_samples, args.eval_max)
+            for q in presets
+        ]
     path = save_json(f"families_{args.task}", out)
     print(f"wrote {path}")
 

@@ -17,3 +17,9 @@ $PY families.py --task toy --budget 60 | tee out/families_toy.log
 $PY families.py --task mnist --budget 180 | tee out/families_mnist.log
 $PY flowpp.py --task digits --budget 120 --k 16 | tee out/flowpp_digits.log
 $PY flowpp.py --task mnist --budget 120 --k 4 --eval-max 1000 | tee out/flowpp_mnist.log
+# the paper's analyses (issue 12)
+# (speed_memory.py fig3-cifar10 needs more memory than this machine has: run it on a GPU)
+$PY bias.py | tee out/bias.log
+$PY activations.py --steps 300 | tee out/activations.log
+$PY norms.py --data checkerboard --steps 400 | tee out/norms_checkerboard.log
+$PY hybrid.py --steps 300 | tee out/hybrid.log

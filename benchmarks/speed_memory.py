@@ -4,6 +4,7 @@
     python benchmarks/speed_memory.py mnist-1block     # authors' 1-block-per-scale MNIST
     python benchmarks/speed_memory.py mnist-paper      # the full paper MNIST preset
     python benchmarks/speed_memory.py fig3             # paper Fig. 3: memory of the tricks
+    python benchmarks/speed_memory.py fig3-cifar10     # the same on the CIFAR-10 preset
 
 A training iteration is forward + backward + AdamW step + Lipschitz refresh. Peak
 memory is the process's peak resident set size (``ru_maxrss``), so every
@@ -52,24 +53,40 @@ CONFIGS: dict[str, tuple[str, dict, int, str, int]] = {
     "mnist-1block": ("mnist", {"n_blocks": (1, 1, 1)}, 64, "mnist", 5),
     "mnist-paper": ("mnist", {}, 64, "mnist", 1),
 }  # fmt: skip
-for _neu in (False, True):
-    for _bif in (False, True):
-        _name = f"fig3-{'neumann' if _neu else 'naive'}{'-bif' if _bif else ''}"
-        CONFIGS[_name] = ("mnist", {"n_blocks": (1, 1, 1), "estimator": _est(
-            dist="none", n_exact_terms=10, neumann_grad=_neu, grad_in_forward=_bif)}, 64,
-            "mnist", 2)  # fmt: skip
+# paper Fig. 3: the four gradient variants, n = 10 terms, batch 64, one block per scale;
+# CIFAR-10 on random images of its shape (memory does not depend on the pixel values);
+# "tiny" is the test suite's seconds-long check of the same code
+_FIG3 = {"": ("mnist", {"n_blocks": (1, 1, 1)}, 64, "mnist", 2),
+         "cifar10-": ("cifar10", {"n_blocks": (1, 1, 1)}, 64, "cifar10-random", 2),
+         "tiny-": ("digits-small", {"n_blocks": (1, 1), "hidden": 8, "fc_blocks": 1,
+                                    "fc_hidden": (8,)}, 8, "digits", 1)}  # fmt: skip
+_FIG3_SUITES: dict[str, list[str]] = {}
+for _prefix, (_preset, _over, _bs, _data, _it) in _FIG3.items():
+    _suite = f"fig3{'-' + _prefix.rstrip('-') if _prefix else ''}"
+    _FIG3_SUITES[_suite] = []
+    for _neu in (False, True):
+        for _bif in (False, True):
+            _name = f"fig3-{_prefix}{'neumann' if _neu else 'naive'}{'-bif' if _bif else ''}"
+            CONFIGS[_name] = (_preset, {**_over, "estimator": _est(
+                dist="none", n_exact_terms=10, neumann_grad=_neu, grad_in_forward=_bif)}, _bs,
+                _data, _it)  # fmt: skip
+            _FIG3_SUITES[_suite].append(_name)
 
 SUITES = {
     "toy2d-paper": ["toy2d-paper-naive", "toy2d-paper-neumann-bif", "toy2d-paper-exact"],
     "mnist-1block": ["mnist-1block"],
     "mnist-paper": ["mnist-paper"],
-    "fig3": ["fig3-naive", "fig3-neumann", "fig3-naive-bif", "fig3-neumann-bif"],
 }
+SUITES.update(_FIG3_SUITES)
 
 
 def _batch(data_name: str, n: int, split: str = "train") -> torch.Tensor:
     if data_name == "mnist":
         data = load_data("mnist", MNIST_DIR)
+    elif data_name == "cifar10-random":
+        return torch.randint(0, 256, (n, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    elif data_name == "digits":
+        data = load_data("digits")
     else:
         data = load_data(data_name, n_train=4 * n, n_test=n)
     x = data.train if split == "train" else data.test
@@ -81,12 +98,15 @@ def run_one(name: str) -> dict:
     preset, overrides, batch, data_name, iters = CONFIGS[name]
     torch.manual_seed(0)
     cfg = get_preset(preset, **overrides)
-    model = build_model(cfg)
-    x = _batch(data_name, batch)
+    cuda = torch.cuda.is_available()
+    model = build_model(cfg).to("cuda" if cuda else "cpu")
+    x = _batch(data_name, batch).to("cuda" if cuda else "cpu")
     opt = make_optimizer(model, TrainConfig())
     with torch.no_grad():
         model(x)  # data-dependent init, lazy buffers (not timed)
     times = []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(iters + 1):
         t0 = time.perf_counter()
         loss, _ = MaximumLikelihood(model)(model, Batch(x))
@@ -102,6 +122,9 @@ def run_one(name: str) -> dict:
         "iter_times": times[1:], "first_iter_s": times[0],
         "peak_rss_gb": peak_rss_gb(), "machine": machine(),
     }  # fmt: skip
+    if cuda:  # the paper's measure: GPU memory allocated by torch
+        out["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        out["device"] = torch.cuda.get_device_name()
     if name == "mnist-1block":  # evaluation of 64 test images, 20 exact terms + tail
         model.eval()
         xt = _batch("mnist", 64, "test")
@@ -136,22 +159,37 @@ def main() -> None:
         print(f"{name:26s} {res['parameters']:>11,} params  batch {res['batch']:4d}  "
               f"{res['sec_per_iter']:7.3f} s/iter (median; min {res['min_sec_per_iter']:.3f})  "
               f"peak {res['peak_rss_gb']:.2f} GB{extra}", flush=True)  # fmt: skip
+    if args.suite.startswith("fig3"):
+        key = "cuda_max_allocated_gb" if "cuda_max_allocated_gb" in results[0] else "peak_rss_gb"
+        for r in results:  # the paper reports each variant against naive backprop
+            r["ratio_to_naive"] = r[key] / results[0][key]
+            print(f"{r['config']:26s} {r[key]:.2f} GB = {r['ratio_to_naive']:.2f} x naive")
     save_json(args.suite, {"machine": results[0]["machine"], "results": results})
-    if args.suite == "fig3":
-        _plot_fig3(results, OUT / "fig3.png")
+    if args.suite.startswith("fig3"):
+        _plot_fig3(results, OUT / f"{args.suite}.png", args.suite)
 
 
-def _plot_fig3(results: list[dict], path: Path) -> None:
+def _plot_fig3(results: list[dict], path: Path, suite: str = "fig3") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [r["config"].removeprefix("fig3-") for r in results]
+    gpu = "cuda_max_allocated_gb" in results[0]
+    key = "cuda_max_allocated_gb" if gpu else "peak_rss_gb"
+    prefix = suite + "-" if suite != "fig3" else "fig3-"
+    labels = [r["config"].removeprefix(prefix) for r in results]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(labels, [r["peak_rss_gb"] for r in results])
-    ax.set_ylabel("peak memory (GB)")
-    ax.set_title("MNIST, 1 block/scale, batch 64, 10 terms (process peak RSS)")
+    bars = ax.bar(labels, [r[key] for r in results])
+    for bar, r in zip(bars, results):
+        ratio = r[key] / results[0][key]
+        ax.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)  # fmt: skip
+    ax.set_ylabel("GPU memory allocated (GB)" if gpu else "peak memory (GB)")
+    what = {"fig3": "MNIST", "fig3-cifar10": "CIFAR-10"}.get(suite, suite)
+    measure = "torch.cuda.max_memory_allocated" if gpu else "process peak RSS"
+    ax.set_title(f"{what}, 1 block/scale, batch {results[0]['batch']}, 10 terms ({measure})",
+                 fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

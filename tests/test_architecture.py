@@ -16,7 +16,7 @@ FLOORS = {
     "preprocess": 2, "nets": 2,
     "flow": 3,
     "models": 4, "data": 4,
-    "evaluation": 5, "plots": 5, "certify": 5, "latent": 5,
+    "evaluation": 5, "plots": 5, "certify": 5, "latent": 5, "fid": 5, "scoring": 5.5,
     "runs": 6,
     "training": 7,
     "vi": 7.5,

@@ -35,6 +35,7 @@ from resflow.layers.squeeze import Squeeze
 from resflow.layers.tarflow import TarFlowBlock
 from resflow.layers.transformers import Additive, Affine
 from resflow.models import MODELS, build_model, get_preset
+from resflow.models.denseflow import DenseFlowConfig, SoftClampAffine, Unsqueeze
 from resflow.models.dequantization import DequantizationConfig
 from resflow.models.flowpp import FlowppConfig
 from resflow.models.glow import GlowConfig, GlowVectorConfig
@@ -44,6 +45,7 @@ from resflow.models.realnvp import RealNVPConfig, RealNVPVectorConfig
 from resflow.models.tarflow import TarFlowConfig
 from resflow.nets import residual_cnn, residual_mlp
 from resflow.nets.conditioners import ConvNet
+from resflow.nets.denseflow import ContextDenseNet, DenseAttentionNet
 from resflow.nets.flowpp import FlowppNet
 from resflow.nets.glow import GlowNet
 from resflow.nets.made import MADE
@@ -112,7 +114,25 @@ def _tarflow_block(flip: bool = False, context: int = 0, guidance: float | None 
     return block
 
 
+def _denseflow_coupling(mask, context: int = 0) -> Coupling:
+    """DenseFlow's coupling: its dense-block + Nystrom-attention net (evaluation mode:
+    the net's batch norm uses running statistics), or the dequantizer's context net."""
+    if context:
+        net = ContextDenseNet(2, 4, context_channels=context, hidden=6, depth=2, growth=3)
+    else:
+        net = DenseAttentionNet(2, 4, hidden=8, depth=2, growth=3, heads=2, landmarks=2)
+    return Coupling(mask, net, SoftClampAffine()).eval()
+
+
 LAYERS = {
+    "coupling-denseflow": (lambda: _denseflow_coupling(ChannelMask()), (4, 3, 3), None),
+    "coupling-denseflow-reverse": (lambda: _denseflow_coupling(ChannelMask(True)), (4, 1, 2), None),
+    "coupling-denseflow-dequantizer": (
+        lambda: _denseflow_coupling(ChannelMask(), context=2),
+        (4, 2, 2),
+        None,
+    ),
+    "unsqueeze": (Unsqueeze, (8, 2, 2), None),
     "tarflow-block": (_tarflow_block, (4, 3), None),
     "tarflow-block-flip-context": (lambda: _tarflow_block(True, context=2), (4, 3), None),
     "tarflow-block-guided": (lambda: _tarflow_block(context=2, guidance=2.5), (4, 3), None),
@@ -341,6 +361,21 @@ MODELS_TINY = {
     "tarflow": lambda: TarFlowConfig(
         image_shape=(1, 4, 4), levels=17, patch_size=2, width=16, n_blocks=2, depth=1, heads=2
     ),
+    "residual-flow-hybrid": lambda: get_preset(
+        "hybrid-digits", **_TINY_IMAGE, head_channels=4, estimator=_EXACT
+    ),
+    "denseflow": lambda: DenseFlowConfig(
+        image_shape=(1, 4, 4),
+        levels=17,
+        units=(2, 1),
+        modules=(1, 1),
+        hidden=(4, 4),
+        growth=2,
+        dense_depth=1,
+        dense_growth=4,
+        heads=1,
+        landmarks=2,
+    ),
     "maf": lambda: MAFConfig(dim=3, n_flows=2, hidden=(8,), batch_norm=True),
     "naf": lambda: NAFConfig(dim=3, n_flows=2, hidden=(8,), sigmoid_units=4),
 }
@@ -363,7 +398,10 @@ def test_model_log_prob_sampling_and_state(name):
     x = _model_input(model)
     logp = model.log_prob(x)
     assert logp.shape == (6,) and torch.isfinite(logp).all()
-    (-logp.mean()).backward()
+    loss = -logp.mean()
+    if hasattr(model, "logits"):  # a hybrid model: its classifier's weights too
+        loss = loss + model.logits(x).logsumexp(1).mean()
+    loss.backward()
     for pname, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None, f"{name}: {pname} gets no gradient"

@@ -2,6 +2,8 @@
 
     resflow train       [--data digits] [--model NAME | --preset NAME] [--set key=value]
     resflow eval        --run DIR [--set key=value]
+    resflow score       --run DIR --input PATH|DATA [--input ...] [--out scores.csv] [--plot PNG]
+    resflow fid         --run DIR [--n 10000]  FID of samples (optional extra: resflow[fid])
     resflow sample      --run DIR [--n 64] [--temperature 1.0] [--label K] [--size HxW]
                         [--denoise] [--guidance W]
     resflow interpolate --run DIR [--steps 8] [--manifold] [--out FILE]
@@ -18,6 +20,7 @@ depth, checked against its type and range before any data is loaded.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,13 @@ from resflow.preprocess.noise import GaussianNoise
 from resflow.runs import RunExistsError, RunFolder, RunLockedError
 from resflow.train_config import TrainConfig
 from resflow.training import Trainer
+from resflow.training.distributed import (
+    PeerError,
+    launched_by_torchrun,
+    load_shared,
+    setup,
+    shutdown,
+)
 
 _DATA_FLAGS = {"name": "data"}
 _DATA_EXCLUDE = ("seed",)  # the data seed is the run's --seed
@@ -97,18 +107,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         data_cfg = replace(recorded.data, **data_flags)
         train_cfg = replace(recorded.train, **train_flags)
         model_cfg = override(recorded.model, sets)
-        print(f"resflow: resuming {out} with its recorded model, data and settings")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks
+            print(f"resflow: resuming {out} with its recorded model, data and settings")
 
-    data = load_data(data_cfg)
+    if launched_by_torchrun():  # one copy of the data per machine, not per process
+        data = load_shared(data_cfg, setup(_torch_device(train_cfg.device)))
+    else:
+        data = load_data(data_cfg)
     if not resumed:
         model_cfg = override(entry.adapt(model_cfg, data.shape, data.levels), sets)
         if args.conditional:
             model_cfg = _conditional(model_cfg, entry.name, data)
     trainer = Trainer(model_cfg, data, train_cfg, out, resume=args.resume, overwrite=args.overwrite)
+    if not trainer.dist.is_main:  # another rank of a torchrun launch: train and evaluate
+        final = trainer.fit().final
+        if final is None or final.n != len(data.test):
+            trainer.evaluate()
+        return 0
     n_params = count_parameters(trainer.model)
+    world = trainer.dist.world_size
     print(
         f"resflow: training {label} ({entry_for(model_cfg).name}, {n_params:,} parameters) on "
         f"{data.name} {tuple(data.shape)} for {train_cfg.steps} steps -> {out}"
+        + (f" on {world} processes" if world > 1 else "")
     )
     result = trainer.fit().final
     if result is None or result.n != len(data.test):
@@ -142,6 +163,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"density plot: {out / 'density.png'}")
     print(f"learning curve: {out / 'curve.png'}")
     return 0
+
+
+def _torch_device(name: str) -> torch.device:
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {name!r}: use cpu, cuda, cuda:1 or mps") from None
 
 
 def _conditional(model_cfg: Any, name: str, data: Any) -> Any:
@@ -206,6 +234,88 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(model, test, args.batch_size, progress=not args.no_progress, labels=labels)
     print(f"test {result}")
     _report_benchmark(data.name, result)
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Bits/dim (or NLL) of every input: folders of images, arrays, or data sets' test splits."""
+    from resflow.scoring import plot_score_histogram, score, unit_of, write_scores
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".csv", ".json"):
+        raise ValueError(f"--out {out}: scores are written as .csv or .json")
+    if args.plot is not None and Path(args.plot).suffix.lower() != ".png":
+        raise ValueError(f"--plot {args.plot}: the histogram is a .png")
+    model = _model(args)
+    inputs = [_score_input(args, model, name) for name in args.input]
+    unit, values = unit_of(model), []
+    for inp, labels in inputs:
+        torch.manual_seed(args.seed)  # each input scored as `resflow eval` would score it
+        values.append(score(model, inp.data, args.batch_size, not args.no_progress, labels))
+        v = values[-1]
+        err = float(v.std() / len(v) ** 0.5) if len(v) > 1 else float("nan")
+        print(f"{inp.source}: {float(v.mean()):.4f} +- {err:.4f} {unit} (n={len(v)})")
+    write_scores(out, [i for i, _ in inputs], values, unit)
+    print(f"scores: {out}")
+    if args.plot is not None:
+        groups = {i.source: v for (i, _), v in zip(inputs, values)}
+        plot_score_histogram(groups, args.plot, unit, title=f"{unit} under {args.run}")
+        print(f"histogram: {args.plot}")
+    return 0
+
+
+def _score_input(args: argparse.Namespace, model: Any, name: str) -> tuple[Any, Any]:
+    """``(ScoreInput, labels or None)`` for a path, or a data set's test split (read with
+    the run's data settings: bit depth, size)."""
+    from resflow.scoring import ScoreInput, load_inputs
+
+    if Path(name).exists() or Path(name).suffix:
+        inp, labels = load_inputs(name, model), None
+    else:
+        try:
+            data_kind(name)
+        except ValueError:
+            raise ValueError(f"--input {name}: no such file or folder, nor a data set") from None
+        recorded = RunFolder(args.run).read_config().data
+        cfg = DataConfig(name=name) if recorded is None else replace(recorded, name=name)
+        if args.data_dir is not None:
+            cfg = replace(cfg, data_dir=args.data_dir)
+        data = load_data(cfg)
+        if tuple(data.test.shape[1:]) != model.shape or data.levels != model.levels:
+            raise ValueError(f"--input {name}: its test images {tuple(data.test.shape[1:])} with "
+                             f"{data.levels} levels do not fit the model's {model.shape} with "
+                             f"{model.levels}")  # fmt: skip
+        test, labels = data.test, data.test_labels
+        inp = ScoreInput(f"{name} (test)", [str(i) for i in range(len(test))], test)
+    if args.max is not None:
+        inp = ScoreInput(inp.source, inp.names[: args.max], inp.data[: args.max])
+    keep = model.n_classes is not None or callable(getattr(model, "log_prob_and_logits", None))
+    if labels is not None and keep:
+        return inp, labels[: len(inp.data)]
+    return inp, None
+
+
+def cmd_fid(args: argparse.Namespace) -> int:
+    """FID of the run's samples against its data (the optional ``fid`` extra)."""
+    from resflow.fid import fid, inception_network
+
+    model = _model(args)
+    if model.levels is None:
+        raise ValueError("fid compares images; this run models vectors")
+    net = inception_network(args.device)  # a clear error before any sampling
+    data = RunFolder(args.run).load_data(args.data_dir)
+    reference = data.train if args.reference == "train" else data.test
+    torch.manual_seed(args.seed)
+    labels = _labels(model, None, args.n)
+    chunks = []
+    for start in range(0, args.n, args.batch_size):
+        m = min(args.batch_size, args.n - start)
+        y = None if labels is None else labels[start : start + m]
+        chunks.append(model.sample(m, args.temperature, y))
+    samples = torch.cat(chunks)
+    value = fid(samples, reference[: args.n_reference], model.levels, net=net)
+    print(f"FID {value:.2f} ({args.n} samples at temperature {args.temperature} against "
+          f"{min(args.n_reference, len(reference))} {args.reference} images)")  # fmt: skip
     return 0
 
 
@@ -491,6 +601,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.set_defaults(func=cmd_eval)
 
+    sc = sub.add_parser(
+        "score",
+        help="bits/dim (or NLL) per input of image folders, arrays or data sets, as CSV/JSON "
+        "(out-of-distribution scoring), with a histogram comparing them",
+    )
+    sc.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="PATH|DATA",
+        help="a folder of images, an .npy array (images in 0..levels-1, or vectors), a .csv "
+        "matrix, or a data set name (its test split); repeat to compare several",
+    )
+    sc.add_argument("--out", default="scores.csv", help="scores file: .csv or .json")
+    sc.add_argument("--plot", default=None, metavar="PNG", help="histogram of the scores")
+    sc.add_argument("--max", type=_positive, default=None, help="score the first N of each input")
+    sc.add_argument("--batch-size", type=_positive, default=256)
+    sc.add_argument("--no-progress", action="store_true")
+    sc.set_defaults(func=cmd_score)
+
+    fd = sub.add_parser(
+        "fid",
+        help="Frechet Inception Distance of samples to the data (needs the fid extra: "
+        "pip install 'resflow[fid]')",
+    )
+    fd.add_argument("--n", type=_positive, default=10_000, help="samples")
+    fd.add_argument("--n-reference", type=_positive, default=50_000, help="data images")
+    fd.add_argument("--reference", choices=("train", "test"), default="train")
+    fd.add_argument("--temperature", type=float, default=1.0)
+    fd.add_argument("--batch-size", type=_positive, default=256, help="samples per inverse pass")
+    fd.add_argument(
+        "--device", default=None, help="of the Inception network (default: cuda if any)"
+    )
+    fd.set_defaults(func=cmd_fid)
+
     s = sub.add_parser(
         "sample", help="write samples: a PNG grid (images), .npy/.csv and a 2-D scatter PNG"
     )
@@ -553,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--n", type=_positive, default=256, help="test examples to check")
     c.set_defaults(func=cmd_check)
 
-    for q in (e, s, i, k, c):
+    for q in (e, sc, fd, s, i, k, c):
         q.add_argument("--run", required=True, help="run folder written by `resflow train`")
         q.add_argument("--which", default="best", help="best or last checkpoint")
         q.add_argument("--seed", type=int, default=0)
@@ -565,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="override a model option that keeps the weights, e.g. "
             "--set estimator.eval_dist=poisson",
         )
-    for q in (t, e, s, i, k, c):
+    for q in (t, e, sc, fd, s, i, k, c):
         q.add_argument(
             "--threads",
             type=_positive,
@@ -573,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="torch intra-op threads (default: torch's, one per core; on a shared "
             "machine fewer can be faster)",
         )
-    for q in (e, s, i, k, c):
+    for q in (e, sc, fd, s, i, k, c):
         q.add_argument("--data-dir", default=None, help="folder with the data sets")
 
     v = sub.add_parser("vi", help="fit a flow to an unnormalized 2-D / n-D target by reverse KL")
@@ -614,6 +759,7 @@ EXPECTED = (
     RunExistsError,
     RunLockedError,
     DownloadError,
+    PeerError,  # another process of a torchrun launch failed
     ImportError,  # an optional package a data set needs (the message says which)
     MemoryError,
     torch.OutOfMemoryError,
@@ -644,6 +790,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; resume with --resume (last.pt is kept)", file=sys.stderr)
         return 130
+    finally:
+        shutdown()  # the process group of a torchrun launch, if any
 
 
 if __name__ == "__main__":

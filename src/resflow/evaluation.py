@@ -44,11 +44,14 @@ class EvalResult:
     n: int
     unit: str
     note: str = ""
+    accuracy: float | None = None
+    """Classification accuracy of a model with a classifier (hybrid models), else None."""
 
     def __str__(self) -> str:
         err = f"{self.stderr:.4f}" if math.isfinite(self.stderr) else "n/a"
         note = f", {self.note}" if self.note else ""
-        return f"{self.mean:.4f} +- {err} {self.unit} (n={self.n}){note}"
+        acc = "" if self.accuracy is None else f", accuracy {100 * self.accuracy:.2f}%"
+        return f"{self.mean:.4f} +- {err} {self.unit} (n={self.n}){acc}{note}"
 
 
 def density_note(model: torch.nn.Module) -> str:
@@ -61,6 +64,71 @@ def density_note(model: torch.nn.Module) -> str:
 
 
 @torch.no_grad()
+def per_example(
+    model: Flow,
+    data: Tensor,
+    batch_size: int = 256,
+    progress: bool = False,
+    device: torch.device | str | None = None,
+    labels: Tensor | None = None,
+) -> Tensor:
+    """Bits/dim (discrete data, ``model.levels`` set) or NLL in nats of every example,
+    in order (``float64 [N]``): what :func:`evaluate` averages and ``resflow score``
+    writes. Same settings as :func:`evaluate` (eval mode, Lipschitz refresh; ``labels``
+    are the context of a class-conditional model and ignored otherwise)."""
+    return _per_example(model, data, batch_size, progress, device, labels)[0]
+
+
+def _per_example(
+    model: Flow,
+    data: Tensor,
+    batch_size: int,
+    progress: bool,
+    device: torch.device | str | None,
+    labels: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """``(values [N], predicted classes [N] or None)``; the classes for a model with a
+    classifier (``log_prob_and_logits``, e.g. a hybrid model) given the ``labels``."""
+    if len(data) == 0:
+        raise ValueError("nothing to evaluate: the data set is empty")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1 (--batch-size), got {batch_size}")
+    if labels is not None and len(labels) != len(data):
+        raise ValueError(f"{len(labels)} labels for {len(data)} examples")
+    if model.n_classes is not None and labels is None:
+        raise ValueError("a class-conditional model is evaluated with the data's labels")
+    classify = labels is not None and callable(getattr(model, "log_prob_and_logits", None))
+    was_training = model.training
+    model.eval()
+    after_optimizer_step(model)
+    device = device or next(model.parameters()).device
+    values, predicted = [], []
+    scale = model.dim * math.log(2) if model.levels is not None else 1.0
+    batches = range(0, len(data), batch_size)
+    try:
+        for i in tqdm(batches, desc="eval", disable=not progress, leave=False):
+            x = data[i : i + batch_size].to(device)
+            y = None if labels is None else labels[i : i + batch_size].to(device)
+            context = y if model.n_classes is not None else None
+            if classify:
+                log_p, logits = model.log_prob_and_logits(x)  # type: ignore[operator]
+                predicted.append(logits.argmax(1).cpu())
+            else:
+                log_p = model.log_prob(x, context)
+            values.append((-log_p / scale).double().cpu())
+    finally:
+        model.train(was_training)
+    v = torch.cat(values)
+    bad = int((~torch.isfinite(v)).sum())
+    if bad:
+        raise FloatingPointError(
+            f"the model gives a non-finite log-density for {bad} of {len(v)} examples; "
+            "it is broken (diverged weights?) or the data are not what it was trained on"
+        )
+    return v, (torch.cat(predicted) if classify else None)
+
+
+@torch.no_grad()
 def evaluate(
     model: Flow,
     data: Tensor,
@@ -69,49 +137,22 @@ def evaluate(
     device: torch.device | str | None = None,
     labels: Tensor | None = None,
 ) -> EvalResult:
-    """Per-sample bits/dim (discrete data, ``model.levels`` set) or NLL in nats
-    (``-log p(x | y)`` of a class-conditional model, given the ``labels``).
+    """Mean +- standard error of the per-sample bits/dim (discrete data,
+    ``model.levels`` set) or NLL in nats (``-log p(x | y)`` of a class-conditional
+    model, given the ``labels``); for a model with a classifier (a hybrid model) given
+    the ``labels``, also its accuracy.
 
     The model is put in eval mode (for residual flows: 20 exact terms + unbiased tail
     by default) and its ``after_optimizer_step`` hooks run first (Lipschitz estimates
     are refreshed); the caller's mode is restored.
     """
-    if len(data) == 0:
-        raise ValueError("nothing to evaluate: the data set is empty")
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1 (--batch-size), got {batch_size}")
-    if model.n_classes is not None:
-        if labels is None:
-            raise ValueError("a class-conditional model is evaluated with the data's labels")
-        if len(labels) != len(data):
-            raise ValueError(f"{len(labels)} labels for {len(data)} examples")
-    else:
-        labels = None
-    was_training = model.training
-    model.eval()
-    after_optimizer_step(model)
-    device = device or next(model.parameters()).device
-    values = []
-    batches = range(0, len(data), batch_size)
-    for i in tqdm(batches, desc="eval", disable=not progress, leave=False):
-        x = data[i : i + batch_size].to(device)
-        y = None if labels is None else labels[i : i + batch_size].to(device)
-        if model.levels is not None:
-            values.append(model.bits_per_dim(x, y).double().cpu())
-        else:
-            values.append((-model.log_prob(x, y)).double().cpu())
-    model.train(was_training)
-    v = torch.cat(values)
-    bad = int((~torch.isfinite(v)).sum())
-    if bad:
-        raise FloatingPointError(
-            f"the model gives a non-finite log-density for {bad} of {len(v)} examples; "
-            "it is broken (diverged weights?) or the data are not what it was trained on"
-        )
-    n = len(v)
-    stderr = float(v.std() / math.sqrt(n)) if n > 1 else float("nan")
+    v, predicted = _per_example(model, data, batch_size, progress, device, labels)
     unit = "bits/dim" if model.levels is not None else "nats"
-    return EvalResult(float(v.mean()), stderr, n, unit, density_note(model))
+    result = _summary(v, unit, density_note(model))
+    if predicted is not None:
+        assert labels is not None
+        result.accuracy = float((predicted == labels.cpu()).double().mean())
+    return result
 
 
 @dataclass

@@ -174,7 +174,10 @@ class Flow(nn.Module):
         """Per sample, ``max |f(f^{-1}(z)) - z|``: how exactly the inverse inverts.
 
         Leading stochastic layers (the dequantizer) are left out: they are no bijection,
-        so the round trip is taken through the deterministic layers after them.
+        so the round trip is taken through the deterministic layers after them. When
+        stochastic layers remain (noise augmentation inside the flow, which appends fresh
+        noise in every forward pass), the round trip is taken the other way, ``max
+        |f^{-1}(f(x)) - x|`` at ``x = f^{-1}(z)``, which holds exactly for them.
         """
         layers = list(self.layers.layers) if isinstance(self.layers, Sequential) else [self.layers]
         while layers and getattr(layers[0], "stochastic", False):
@@ -182,7 +185,10 @@ class Flow(nn.Module):
         body = Sequential(layers)
         ctx = self.condition(context, z.shape[0])
         x = body.inverse(z, ctx)
-        err = (body(x, ctx)[0] - z).abs()
+        if body.stochastic:
+            err = (body.inverse(body(x, ctx)[0], ctx) - x).abs()
+        else:
+            err = (body(x, ctx)[0] - z).abs()
         return err.flatten(1).max(1).values
 
     def rsample(self, n: int, temperature: float = 1.0, context: Tensor | None = None) -> Tensor:

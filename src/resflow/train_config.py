@@ -17,7 +17,15 @@ class TrainConfig(Config):
     """Optimisation settings (defaults: the paper's, Appendix E)."""
 
     steps: int = param(1000, ge=1, help="optimizer steps in total")
-    batch_size: int = param(64, ge=1, help="training examples per step")
+    batch_size: int = param(
+        64, ge=1, help="training examples per optimizer step, over all processes together"
+    )
+    update_freq: int = param(
+        1,
+        ge=1,
+        help="micro-batches accumulated into one optimizer step (gradient accumulation: "
+        "the same step in less memory)",
+    )
     lr: float = param(1e-3, gt=0, help="AdamW learning rate")
     weight_decay: float = param(5e-4, ge=0, help="decoupled weight decay")
     betas: tuple[float, float] = param((0.9, 0.99), ge=0, lt=1, help="Adam betas")

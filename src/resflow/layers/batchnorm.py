@@ -70,9 +70,7 @@ class BatchNormFlow(FlowLayer):
         """The ``(mean, var)`` to normalize ``x`` with; updates the averages in training."""
         if not self.training:
             return self.running_mean, self.running_var
-        dims = [0, *range(2, x.dim())]
-        mean = x.mean(dims)
-        var = (x - self._view(mean, x)).pow(2).mean(dims)
+        mean, var = self.batch_statistics(x)
         if bool(self.initialized):
             rho = self.momentum
             mean = rho * self.running_mean + (1.0 - rho) * mean
@@ -82,6 +80,13 @@ class BatchNormFlow(FlowLayer):
             self.running_var.copy_(var)
             self.initialized.fill_(True)
         return mean, var
+
+    def batch_statistics(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-channel mean and (biased) variance of the batch, with their gradients
+        (distributed training overrides it to take them over every process's batch)."""
+        dims = [0, *range(2, x.dim())]
+        mean = x.mean(dims)
+        return mean, (x - self._view(mean, x)).pow(2).mean(dims)
 
     def _log_scale(self, var: Tensor) -> Tensor:
         """Per-channel ``log(dy/dx)``."""

@@ -8,12 +8,15 @@ holds floats to log. Maximum likelihood is the default; hybrid
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from resflow.flow import Flow
+from resflow.models.hybrid import HybridFlow
 
 
 @dataclass
@@ -53,3 +56,44 @@ class MaximumLikelihood:
         else:
             loss = -model.log_prob(batch.x, context).mean()
         return loss + model.penalty().to(loss.device), {}
+
+
+class Hybrid:
+    """Minimize ``-(lambda log p(x) + log p(y | x))`` per example, batch mean, in nats
+    (Residual Flows paper, section 5): the density and the classifier of a
+    :class:`~resflow.models.hybrid.HybridFlow` share the flow. ``lambda`` is the model's
+    (``density_weight`` / ``per_dim``) unless given; with ``lambda = 0`` the density
+    term is left out and the flow is trained as a pure classifier. Logs the batch's
+    ``bpd`` (or ``nll``), cross-entropy ``xent`` and accuracy ``acc``."""
+
+    unit = "loss"
+
+    def __init__(self, model: Flow, lam: float | None = None) -> None:
+        if not isinstance(model, HybridFlow):
+            raise ValueError("the hybrid objective needs a hybrid model (residual-flow-hybrid)")
+        self.lam = model.lam if lam is None else float(lam)
+        if not self.lam >= 0:
+            raise ValueError(f"lambda must be >= 0, got {self.lam}")
+
+    def __call__(self, model: Flow, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        assert isinstance(model, HybridFlow)
+        y = batch.labels
+        if y is None:
+            raise ValueError("a hybrid model needs labelled training data")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= model.n_labels):
+            bad = int(y[(y < 0) | (y >= model.n_labels)][0])
+            raise ValueError(f"label {bad} is out of range: the classifier has {model.n_labels}")
+        log_px, logits = model.log_prob_and_logits(batch.x)
+        xent = F.cross_entropy(logits, y)
+        loss = xent if self.lam == 0 else xent - self.lam * log_px.mean()
+        scale = model.dim * math.log(2) if model.levels is not None else 1.0
+        name = "bpd" if model.levels is not None else "nll"
+        acc = (logits.argmax(1) == y).float().mean()
+        metrics = {name: float(-log_px.detach().mean() / scale), "xent": float(xent.detach()),
+                   "acc": float(acc)}  # fmt: skip
+        return loss + model.penalty().to(loss.device), metrics
+
+
+def default_objective(model: Flow) -> Objective:
+    """:class:`Hybrid` for a hybrid model, else :class:`MaximumLikelihood`."""
+    return Hybrid(model) if isinstance(model, HybridFlow) else MaximumLikelihood(model)

@@ -10,7 +10,8 @@ validation data the best checkpoint is the one with the best validation score, a
 evaluations (the test score reported is then the best checkpoint's). A
 checkpoint holds the model, optimizer, scheduler, EMA and RNG states and the step, and
 the data order is a function of ``(seed, epoch)``, so a resumed run continues exactly
-as an uninterrupted one would.
+as an uninterrupted one would. Under ``torchrun`` the same loop trains data-parallel
+(:mod:`resflow.training.distributed`); ``update_freq`` accumulates micro-batches.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ from resflow.models import build_model, config_from_dict, config_to_dict
 from resflow.plots import plot_learning_curve
 from resflow.runs import RunConfig, RunExistsError, RunFolder
 from resflow.train_config import TrainConfig
+from resflow.training import distributed as ddp
+from resflow.training.distributed import Distributed
 from resflow.training.ema import EMA
-from resflow.training.objectives import Batch, MaximumLikelihood, Objective
+from resflow.training.objectives import Batch, Objective, default_objective
 
 
 @dataclass
@@ -91,7 +94,10 @@ class Trainer:
             ``last.pt``, ``best.pt``, ``metrics.jsonl``, ``curve.png``, ``tb/``,
             ``samples/``.
         resume: continue from ``out_dir/last.pt`` when it exists.
-        objective: what a step minimizes (default :class:`MaximumLikelihood`).
+        objective: what a step minimizes (default :class:`MaximumLikelihood`; a hybrid
+            model: :class:`~resflow.training.objectives.Hybrid`).
+        distributed: this process's place in a data-parallel run (default: from an
+            initialised process group or torchrun's environment, else one process).
     """
 
     def __init__(
@@ -103,6 +109,7 @@ class Trainer:
         resume: bool = False,
         objective: Objective | None = None,
         overwrite: bool = False,
+        distributed: Distributed | None = None,
     ) -> None:
         config = config or TrainConfig()
         self.model_config = model_config
@@ -112,13 +119,17 @@ class Trainer:
         self.run = RunFolder(out_dir)
         self.out = self.run.path
         self.device = _device(config.device)
+        self.dist = distributed if distributed is not None else ddp.setup(self.device)
+        self.device = self.dist.device(self.device)
+        self.dist.check_batch(config.batch_size, config.update_freq)
+        self._ddp: Any = None  # the DistributedDataParallel wrapper, once initialised
         _check_data(data, config)
-        self.run.lock()
+        self._lock()
         try:
-            self._prepare_folder(resume, overwrite)
+            self.dist.on_main(lambda: self._prepare_folder(resume, overwrite))
             torch.manual_seed(config.seed)
             self.model = build_model(model_config).to(self.device)
-            self.objective = objective or MaximumLikelihood(self.model)
+            self.objective = objective or default_objective(self.model)
             if data.levels is not None and self.model.levels != data.levels:
                 raise ValueError(
                     f"the data have {data.levels} levels but the model expects {self.model.levels}"
@@ -142,8 +153,17 @@ class Trainer:
             if resume:
                 self._check_resume()
                 self._load(self.run.last)
-            self.run.write_config(RunConfig(model_config, data.config, config))
+            if self.dist.is_main:
+                self.run.write_config(RunConfig(model_config, data.config, config))
         finally:
+            self._unlock()
+
+    def _lock(self) -> None:
+        if self.dist.is_main:  # rank 0 writes the run; the others only read it
+            self.run.lock()
+
+    def _unlock(self) -> None:
+        if self.dist.is_main:
             self.run.unlock()
 
     def _prepare_folder(self, resume: bool, overwrite: bool) -> None:
@@ -240,18 +260,32 @@ class Trainer:
         cuda_rng = state.get("cuda_rng") or []
         if cuda_rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([t.cpu() for t in cuda_rng])
+        self.dist.reseed(self.cfg.seed, self.step)
 
     def _init_lazy_state(self) -> None:
         """ActNorm initialisation and conv norm buffers from the first batch, then EMA."""
         if self.ema is not None:
             return
         idx = batch_indices(len(self.data.train), self.cfg.batch_size, 0, self.cfg.seed)
+        if self.dist.enabled:  # this rank's shards; statistics over all ranks' shards
+            idx = self.dist.first_shards(idx, self.cfg.update_freq)
+            ddp.synchronize_batch_statistics(self.model, self.dist)
         x = self.data.train[idx].to(self.device)
         labels = self._labels(self.data.train_labels, idx)
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), ddp.global_initialization(self.model, self.dist):
             self.model.train()
             _init_forward(self.model, x, labels)
         self.ema = EMA(self.model, self.cfg.ema_decay)
+        if self.dist.enabled:
+            self._distribute(idx)
+
+    def _distribute(self, idx: Tensor) -> None:
+        """Wrap the model in DistributedDataParallel (see :mod:`resflow.training.distributed`)."""
+        probe = self._batch(idx[: min(2, len(idx))])
+        unused = ddp.unused_parameters(self.model, self.objective, probe)
+        find_unused = not self.dist.all_true(not unused)
+        self._ddp = ddp.wrap(self.model, self.objective, self.dist, self.device, find_unused)
+        self.dist.reseed(self.cfg.seed, self.step)
 
     # ---- loop --------------------------------------------------------------------------
     def evaluate(
@@ -267,15 +301,29 @@ class Trainer:
         if data is None:
             raise ValueError("the data have no validation split (set n_valid)")
         test = data if max_examples is None else data[:max_examples]
-        labels = getattr(self.data, f"{split}_labels") if self.model.n_classes else None
+        uses_labels = self.model.n_classes or hasattr(self.model, "n_labels")  # hybrid: accuracy
+        labels = getattr(self.data, f"{split}_labels") if uses_labels else None
         if labels is not None:
             labels = labels[: len(test)]
         with torch.random.fork_rng(), preserved_transient_state(self.model):
-            torch.manual_seed(self.cfg.seed + 17)
+            torch.manual_seed(self.cfg.seed + 17 + 1009 * self.dist.rank)
             with self.ema.swapped(self.model):
-                result = evaluate(
-                    self.model, test, self.cfg.eval_batch_size, progress=progress, labels=labels
-                )
+                if self.dist.enabled:  # each rank a slice, the results combined
+                    result = ddp.sharded(
+                        lambda a, b: evaluate(
+                            self.model,
+                            test[a:b],
+                            self.cfg.eval_batch_size,
+                            progress=progress and self.dist.is_main,
+                            labels=None if labels is None else labels[a:b],
+                        ),
+                        len(test),
+                        self.dist,
+                    )
+                else:
+                    result = evaluate(
+                        self.model, test, self.cfg.eval_batch_size, progress=progress, labels=labels
+                    )
         return result
 
     def sample(
@@ -307,23 +355,24 @@ class Trainer:
         """Train up to step ``until`` (default ``config.steps``, the end of the run, where
         the model is evaluated and the learning curve plotted). The run folder is locked
         meanwhile (a second writer gets a clear error)."""
-        self.run.lock()
+        self._lock()
         try:
             return self._fit(until)
         finally:
-            self.run.unlock()
+            self._unlock()
 
     def _fit(self, until: int | None) -> TrainResult:
         cfg = self.cfg
         until = cfg.steps if until is None else min(until, cfg.steps)
         self._init_lazy_state()
         assert self.ema is not None
-        writer = _writer(self.out / "tb") if cfg.tensorboard else None
+        main = self.dist.is_main
+        writer = _writer(self.out / "tb") if cfg.tensorboard and main else None
         self.model.train()
         bar = tqdm(
             total=cfg.steps,
             initial=self.step,
-            disable=not cfg.progress,
+            disable=not (cfg.progress and main),
             desc="train",
             dynamic_ncols=True,
         )
@@ -333,17 +382,14 @@ class Trainer:
         try:
             while self.step < until and not self.stopped_early:
                 idx = batch_indices(len(self.data.train), cfg.batch_size, self.step, cfg.seed)
-                loss, extra = self.objective(self.model, self._batch(idx))
-                if not torch.isfinite(loss):
-                    self._diverged(f"the training loss became {float(loss.detach())}")
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, extra = self._forward_backward(idx)
                 gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                 if not torch.isfinite(gnorm):
                     self._diverged(f"the gradient norm became {float(gnorm)}")
                 self.opt.step()
                 self.sched.step()
                 after_optimizer_step(self.model)
+                self.dist.broadcast_buffers(self.model)
                 self.ema.update(self.model)
                 self.step += 1
                 seen += 1
@@ -361,12 +407,15 @@ class Trainer:
                 if evaluated:
                     res = self.evaluate(cfg.eval_max)
                     rec.update(test=res.mean, test_stderr=res.stderr)
+                    if res.accuracy is not None:
+                        rec["test_accuracy"] = res.accuracy
                     line = f"step {self.step}: test {res}"
                     if validate:
                         val = self.evaluate(cfg.eval_max, split="valid")
                         rec.update(valid=val.mean, valid_stderr=val.stderr)
                         line += f", validation {val}"
-                    bar.write(line)
+                    if main:
+                        bar.write(line)
                     if writer is not None:
                         writer.add_scalar(f"test/{unit}", res.mean, self.step)
                         if validate:
@@ -382,12 +431,18 @@ class Trainer:
                         self.stale += 1
                     if cfg.patience and validate and self.stale >= cfg.patience:
                         self.stopped_early = True
-                        bar.write(
-                            f"stopping early at step {self.step}: no better validation score "
-                            f"in {self.stale} evaluations (best {self.best:.4f} at step "
-                            f"{self.best_step}, whose weights are kept)"
-                        )
-                if cfg.sample_every and self.step % cfg.sample_every == 0 and self.model.levels:
+                        if main:
+                            bar.write(
+                                f"stopping early at step {self.step}: no better validation "
+                                f"score in {self.stale} evaluations (best {self.best:.4f} at "
+                                f"step {self.best_step}, whose weights are kept)"
+                            )
+                if (
+                    main
+                    and cfg.sample_every
+                    and self.step % cfg.sample_every == 0
+                    and self.model.levels
+                ):
                     self._save_samples(writer)
                 if (
                     self.step % cfg.checkpoint_every == 0
@@ -399,7 +454,7 @@ class Trainer:
             bar.close()
             if writer is not None:
                 writer.close()
-        if self.step == cfg.steps or self.stopped_early:
+        if (self.step == cfg.steps or self.stopped_early) and main:
             plot_learning_curve(self.history, self.out / "curve.png", unit)
         final = next((h for h in reversed(self.history) if "test" in h), None)
         if self.stopped_early:
@@ -410,11 +465,13 @@ class Trainer:
             n = len(self.data.test)
             n = n if cfg.eval_max is None else min(cfg.eval_max, n)
             unit, note = _eval_unit(self.model), density_note(self.model)
-            result = EvalResult(final["test"], final["test_stderr"], n, unit, note)
+            result = EvalResult(final["test"], final["test_stderr"], n, unit, note,
+                                final.get("test_accuracy"))  # fmt: skip
         return TrainResult(self.model, self.ema, self.step, self.history, result)
 
     def _restore_best(self) -> None:
         """Load the weights (and EMA) of ``best.pt``: an early-stopped run ends there."""
+        self.dist.barrier()  # rank 0 has written it
         state = load_checkpoint(self.run.best, map_location=self.device)
         self.model.load_state_dict(state["model"])
         assert self.ema is not None
@@ -425,6 +482,9 @@ class Trainer:
         bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
         if bad:
             self._diverged(f"the weights became non-finite ({bad[0]})")
+        if not self.dist.is_main:  # the same state as rank 0's, which writes it
+            self.saved_step = self.step if path == self.run.last else self.saved_step
+            return
         save_checkpoint(self.state_dict(), path)
         if path == self.run.last:
             self.saved_step = self.step
@@ -440,6 +500,37 @@ class Trainer:
             f"{what} at step {self.step}; nothing non-finite was saved: {where}. Lower the "
             "learning rate (--lr) or check the data"
         )
+
+    def _forward_backward(self, idx: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """The loss of the global batch ``idx`` and its gradient in ``.grad``: one pass
+        (one process), else ``update_freq`` micro-batches of this rank's shards, their
+        gradients averaged over micro-batches and (by DDP) over the ranks."""
+        if self._ddp is None and self.cfg.update_freq == 1:
+            loss, extra = self.objective(self.model, self._batch(idx))
+            if not torch.isfinite(loss):
+                self._diverged(f"the training loss became {float(loss.detach())}")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            return loss, extra
+        k = self.cfg.update_freq
+        self.opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        extra: dict[str, float] = {}
+        for j in range(k):
+            batch = self._batch(self.dist.shard(idx, j, k))
+            with ddp.no_sync(self._ddp, last=j == k - 1):
+                if self._ddp is not None:
+                    loss, extra = self._ddp(batch.x, batch.labels, batch.context)
+                else:
+                    loss, extra = self.objective(self.model, batch)
+                    if not torch.isfinite(loss):
+                        self._diverged(f"the training loss became {float(loss.detach())}")
+                (loss / k).backward()
+            total += loss.detach()
+        mean = self.dist.mean(total / k)  # the loss of the global batch, on every rank
+        if not torch.isfinite(mean):
+            self._diverged(f"the training loss became {float(mean)}")
+        return mean, extra
 
     def _labels(self, labels: Tensor | None, idx: Tensor) -> Tensor | None:
         return None if labels is None else labels[idx].to(self.device)
@@ -491,7 +582,7 @@ def _writer(path: Path) -> Any:
 
 RESUMABLE_CHANGES = (
     "steps", "eval_every", "eval_batch_size", "eval_max", "checkpoint_every", "sample_every",
-    "n_samples", "log_every", "device", "tensorboard", "progress", "patience",
+    "n_samples", "log_every", "device", "tensorboard", "progress", "patience", "update_freq",
 )  # fmt: skip
 """Training settings a resumed run may change (the others would change its result)."""
 RESUME_KEYS = ("model", "model_config", "optimizer", "scheduler", "ema", "step", "best",

@@ -267,3 +267,27 @@ def test_certify_every_interleaves_cheap_refreshes():
     assert calls == ["r", "r", "c", "r", "r", "c", "c"]
     with pytest.raises(ValueError, match="certify_every"):
         set_certify_every(layer, 0)
+
+
+@pytest.mark.parametrize(
+    "c_in, c_out, kernel, padding",
+    [(1, 6, 3, 1), (3, 5, 3, 1), (6, 1, 3, 1), (7, 4, 3, 1), (2, 3, 5, 2), (5, 2, 3, 0),
+     (4, 9, 3, 2), (8, 8, 3, 1), (6, 6, 1, 0)],
+)  # fmt: skip
+def test_convolutions_as_matrix_products_equal_torch_kernels(c_in, c_out, kernel, padding):
+    """conv2d / conv2d_adjoint / conv2d_weight take matrix-product paths for kernels from
+    or to few channels and 1x1 kernels; every path equals torch's convolution kernels."""
+    from resflow.layers.residual.lipschitz import conv2d, conv2d_adjoint, conv2d_weight
+
+    gen = torch.Generator().manual_seed(c_in * 10 + c_out)
+    x = torch.randn(3, c_in, 7, 6, generator=gen, dtype=torch.float64)
+    w = torch.randn(c_out, c_in, kernel, kernel, generator=gen, dtype=torch.float64)
+    bias = torch.randn(c_out, generator=gen, dtype=torch.float64)
+    pad = (padding, padding)
+    ref = torch.nn.functional.conv2d(x, w, bias, padding=pad)
+    torch.testing.assert_close(conv2d(x, w, bias, pad), ref)
+    u = torch.randn_like(ref)
+    want = torch.nn.grad.conv2d_input(x.shape, w, u, padding=pad)
+    torch.testing.assert_close(conv2d_adjoint(u, w, pad, x.shape), want)
+    want_w = torch.nn.grad.conv2d_weight(x, w.shape, u, padding=pad)
+    torch.testing.assert_close(conv2d_weight(x, w.shape, u, pad), want_w)

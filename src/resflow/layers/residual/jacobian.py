@@ -30,6 +30,7 @@ from resflow.layers.residual.lipschitz import (
     LipschitzLinear,
     conv2d,
     conv2d_adjoint,
+    conv2d_weight,
 )
 
 VJP = Callable[[Tensor], Tensor]
@@ -68,9 +69,7 @@ class _Layer:
             prod = cot.reshape(b, o, -1) @ inp.reshape(b, inp.shape[1], -1).transpose(1, 2)
             return prod.sum(0).view(self.weight.shape)
         if self.conv:
-            return torch.nn.grad.conv2d_weight(
-                inp, self.weight.shape, cot, padding=self.module.padding
-            )
+            return conv2d_weight(inp, self.weight.shape, cot, self.module.padding)
         return cot.reshape(-1, cot.shape[-1]).t() @ inp.reshape(-1, inp.shape[-1])
 
 

@@ -542,26 +542,99 @@ class LipschitzConv2d(LipschitzLayer, nn.Conv2d):
             self.certify(max_iter=self.init_iter)
 
 
-def conv2d(x: Tensor, w: Tensor, bias: Tensor | None, padding: tuple[int, ...]) -> Tensor:
-    """``F.conv2d`` with 1x1 kernels done as one batched matrix product (faster on CPU)."""
+# Convolutions from or to at most this many channels run as one matrix product over
+# unfolded patches: oneDNN's direct kernels reach a small fraction of the matrix units
+# there (64x1x28x28 -> 512 channels, 3x3: 2x faster as a product, the adjoint 4x).
+_FEW_CHANNELS = 4
+
+
+def _few(w: Tensor) -> str:
+    """Which side of a k x k (k > 1) kernel has few channels: "in", "out" or ""."""
     if w.shape[-1] == 1 and w.shape[-2] == 1:
-        b, c, h, wd = x.shape
-        y = torch.matmul(w.view(w.shape[0], c), x.reshape(b, c, h * wd)).view(b, -1, h, wd)
-        return y if bias is None else y + bias.view(1, -1, 1, 1)
-    return F.conv2d(x, w, bias, padding=padding)
+        return ""
+    if w.shape[1] <= _FEW_CHANNELS:
+        return "in"
+    return "out" if w.shape[0] <= _FEW_CHANNELS else ""
+
+
+def _flipped_taps(y: Tensor, o: int, kk: int) -> Tensor:
+    """``y`` of shape ``(b, o * kk, L)`` with its kernel-tap axis reversed."""
+    b, _, n = y.shape
+    return y.view(b, o, kk, n).flip(2).reshape(b, o * kk, n)
+
+
+def _taps_weight(w: Tensor) -> Tensor:
+    """``w`` (o, c, k, k) as the ``(o * k * k, c)`` matrix of its taps."""
+    o, c, k, _ = w.shape
+    return w.permute(0, 2, 3, 1).reshape(o * k * k, c)
+
+
+def conv2d(x: Tensor, w: Tensor, bias: Tensor | None, padding: tuple[int, ...]) -> Tensor:
+    """``F.conv2d`` (stride 1), with 1x1 kernels as one batched matrix product, and
+    kernels from or to few channels as a product over unfolded patches (faster on CPU):
+    few inputs, ``W (o, c k k) @ unfold(x)``; few outputs, the taps ``W' (o k k, c) @ x``
+    summed back by ``fold`` with the kernel flipped (``fold`` is ``unfold``'s adjoint)."""
+    b, c, h, wd = x.shape
+    o, k = w.shape[0], w.shape[-1]
+    few = _few(w)
+    if w.shape[-1] == 1 and w.shape[-2] == 1:
+        y = torch.matmul(w.view(o, c), x.reshape(b, c, h * wd)).view(b, -1, h, wd)
+    elif few and w.shape[-2] == k and padding[0] == padding[1] and 2 * padding[0] < 2 * k - 1:
+        p = padding[0]
+        ho, wo = h + 2 * p - k + 1, wd + 2 * p - k + 1
+        if few == "in":
+            y = torch.matmul(w.reshape(o, -1), F.unfold(x, k, padding=p)).view(b, o, ho, wo)
+        else:
+            taps = torch.matmul(_taps_weight(w), x.reshape(b, c, h * wd))
+            y = F.fold(_flipped_taps(taps, o, k * k), (ho, wo), k, padding=k - 1 - p)
+    else:
+        return F.conv2d(x, w, bias, padding=padding)
+    return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
 def conv2d_adjoint(
     u: Tensor, w: Tensor, padding: tuple[int, ...], in_shape: torch.Size | tuple[int, ...]
 ) -> Tensor:
     """The adjoint of :func:`conv2d` (no bias) applied to ``u``, for inputs shaped like
-    ``in_shape`` (batch taken from ``u``): a matrix product for 1x1 kernels, else the
-    kernel autograd uses for convolution input gradients."""
+    ``in_shape`` (batch taken from ``u``): the transposes of :func:`conv2d`'s matrix
+    products where it uses them, else the kernel autograd uses for convolution input
+    gradients."""
+    b, o = u.shape[:2]
+    c, k = w.shape[1], w.shape[-1]
     if w.shape[-1] == 1 and w.shape[-2] == 1:
-        b, c, h, wd = u.shape
-        return torch.matmul(w.view(c, -1).t(), u.reshape(b, c, h * wd)).view(b, -1, h, wd)
+        h, wd = u.shape[-2:]
+        return torch.matmul(w.view(o, c).t(), u.reshape(b, o, h * wd)).view(b, -1, h, wd)
+    few = _few(w)
+    if few and w.shape[-2] == k and padding[0] == padding[1] and 2 * padding[0] < 2 * k - 1:
+        p, (h, wd) = padding[0], in_shape[-2:]
+        if few == "in":
+            cols = torch.matmul(w.reshape(o, -1).t(), u.reshape(b, o, -1))
+            return F.fold(cols, (h, wd), k, padding=p)
+        cols = _flipped_taps(F.unfold(u, k, padding=k - 1 - p), o, k * k)
+        return torch.matmul(_taps_weight(w).t(), cols).view(b, c, h, wd)
     shape = (u.shape[0], *in_shape[1:])
     return torch.nn.grad.conv2d_input(shape, w, u, padding=padding)
+
+
+def conv2d_weight(
+    x: Tensor, shape: torch.Size | tuple[int, ...], cot: Tensor, padding: tuple[int, ...]
+) -> Tensor:
+    """``sum_b`` of the weight gradient of :func:`conv2d` at input ``x`` for the output
+    cotangent ``cot`` (``torch.nn.grad.conv2d_weight``, with :func:`conv2d`'s matrix
+    products where it uses them)."""
+    o, c, k = shape[0], shape[1], shape[-1]
+    b = x.shape[0]
+    w = torch.empty(shape, device="meta")
+    few = _few(w)
+    if few and shape[-2] == k and padding[0] == padding[1] and 2 * padding[0] < 2 * k - 1:
+        p = padding[0]
+        if few == "in":
+            cols = F.unfold(x, k, padding=p)
+            return (cot.reshape(b, o, -1) @ cols.transpose(1, 2)).sum(0).view(shape)
+        cols = _flipped_taps(F.unfold(cot, k, padding=k - 1 - p), o, k * k)
+        g = (cols @ x.reshape(b, c, -1).transpose(1, 2)).sum(0)
+        return g.view(o, k, k, c).permute(0, 3, 1, 2).contiguous()
+    return torch.nn.grad.conv2d_weight(x, shape, cot, padding=padding)
 
 
 @torch.no_grad()

@@ -1,0 +1,246 @@
+"""A/B step timings: the working tree against a git ref, interleaved in one run.
+
+    python benchmarks/ab.py --ref main~1                      # every configuration
+    python benchmarks/ab.py --ref v0.2 --configs mnist-1block --pairs 7
+
+The ref's ``src/`` is exported with ``git archive`` into ``benchmarks/out/ab-<sha>``
+(nothing in the repository changes), and each measurement runs in a fresh process whose
+``PYTHONPATH`` points at one version or the other, so both see the same machine,
+data and load. The pairs run in the order A B, B A, A B, ... (drift cancels), and for
+every pair the ratio ``B / A`` of the median seconds per step is printed, then the
+median ratio over the pairs. ``A`` is the ref, ``B`` the working tree: a ratio of 0.5
+means twice as fast.
+
+Each process also measures the machine's float32 matrix-product rate (GFLOP/s of a
+square ``torch.mm``, median of a few) and the floating-point operations of one step
+(``torch.utils.flop_counter``), and reports the fraction of that peak the step
+reaches. A step is forward + backward + gradient clipping + AdamW + Lipschitz
+refresh, as in training; ``eval64`` is the log-density of 64 MNIST test images with
+the evaluation estimator (20 exact terms plus the unbiased tail).
+
+Results: ``benchmarks/out/ab.json`` and ``benchmarks/out/ab.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OUT = HERE / "out"
+MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
+
+# name -> (preset, overrides, batch, data, timed steps); ``eval64`` times evaluation
+CONFIGS: dict[str, tuple[str, dict[str, Any], int, str, int]] = {
+    "toy2d-paper": ("toy2d-paper", {}, 500, "8gaussians", 3),
+    "mnist-1block": ("mnist", {"n_blocks": (1, 1, 1)}, 64, "mnist", 4),
+    "mnist-paper": ("mnist", {}, 64, "mnist", 1),
+    "toy2d": ("toy2d", {}, 500, "8gaussians", 10),
+    "eval64": ("mnist", {"n_blocks": (1, 1, 1)}, 64, "mnist", 3),
+}
+DEFAULT = ("mnist-1block", "toy2d-paper", "toy2d", "eval64")
+
+
+# ---- one measurement (runs inside the version under test) ------------------------------
+def _matmul_gflops(n: int = 1024, reps: int = 5) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return statistics.median(rates)
+
+
+def _data(name: str, n: int, split: str) -> Any:
+    from resflow.data import load_data
+
+    if name == "mnist":
+        data = load_data("mnist", MNIST_DIR)
+    else:
+        data = load_data(name, n_train=4 * n, n_test=n)
+    return (data.train if split == "train" else data.test)[:n]
+
+
+def measure(name: str) -> dict[str, Any]:
+    """Seconds per step (median of the timed steps after one untimed), FLOPs of one step,
+    peak RSS, matmul rate -- in this process, with whatever ``resflow`` it imports."""
+    import resource
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import resflow
+    from resflow.layers.residual.lipschitz import refresh_lipschitz
+    from resflow.models import build_model, get_preset
+    from resflow.training import Batch, MaximumLikelihood, TrainConfig
+    from resflow.training.trainer import make_optimizer
+
+    torch.set_num_threads(int(os.environ.get("AB_THREADS", "1")))
+    preset, overrides, batch, data_name, steps = CONFIGS[name]
+    torch.manual_seed(0)
+    model = build_model(get_preset(preset, **overrides))
+    evaluating = name == "eval64"
+    x = _data(data_name, batch, "test" if evaluating else "train")
+    opt = make_optimizer(model, TrainConfig())
+    with torch.no_grad():
+        model(x)  # data-dependent initialization, lazy buffers
+
+    def step() -> None:
+        if evaluating:
+            with torch.no_grad():
+                model.log_prob(x)
+            return
+        loss, _ = MaximumLikelihood(model)(model, Batch(x))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        refresh_lipschitz(model)
+
+    if evaluating:
+        model.eval()
+        refresh_lipschitz(model)
+    step()  # untimed: allocator and caches warm
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    sec = statistics.median(times)
+    flops = counter.get_total_flops()
+    gflops_peak = _matmul_gflops()
+    return {
+        "config": name,
+        "resflow": str(Path(resflow.__file__).resolve().parent),
+        "sec_per_step": sec,
+        "step_times": times,
+        "gflop_per_step": flops / 1e9,
+        "gflops": flops / sec / 1e9,
+        "matmul_gflops": gflops_peak,
+        "fraction_of_peak": flops / sec / 1e9 / gflops_peak,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+    }
+
+
+# ---- the driver --------------------------------------------------------------------------
+def export_ref(ref: str) -> Path:
+    """``src/`` of ``ref`` under ``benchmarks/out/ab-<sha>/src`` (via ``git archive``)."""
+    sha = subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.strip()  # fmt: skip
+    dest = OUT / f"ab-{sha}"
+    if not (dest / "src" / "resflow" / "__init__.py").exists():
+        blob = subprocess.run(["git", "archive", "--format=tar", sha, "src"], cwd=ROOT,
+                              check=True, capture_output=True).stdout  # fmt: skip
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=BytesIO(blob)) as tar:
+            tar.extractall(dest, filter="data")
+    return dest / "src"
+
+
+def run_version(src: Path, name: str) -> dict[str, Any]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(src),
+        "OMP_NUM_THREADS": os.environ.get("AB_THREADS", "1"),
+    }
+    proc = subprocess.run([sys.executable, __file__, "--worker", name], capture_output=True,
+                          text=True, env=env, cwd=HERE)  # fmt: skip
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise SystemExit(f"{name} failed with {src}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    if Path(res["resflow"]) != src.resolve() / "resflow":
+        raise SystemExit(f"imported {res['resflow']}, expected {src}/resflow")
+    return res
+
+
+def compare(name: str, a_src: Path, b_src: Path, pairs: int) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
+    ratios = []
+    for i in range(pairs):
+        order = ("A", "B") if i % 2 == 0 else ("B", "A")
+        got = {v: run_version(a_src if v == "A" else b_src, name) for v in order}
+        for v in order:
+            runs[v].append(got[v])
+        ratio = got["B"]["sec_per_step"] / got["A"]["sec_per_step"]
+        ratios.append(ratio)
+        print(f"  {name:13s} pair {i + 1}: A {got['A']['sec_per_step']:.4f} s  "
+              f"B {got['B']['sec_per_step']:.4f} s  B/A {ratio:.3f}", flush=True)  # fmt: skip
+
+    def med(v: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[v])
+
+    summary = {
+        "config": name,
+        "ratios": ratios,
+        "median_ratio": statistics.median(ratios),
+        **{f"{v}_{k}": med(v, k) for v in "AB" for k in
+           ("sec_per_step", "peak_rss_gb", "fraction_of_peak", "matmul_gflops")},
+        "gflop_per_step": runs["B"][0]["gflop_per_step"],
+    }  # fmt: skip
+    print(f"{name:13s} median B/A {summary['median_ratio']:.3f}  "
+          f"A {summary['A_sec_per_step']:.4f} s ({summary['A_fraction_of_peak']:.1%} of peak, "
+          f"{summary['A_peak_rss_gb']:.2f} GB)  B {summary['B_sec_per_step']:.4f} s "
+          f"({summary['B_fraction_of_peak']:.1%}, {summary['B_peak_rss_gb']:.2f} GB)  "
+          f"{summary['gflop_per_step']:.1f} GFLOP/step", flush=True)  # fmt: skip
+    return summary
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, ref: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, r in enumerate(rows):
+        ax.scatter([i] * len(r["ratios"]), r["ratios"], color="0.6", s=12)
+        ax.scatter([i], [r["median_ratio"]], color="C0", s=40, zorder=3)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(0.5, color="C2", lw=0.8, ls="--", label="2x faster")
+    ax.set_xticks(range(len(rows)), [r["config"] for r in rows])
+    ax.set_ylabel(f"time per step: working tree / {ref}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ref", default="HEAD", help="the git ref to compare against (A)")
+    p.add_argument("--configs", nargs="*", default=list(DEFAULT), choices=sorted(CONFIGS))
+    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(measure(args.worker)))
+        return
+    a_src, b_src = export_ref(args.ref), ROOT / "src"
+    print(f"A = {args.ref} ({a_src.parent.name}), B = working tree; "
+          f"{os.environ.get('AB_THREADS', '1')} thread(s)", flush=True)  # fmt: skip
+    rows = [compare(name, a_src, b_src, args.pairs) for name in args.configs]
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "ab.json").write_text(json.dumps({"ref": args.ref, "rows": rows}, indent=2))
+    _plot(rows, OUT / "ab.png", args.ref)
+    print(f"wrote {OUT / 'ab.json'} and {OUT / 'ab.png'}")
+
+
+if __name__ == "__main__":
+    main()
