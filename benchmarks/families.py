@@ -19,12 +19,15 @@ Writes ``benchmarks/out/families_<task>.json`` and the grids
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import OUT, machine, save_json
+from common import OUT, machine, peak_rss_gb, save_json
 
 from resflow.config import replace
 from resflow.data import DataConfig, load_data
@@ -126,6 +129,22 @@ def run_one(
     return row
 
 
+def _in_subprocess(preset: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--one", "--task", args.task, "--presets", preset,
+           "--budget", str(args.budget), "--threads", str(args.threads), "--data-dir",
+           args.data_dir, "--iw-samples", str(args.iw_samples)]  # fmt: skip
+    if args.eval_max is not None:
+        cmd += ["--eval-max", str(args.eval_max)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent)
+    if proc.returncode != 0:
+        raise SystemExit(f"{preset} failed")
+    lines = proc.stdout.strip().splitlines()
+    print("\n".join(lines[:-1]), flush=True)
+    row = json.loads(lines[-1])
+    print(f"  {preset}: peak memory {row['peak_rss_gb']:.2f} GB (process peak RSS)", flush=True)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--task", choices=sorted(PRESETS_BY_TASK), default="digits")
@@ -141,6 +160,7 @@ def main() -> None:
         "noise draws per test image (stochastic models: dequantization, augmentation)",
     )
     p.add_argument("--eval-max", type=int, default=None, help="test images for the IW bound")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     presets = args.presets or PRESETS_BY_TASK[args.task]
@@ -153,13 +173,14 @@ def main() -> None:
                 run_one(q, data, args.budget, name, args.iw_samples, args.eval_max) for q in presets
             ]
             out[name] = {"entropy": toy_entropy(name), "rows": rows}
-    else:
+    elif args.one:  # (internal) one preset in this process; its row as the last line
         data = load_data(DataConfig(name=args.task, data_dir=args.data_dir))
-        print(f"{args.task} {tuple(data.shape)}, {len(data.test)} test images:", flush=True)
-        out["rows"] = [
-            run_one(q, data, args.budget, args.task, args.iw_samples, args.eval_max)
-            for q in presets
-        ]
+        row = run_one(presets[0], data, args.budget, args.task, args.iw_samples, args.eval_max)
+        print(json.dumps({**row, "peak_rss_gb": peak_rss_gb()}))
+        return
+    else:  # images: every preset in a fresh process, so that its peak memory is its own
+        print(f"{args.task}: each preset in its own process", flush=True)
+        out["rows"] = [_in_subprocess(q, args) for q in presets]
     path = save_json(f"families_{args.task}", out)
     print(f"wrote {path}")
 

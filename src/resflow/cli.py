@@ -374,7 +374,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     print(f"wrote {len(samples)} samples{what} ({size}) at temperature {args.temperature} to {out}")
     if args.check:
         worst = float(torch.cat(errors).max())
-        print(f"worst round-trip error |f(f^-1(z)) - z| of these samples: {worst:.3g}")
+        print(f"worst round-trip error {model.round_trip_formula()} of these samples: {worst:.3g}")
     return 0
 
 

@@ -191,6 +191,13 @@ class Flow(nn.Module):
             err = (body(x, ctx)[0] - z).abs()
         return err.flatten(1).max(1).values
 
+    def round_trip_formula(self) -> str:
+        """The round trip :meth:`round_trip_error` measures, as text."""
+        layers = list(self.layers.layers) if isinstance(self.layers, Sequential) else [self.layers]
+        while layers and getattr(layers[0], "stochastic", False):
+            layers = layers[1:]
+        return "|f^-1(f(x)) - x|" if Sequential(layers).stochastic else "|f(f^-1(z)) - z|"
+
     def rsample(self, n: int, temperature: float = 1.0, context: Tensor | None = None) -> Tensor:
         """Like :meth:`sample`, but differentiable in the parameters (reparameterized;
         residual blocks differentiate their fixed point implicitly)."""
