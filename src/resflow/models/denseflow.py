@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from resflow.config import Config, ConfigError, param
+from resflow.config import Config, ConfigError, param, replace
 from resflow.distributions import StandardNormal
 from resflow.flow import Flow
 from resflow.layers.actnorm import ActNorm
@@ -320,21 +320,22 @@ register_preset(
 
 # ---- small presets that train in minutes on CPU ----------------------------------------------
 _SMALL_TRAIN = TrainConfig(lr=2e-3, batch_size=64, weight_decay=0.0, warmup=100, grad_clip=1.0)
+_SMALL = DenseFlowConfig(
+    image_shape=(1, 8, 8),
+    levels=17,
+    units=(2, 2),
+    modules=(2, 2),
+    hidden=(16, 16),
+    growth=4,
+    dense_depth=2,
+    dense_growth=16,
+    heads=2,
+    landmarks=4,
+)
 register_preset(
     "denseflow-digits",
     "denseflow",
-    DenseFlowConfig(
-        image_shape=(1, 8, 8),
-        levels=17,
-        units=(2, 2),
-        modules=(2, 2),
-        hidden=(16, 16),
-        growth=4,
-        dense_depth=2,
-        dense_growth=16,
-        heads=2,
-        landmarks=4,
-    ),  # fmt: skip
+    _SMALL,
     train=_SMALL_TRAIN,
     description="8x8 digits in a few minutes on CPU (DenseFlow-8-4)",
     default_for=("digits",),
@@ -342,18 +343,7 @@ register_preset(
 register_preset(
     "denseflow-mnist",
     "denseflow",
-    DenseFlowConfig(
-        image_shape=(1, 28, 28),
-        levels=256,
-        units=(2, 2),
-        modules=(2, 2),
-        hidden=(16, 16),
-        growth=4,
-        dense_depth=2,
-        dense_growth=16,
-        heads=2,
-        landmarks=4,
-    ),  # fmt: skip
+    replace(_SMALL, image_shape=(1, 28, 28), levels=256),
     train=_SMALL_TRAIN,
     description="MNIST-sized images on CPU (DenseFlow-8-4)",
     default_for=("mnist", "fashion-mnist"),
