@@ -548,13 +548,16 @@ class LipschitzConv2d(LipschitzLayer, nn.Conv2d):
 _FEW_CHANNELS = 4
 
 
-def _few(w: Tensor) -> str:
-    """Which side of a k x k (k > 1) kernel has few channels: "in", "out" or ""."""
-    if w.shape[-1] == 1 and w.shape[-2] == 1:
+def _few(shape: torch.Size | tuple[int, ...], padding: tuple[int, ...]) -> str:
+    """Which side of a square k x k (k > 1) kernel of ``shape`` has few channels ("in",
+    "out"), or "" where the convolution is left to torch (1x1, unequal or too much
+    padding: ``fold`` needs ``padding <= k - 1``)."""
+    k = shape[-1]
+    if k == 1 or shape[-2] != k or padding[0] != padding[1] or padding[0] > k - 1:
         return ""
-    if w.shape[1] <= _FEW_CHANNELS:
+    if shape[1] <= _FEW_CHANNELS:
         return "in"
-    return "out" if w.shape[0] <= _FEW_CHANNELS else ""
+    return "out" if shape[0] <= _FEW_CHANNELS else ""
 
 
 def _flipped_taps(y: Tensor, o: int, kk: int) -> Tensor:
@@ -576,10 +579,10 @@ def conv2d(x: Tensor, w: Tensor, bias: Tensor | None, padding: tuple[int, ...]) 
     summed back by ``fold`` with the kernel flipped (``fold`` is ``unfold``'s adjoint)."""
     b, c, h, wd = x.shape
     o, k = w.shape[0], w.shape[-1]
-    few = _few(w)
+    few = _few(w.shape, padding)
     if w.shape[-1] == 1 and w.shape[-2] == 1:
         y = torch.matmul(w.view(o, c), x.reshape(b, c, h * wd)).view(b, -1, h, wd)
-    elif few and w.shape[-2] == k and padding[0] == padding[1] and 2 * padding[0] < 2 * k - 1:
+    elif few:
         p = padding[0]
         ho, wo = h + 2 * p - k + 1, wd + 2 * p - k + 1
         if few == "in":
@@ -604,8 +607,8 @@ def conv2d_adjoint(
     if w.shape[-1] == 1 and w.shape[-2] == 1:
         h, wd = u.shape[-2:]
         return torch.matmul(w.view(o, c).t(), u.reshape(b, o, h * wd)).view(b, -1, h, wd)
-    few = _few(w)
-    if few and w.shape[-2] == k and padding[0] == padding[1] and 2 * padding[0] < 2 * k - 1:
+    few = _few(w.shape, padding)
+    if few:
         p, (h, wd) = padding[0], in_shape[-2:]
         if few == "in":
             cols = torch.matmul(w.reshape(o, -1).t(), u.reshape(b, o, -1))
@@ -624,9 +627,8 @@ def conv2d_weight(
     products where it uses them)."""
     o, c, k = shape[0], shape[1], shape[-1]
     b = x.shape[0]
-    w = torch.empty(shape, device="meta")
-    few = _few(w)
-    if few and shape[-2] == k and padding[0] == padding[1] and 2 * padding[0] < 2 * k - 1:
+    few = _few(shape, padding)
+    if few:
         p = padding[0]
         if few == "in":
             cols = F.unfold(x, k, padding=p)
