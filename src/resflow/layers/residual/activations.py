@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from resflow.layers.residual.kernels import fusable
+
 
 class LipSwish(nn.Module):
     """``LipSwish(z) = z * sigmoid(beta * z) / 1.1`` with ``beta = softplus(b)`` learned.
@@ -36,38 +38,55 @@ class LipSwish(nn.Module):
     def derivative(self, z: Tensor) -> Tensor:
         """``d/dz LipSwish(z) = (s + u s') / 1.1`` with ``u = beta z``, ``s = sigmoid(u)``,
         ``s' = s (1 - s)``."""
-        return self.derivatives(z, second=False)[0]
+        return self.value_and_derivatives(z, second=False)[1]
 
     def second_derivative(self, z: Tensor) -> Tensor:
-        """``a'' = beta (2 s' + u s'') / 1.1`` with ``s'' = s' (1 - 2 s)``."""
-        return self.derivatives(z)[1]
-
-    def param_derivatives(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``(da/dbeta, da'/dbeta) = (z^2 s' / 1.1, (z / beta) a'')`` elementwise."""
-        _, _, da, dd = self.derivatives(z)
-        return da, dd
+        """``a'' = beta s' (2 + u (1 - 2 s)) / 1.1``."""
+        return self.value_and_derivatives(z)[2]  # type: ignore[return-value]
 
     @torch.no_grad()
-    def derivatives(self, z: Tensor, second: bool = True) -> tuple[Tensor, ...]:
-        """``a'``, and with ``second`` also ``a''``, ``da/dbeta``, ``da'/dbeta``, in few
-        passes over ``z`` (these tensors are as large as the hidden activations)."""
+    def value_and_derivatives(
+        self, z: Tensor, second: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(a(z), a'(z), a''(z))`` (``a''`` only with ``second``) sharing one sigmoid;
+        one fused kernel when compilation is on (:mod:`resflow.layers.residual.kernels`)."""
         beta = self.beta.detach()
-        u = z * beta
-        s = torch.sigmoid(u)
-        ds = s * (1 - s)
-        uds = u.mul_(ds)  # u is not needed any more
-        d1 = (s + uds).div_(1.1)
-        if not second:
-            return (d1,)
-        q = torch.addcmul(ds.mul_(2), uds, s.mul_(-2).add_(1))  # 2 s' + u s' (1 - 2 s)
-        da = uds.mul_(z).div_(1.1 * beta)  # z^2 s' / 1.1
-        dd = q * z / 1.1
-        d2 = q.mul_(beta / 1.1)
-        return d1, d2, da, dd
+        if second:
+            return _lipswish2(z, beta)  # type: ignore[no-any-return]
+        a, d1 = _lipswish1(z, beta)
+        return a, d1, None
 
     def param_chain(self) -> tuple[Tensor, Tensor]:
-        """The differentiable ``beta`` and the raw parameter it comes from."""
+        """The differentiable ``beta`` and the raw parameter it comes from.
+
+        LipSwish is ``a(z) = h(beta z) / beta`` with ``h(u) = u sigmoid(u) / 1.1``, so
+        ``da/dbeta = (z a'(z) - a(z)) / beta`` and ``da'/dbeta = z a''(z) / beta``: the
+        residual block's gradient pass gets ``dL/dbeta`` from products it forms anyway
+        (:mod:`resflow.layers.residual.jacobian`)."""
         return self.beta, self.b
+
+
+@fusable
+def _lipswish1(z: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    u = z * beta
+    s = torch.sigmoid(u)
+    a = torch.mul(z, s).mul_(1 / 1.1)
+    ds = torch.addcmul(s, s, s, value=-1.0)  # s' = s (1 - s)
+    d1 = u.mul_(ds).add_(s).mul_(1 / 1.1)  # (s + u s') / 1.1
+    return a, d1
+
+
+@fusable
+def _lipswish2(z: Tensor, beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    u = z * beta
+    s = torch.sigmoid(u)
+    a = torch.mul(z, s).mul_(1 / 1.1)
+    ds = torch.addcmul(s, s, s, value=-1.0)
+    uds = u.mul_(ds)
+    d1 = torch.add(s, uds).mul_(1 / 1.1)
+    # a'' = beta (2 s' + u s' (1 - 2 s)) / 1.1
+    d2 = torch.addcmul(ds.mul_(2.0), uds, s.mul_(-2.0).add_(1.0)).mul_(beta / 1.1)
+    return a, d1, d2
 
 
 class ELU(nn.ELU):

@@ -16,15 +16,15 @@ import torch
 from torch import Tensor, nn
 
 from resflow.layers.base import FlowLayer
-from resflow.layers.residual.jacobian import chain_to_parameters, linearize
+from resflow.layers.residual.jacobian import linearize, neumann_branch
 from resflow.layers.residual.logdet import (
     EVAL_ESTIMATOR,
     TRAIN_ESTIMATOR,
     EstimatorConfig,
     LogdetEstimator,
-    attach_gradients,
     draw_terms,
     estimate_logdet,
+    exact_pairs,
     grad_in_forward,
     neumann_pairs,
 )
@@ -138,19 +138,19 @@ class ResidualBlock(FlowLayer):
         return gx, estimate_logdet(gx, x, self.estimator, p, lam, create_graph, vjp)
 
     def _run_analytic(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
-        """Backward-in-forward with the closed-form Neumann gradient (the default
-        training path); ``None`` when ``g`` has layers without known derivatives."""
-        gx, lin = linearize(self.g, x)
-        if lin is None:
-            return None
+        """Backward-in-forward with the closed-form gradient (the default training path
+        of both the series, with Neumann gradients, and the exact logdet); ``None`` when
+        ``g`` has layers without known derivatives."""
         est = self.estimator
+        if est.method == "exact":
+            return neumann_branch(self.g, x, exact_pairs, 1.0)
         n, weights = draw_terms(est.n_exact_terms, est.dist, float(self.geom_p),
                                 float(self.poisson_lambda))  # fmt: skip
-        value, pairs = neumann_pairs(lin.vjp, x, est, n, weights)
-        grad_x, derived = lin.neumann_grads(pairs, 1.0 / est.n_hutchinson)
-        params = [p for p in self.g.parameters() if p.requires_grad]
-        grad_params = chain_to_parameters(derived, params)
-        return gx, attach_gradients(value, x, params, grad_x, grad_params)
+
+        def estimate(vjp: Callable[[Tensor], Tensor], xd: Tensor) -> tuple[Tensor, list]:
+            return neumann_pairs(vjp, xd, est, n, weights)
+
+        return neumann_branch(self.g, x, estimate, 1.0 / est.n_hutchinson)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         est = self.estimator
@@ -167,11 +167,11 @@ class ResidualBlock(FlowLayer):
                 return x + gx.detach(), logdet.detach()
             p, lam = float(self.geom_p), float(self.poisson_lambda)
             return x + gx, estimate_logdet(gx, x, est, p, lam, False, lin.vjp)
-        if est.grad_in_forward and est.method == "series" and est.neumann_grad:
+        if est.grad_in_forward and (est.method == "exact" or est.neumann_grad):
             out = self._run_analytic(x)
             if out is not None:
                 return x + out[0], out[1]
-        if est.grad_in_forward and est.method == "series":
+        if est.grad_in_forward:
             gx, logdet = grad_in_forward(self.g, lambda xd: self._run(xd, True), x)
             return x + gx, logdet
         xg = x if x.requires_grad else x.detach().requires_grad_(True)

@@ -7,13 +7,16 @@ with ``D_i = diag(a_i'(z_i))``. :class:`Linearization` runs ``g`` once, caching 
 
 * :meth:`Linearization.vjp` -- ``u^T J``: one transposed layer and one multiplication
   per layer, no autograd graph (the power series needs many per block);
-* :meth:`Linearization.neumann_grads` -- the gradient of ``S = sum_b w_b^T J v_b`` with
-  respect to the input and every parameter (``w`` held fixed): the Neumann-series
-  gradient of Residual Flows (Chen et al. 2019, Theorem 2) in closed form. A tangent
-  pass ``t = J v`` and a cotangent pass ``r = w^T J`` give the first-order weight terms
-  ``r_out (x) t_in``; the second-order terms ``e_i = r_i * t_i * a_i''(z_i)`` are then
-  back-propagated once along the value path. This replaces autograd's double backward,
-  whose many elementwise passes dominate the cost of large residual blocks.
+* :func:`neumann_branch` -- ``(g(x), value)`` as one autograd function whose gradient
+  is that of ``S = sum_b w_b^T J v_b`` (``w`` held fixed) for the pairs ``(v, w)`` an
+  estimator returns: the Neumann-series gradient of Residual Flows (Chen et al. 2019,
+  Theorem 2), or with ``w = (I + J)^{-T} e_j`` the exact logdet's gradient, in closed
+  form. In the forward pass a tangent pass ``t = J v`` and a cotangent pass
+  ``r = w^T J`` give the first-order weight terms ``r_out (x) t_in`` and the
+  second-order terms ``e_i = r_i * t_i * a_i''(z_i)``; in the backward pass one reverse
+  pass of ``g`` carries the output gradient and the ``e_i`` together, since both travel
+  the value path. This replaces autograd's double backward (whose many elementwise
+  passes dominate the cost of large residual blocks) and a separate backward of ``g``.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class _Layer:
     module: LipschitzLinear | LipschitzConv2d
     weight: Tensor  # constrained weight, with its graph to the raw parameters
     inp: Tensor  # input (detached)
+    constrained: Tensor | None = None  # the weight with its graph (when ``weight`` has none)
 
     @property
     def conv(self) -> bool:
@@ -76,47 +80,73 @@ class _Layer:
 @dataclass
 class _Act:
     module: nn.Module
-    z: Tensor  # input (detached)
     d1: Tensor  # a'(z)
+    d2: Tensor | None = None  # a''(z), until the second-order term replaces it
+    z: Tensor | None = None  # input, kept where no layer precedes (see ``_beta_grad``)
+    out: Tensor | None = None  # a(z): the next layer's input
+    inject: Tensor | None = None  # sum over pairs of r * t * a''(z)
 
-    def second_order(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """``a''(z)`` and, for a learned parameter ``beta``, ``da/dbeta`` and ``da'/dbeta``."""
-        m = self.module
-        if hasattr(m, "derivatives"):
-            _, d2, da, dd = m.derivatives(self.z)
-            return d2, da, dd
-        return m.second_derivative(self.z), None, None  # type: ignore[operator]
+
+def _learns(m: nn.Module) -> bool:
+    return any(p.requires_grad for p in m.parameters())
 
 
 def _supported(g: nn.Module) -> bool:
+    """A plain sequence of Lipschitz layers and activations with known derivatives, whose
+    learned activation parameters (if any) are LipSwish-like (:meth:`param_chain`)."""
     return isinstance(g, nn.Sequential) and all(
         isinstance(m, (LipschitzLinear, LipschitzConv2d))
-        or (hasattr(m, "derivative") and hasattr(m, "second_derivative"))
+        or (
+            hasattr(m, "derivative")
+            and hasattr(m, "second_derivative")
+            and (not _learns(m) or hasattr(m, "param_chain"))
+        )
         for m in g
     )
 
 
-class Linearization:
-    """``g(x)`` (with an autograd graph when grad mode is on) and its cached derivatives."""
+def _activate(m: nn.Module, z: Tensor, second: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    if hasattr(m, "value_and_derivatives"):
+        return m.value_and_derivatives(z, second)  # type: ignore[operator, no-any-return]
+    d2 = m.second_derivative(z) if second else None  # type: ignore[operator]
+    return m(z), m.derivative(z), d2  # type: ignore[operator]
 
-    def __init__(self, g: nn.Sequential, x: Tensor) -> None:
+
+class Linearization:
+    """``g(x)`` and its cached derivatives.
+
+    With grad mode on and ``second=False`` the output keeps its autograd graph (for the
+    estimators that differentiate through the series); otherwise nothing is recorded
+    and, with ``second``, ``a''`` is cached too for :func:`neumann_branch`.
+    """
+
+    def __init__(self, g: nn.Sequential, x: Tensor, second: bool = False) -> None:
         self.steps: list[_Layer | _Act] = []
+        graph = torch.is_grad_enabled() and not second
         h = x
         for m in g:
             if isinstance(m, (LipschitzLinear, LipschitzConv2d)):
                 if isinstance(m, LipschitzConv2d):
                     m.prepare(h)
-                w = m.constrained_weight()
-                self.steps.append(_Layer(m, w, h.detach()))
+                with torch.set_grad_enabled(graph or second):  # second: kept for backward
+                    w = m.constrained_weight()
+                wd = w if graph else w.detach()
+                self.steps.append(_Layer(m, wd, h.detach(), None if graph else w))
+                bias = m.bias if graph or m.bias is None else m.bias.detach()
                 if isinstance(m, LipschitzConv2d):
-                    h = conv2d(h, w, m.bias, m.padding)
+                    h = conv2d(h, wd, bias, m.padding)
                 else:
-                    h = F.linear(h, w, m.bias)
+                    h = F.linear(h, wd, bias)
+            elif graph:
+                with torch.no_grad():
+                    self.steps.append(_Act(m, m.derivative(h.detach())))  # type: ignore[operator]
+                h = m(h)
             else:
                 z = h.detach()
-                with torch.no_grad():
-                    self.steps.append(_Act(m, z, m.derivative(z)))  # type: ignore[operator]
-                h = m(h)
+                h, d1, d2 = _activate(m, z, second)
+                prev = self.steps[-1] if self.steps else None
+                keep_z = second and _learns(m) and not isinstance(prev, _Layer)
+                self.steps.append(_Act(m, d1, d2, z if keep_z else None, h))
         self.output = h
 
     @torch.no_grad()
@@ -126,74 +156,150 @@ class Linearization:
             u = u * s.d1 if isinstance(s, _Act) else s.apply_t(u)
         return u
 
+    @property
+    def vector(self) -> bool:
+        """Whether every layer is linear (no convolution): products then take extra
+        leading dimensions, so several vectors go through one pass."""
+        return all(not isinstance(s, _Layer) or not s.conv for s in self.steps)
+
     @torch.no_grad()
-    def neumann_grads(
-        self, pairs: list[tuple[Tensor, Tensor]], scale: float = 1.0
-    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """Gradient of ``scale * sum_{(v, w)} sum_b w_b^T J v_b`` (``w`` fixed).
-
-        Returns ``dS/dx`` (per sample) and ``(tensor, grad)`` pairs for the constrained
-        weights, biases and activation parameters; :func:`chain_to_parameters` turns
-        them into gradients of the raw parameters.
-        """
+    def first_order(self, pairs: list[tuple[Tensor, Tensor]]) -> dict[int, Tensor]:
+        """The terms of ``d/dtheta sum_{(v, w)} sum_b w_b^T J v_b`` (``w`` fixed) that do
+        not go through the value path: ``r_out (x) t_in`` per layer (tangent ``t = J v``,
+        cotangent ``r = w^T J``), returned by step index; the second-order terms
+        ``r t a''(z)`` are summed into each activation's ``inject`` for
+        :meth:`backward`, and ``a''`` is freed. In a branch of linear layers all pairs
+        go through one pass, stacked along a leading dimension."""
+        if self.vector and len(pairs) > 1:
+            v = torch.stack([p[0] for p in pairs])
+            w = torch.stack([p[1] for p in pairs])
+            pairs = [(v, w)]
         grads: dict[int, Tensor] = {}
-
-        def add(key: int, value: Tensor) -> None:
-            grads[key] = grads[key] + value if key in grads else value
-
-        grad_x: Tensor | None = None
-        second = {i: s.second_order() for i, s in enumerate(self.steps) if isinstance(s, _Act)}
+        last = len(self.steps) - 1
         for v, w in pairs:
-            # tangent pass: t at every step's input
             tangents = []
             t = v
-            for s in self.steps:
+            for i, s in enumerate(self.steps):
                 tangents.append(t)
-                t = t * s.d1 if isinstance(s, _Act) else s.apply(t)
-            # cotangent pass of w: first-order terms and e_i = r_i t_i a''(z_i)
+                if i < last:  # J v itself is not needed
+                    t = t * s.d1 if isinstance(s, _Act) else s.apply(t)
             r = w
-            inject: dict[int, Tensor] = {}
-            for i in range(len(self.steps) - 1, -1, -1):
+            for i in range(last, -1, -1):
                 s = self.steps[i]
                 if isinstance(s, _Act):
-                    d2, _, dd = second[i]
-                    rt = r * tangents[i]
-                    if dd is not None:
-                        add(-i - 1, torch.linalg.vecdot(rt.flatten(), dd.flatten()))
-                    inject[i] = rt.mul_(d2)
-                    r = r * s.d1
+                    assert s.d2 is not None
+                    e = (r * tangents[i]).mul_(s.d2)
+                    if e.dim() > s.d2.dim():  # stacked pairs
+                        e = e.sum(0)
+                    s.inject = e if s.inject is None else s.inject.add_(e)
+                    if i > 0:
+                        r = r * s.d1
                 else:
-                    add(i, s.weight_grad(r, tangents[i]))
-                    r = s.apply_t(r)
-            # value path: back-propagate the injected second-order terms
-            c: Tensor | None = None
-            for i in range(len(self.steps) - 1, -1, -1):
-                s = self.steps[i]
-                if isinstance(s, _Act):
-                    _, da, _ = second[i]
-                    if c is not None and da is not None:
-                        add(-i - 1, torch.linalg.vecdot(c.flatten(), da.flatten()))
-                    c = inject.pop(i) if c is None else inject.pop(i).addcmul_(c, s.d1)
-                elif c is not None:
-                    add(i, s.weight_grad(c, s.inp))
-                    if s.module.bias is not None:
-                        add(1000 + i, c.sum(0) if not s.conv else c.sum((0, 2, 3)))
-                    c = s.apply_t(c)
-            gx = c if c is not None else torch.zeros_like(v)
-            grad_x = gx if grad_x is None else grad_x + gx
-        assert grad_x is not None
+                    gw = s.weight_grad(r, tangents[i])
+                    grads[i] = grads[i] + gw if i in grads else gw
+                    if i > 0:
+                        r = s.apply_t(r)
+        for s in self.steps:
+            if isinstance(s, _Act):
+                s.d2 = None
+        return grads
+
+    @torch.no_grad()
+    def backward(
+        self, c: Tensor, first: dict[int, Tensor], want_x: bool
+    ) -> tuple[Tensor | None, list[tuple[Tensor, Tensor]]]:
+        """One reverse pass for ``g``'s output gradient ``c`` and the injected
+        second-order terms together (they share the value path):
+        ``c <- c a'(z) + inject`` at every activation. Returns ``dL/dx`` (``None`` unless
+        ``want_x``) and ``(tensor, gradient)`` pairs for the constrained weights, biases
+        and learned activation parameters (the ``first`` terms added)."""
         out: list[tuple[Tensor, Tensor]] = []
-        for key, value in grads.items():
-            if key >= 1000:
-                bias = self.steps[key - 1000].module.bias  # type: ignore[union-attr]
-                out.append((bias, value * scale))
-            elif key >= 0:
-                out.append((self.steps[key].weight, value * scale))  # type: ignore[union-attr]
+        beta_at: dict[int, Tensor] = {}  # activation index -> -<c_out, a>
+        for i in range(len(self.steps) - 1, -1, -1):
+            s = self.steps[i]
+            if isinstance(s, _Act):
+                if _learns(s.module):
+                    assert s.out is not None
+                    beta_at[i] = -torch.linalg.vecdot(c.flatten(), s.out.flatten())
+                c = c * s.d1 if s.inject is None else s.inject.addcmul_(c, s.d1)
+                s.inject = None
+                if i in beta_at and s.z is not None:
+                    beta_at[i] = beta_at[i] + torch.linalg.vecdot(c.flatten(), s.z.flatten())
             else:
-                with torch.enable_grad():  # beta = softplus(b): keep its graph to b
-                    beta, _ = self.steps[-key - 1].module.param_chain()  # type: ignore[union-attr]
-                out.append((beta, value * scale))
-        return grad_x * scale, out
+                gw = s.weight_grad(c, s.inp)
+                gb = None
+                if s.module.bias is not None:
+                    gb = c.sum(0) if not s.conv else c.sum((0, 2, 3))
+                    out.append((s.module.bias, gb))
+                nxt = self.steps[i + 1] if i + 1 < len(self.steps) else None
+                if isinstance(nxt, _Act) and i + 1 in beta_at:
+                    # <c_in, z> for z = W a + b is <W, dL/dW> + <b, dL/db>
+                    dot = torch.linalg.vecdot(gw.flatten(), s.weight.flatten())
+                    if gb is not None:
+                        dot = dot + torch.linalg.vecdot(gb, s.module.bias.detach())
+                    beta_at[i + 1] = beta_at[i + 1] + dot
+                if i in first:
+                    gw = gw + first[i]
+                out.append((s.weight if s.constrained is None else s.constrained, gw))
+                if i > 0 or want_x:
+                    c = s.apply_t(c)
+        for i, value in beta_at.items():
+            act = self.steps[i]
+            with torch.enable_grad():  # beta = softplus(b): keep its graph to b
+                beta, _ = act.module.param_chain()  # type: ignore[union-attr, operator]
+            out.append((beta, value / beta.detach()))
+        return (c if want_x else None), out
+
+
+class _NeumannBranch(torch.autograd.Function):
+    """``(g(x), logdet)`` of a residual branch with the closed-form Neumann gradient.
+
+    Forward: ``g`` without an autograd graph, the series estimate with its Neumann pairs,
+    and the pairs' first-order terms. Backward: one reverse pass of ``g`` carrying the
+    output gradient and the logdet's second-order terms together. The logdet's upstream
+    gradient must be the same for every sample (a batch-mean or batch-sum loss).
+    """
+
+    @staticmethod
+    def forward(ctx, g, x, estimate, scale, *params):  # type: ignore[no-untyped-def, override]
+        lin = Linearization(g, x, second=True)
+        value, pairs = estimate(lin.vjp, x)
+        ctx.lin, ctx.first, ctx.scale = lin, lin.first_order(pairs), scale
+        ctx.params = params
+        return lin.output, value
+
+    @staticmethod
+    def backward(ctx, grad_gx, grad_value):  # type: ignore[no-untyped-def, override]
+        from resflow.layers.residual.logdet import check_uniform
+
+        lin, first = ctx.lin, ctx.first
+        del ctx.lin, ctx.first
+        up = check_uniform(grad_value) * ctx.scale
+        if float(up) == 0.0:  # the logdet is not used: only g's own gradient
+            for s in lin.steps:
+                if isinstance(s, _Act):
+                    s.inject = None
+            first, up = {}, torch.ones((), dtype=grad_gx.dtype, device=grad_gx.device)
+        grad_x, pairs = lin.backward(grad_gx / up, first, ctx.needs_input_grad[1])
+        pairs = [(t, gr * up) for t, gr in pairs]
+        grads = chain_to_parameters(pairs, list(ctx.params))
+        return (None, None if grad_x is None else grad_x * up, None, None, *grads)
+
+
+def neumann_branch(
+    g: nn.Module,
+    x: Tensor,
+    estimate: Callable[[VJP, Tensor], tuple[Tensor, list[tuple[Tensor, Tensor]]]],
+    scale: float,
+) -> tuple[Tensor, Tensor] | None:
+    """``(g(x), value)`` where ``estimate(vjp, x) = (value, [(v, w), ...])`` and the
+    gradient of ``value`` is that of ``scale * sum_{(v, w)} sum_b w_b^T J v_b`` (``w``
+    fixed): the Neumann-series gradient of Residual Flows (Chen et al. 2019, Theorem 2)
+    in closed form. ``None`` when ``g`` is not supported (see :func:`linearize`)."""
+    if not _supported(g):
+        return None
+    params = [p for p in g.parameters() if p.requires_grad]
+    return _NeumannBranch.apply(g, x, estimate, scale, *params)  # type: ignore[no-untyped-call, no-any-return]
 
 
 def linearize(g: nn.Module, x: Tensor) -> tuple[Tensor, Linearization | None]:

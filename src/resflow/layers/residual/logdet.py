@@ -149,6 +149,37 @@ def exact_logdet(gx: Tensor, x: Tensor, create_graph: bool, vjp: VJP | None = No
     return torch.linalg.slogdet(eye + jac)[1]
 
 
+@torch.no_grad()
+def exact_pairs(vjp: VJP, x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """``log|det(I + J)|`` per sample from the full Jacobian, and the pairs ``(e_j, w_j)``
+    with ``w_j`` the ``j``-th column of ``(I + J)^{-T}``: since
+    ``d log|det A| = tr(A^{-1} dA)``, ``d/dtheta sum_j w_j^T J e_j`` (``w`` fixed) is the
+    exact gradient of the log-determinant. Vectors (``x`` of shape ``[batch, d]``) take
+    all ``d`` rows in one stacked product; ``d = 2`` uses the closed-form inverse."""
+    b = x.shape[0]
+    d = x[0].numel()
+    if d > 4096:
+        raise ValueError(f"exact logdet needs a {d}x{d} Jacobian per sample; use method='series'")
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    basis = eye.unsqueeze(1).expand(d, b, d)  # basis[j] = e_j for every sample
+    if x.dim() == 2:
+        jac = vjp(basis).transpose(0, 1)  # [b, i, j] = dg_i / dx_j
+    else:
+        jac = torch.stack([vjp(e.reshape_as(x)).reshape(b, d) for e in basis], 1)
+    a = jac + eye
+    if d == 2:
+        det = a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]
+        # (A^{-T}) = [[a11, -a10], [-a01, a00]] / det
+        inv_t = torch.stack([a[:, 1, 1], -a[:, 1, 0], -a[:, 0, 1], a[:, 0, 0]], 1)
+        inv_t = inv_t.view(b, 2, 2) / det.view(b, 1, 1)
+        value = det.abs().log()
+    else:
+        value = torch.linalg.slogdet(a)[1]
+        inv_t = torch.linalg.inv(a).transpose(1, 2)
+    pairs = [(basis[j].reshape_as(x), inv_t[:, :, j].reshape_as(x)) for j in range(d)]
+    return value, pairs
+
+
 def series_logdet(
     gx: Tensor,
     x: Tensor,
@@ -210,34 +241,7 @@ def neumann_pairs(
     return value / est.n_hutchinson, pairs
 
 
-class _AttachGradients(torch.autograd.Function):
-    """``value`` whose gradients with respect to ``x`` and ``params`` were precomputed."""
-
-    @staticmethod
-    def forward(ctx, value, grads, x, *params):  # type: ignore[no-untyped-def, override]
-        ctx.grads = grads
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad_value):  # type: ignore[no-untyped-def, override]
-        grad_x, grad_params = ctx.grads
-        del ctx.grads
-        scale = _check_uniform(grad_value)
-        shape = (-1,) + (1,) * (grad_x.dim() - 1)
-        out = [None if g is None else g * scale for g in grad_params]
-        return (None, None, grad_x * grad_value.view(shape), *out)
-
-
-def attach_gradients(
-    value: Tensor, x: Tensor, params: list[Tensor], grad_x: Tensor, grad_params: list
-) -> Tensor:
-    """Attach precomputed per-sample ``d value / dx`` and batch-summed parameter
-    gradients to ``value`` (backward-in-forward: the upstream gradient must be the
-    same for every sample)."""
-    return _AttachGradients.apply(value, (grad_x, grad_params), x, *params)  # type: ignore[no-untyped-call]
-
-
-def _check_uniform(grad: Tensor) -> Tensor:
+def check_uniform(grad: Tensor) -> Tensor:
     scale = grad[0]
     if not torch.allclose(grad, scale.expand_as(grad), rtol=1e-4, atol=1e-12):
         raise RuntimeError(
@@ -294,7 +298,7 @@ class _GradInForward(torch.autograd.Function):
     def backward(ctx, grad_gx: Tensor, grad_logdet: Tensor):  # type: ignore[override]
         gx, xd, params, grads = ctx.gx, ctx.xd, ctx.params, ctx.grads
         del ctx.gx, ctx.xd, ctx.grads
-        scale = _check_uniform(grad_logdet)
+        scale = check_uniform(grad_logdet)
         with torch.enable_grad():
             dg = torch.autograd.grad(gx, (xd, *params), grad_gx, allow_unused=True)
         shape = (-1,) + (1,) * (xd.dim() - 1)
@@ -345,7 +349,7 @@ class EstimatorConfig(Config):
             dist=self.dist,
             n_hutchinson=self.n_hutchinson,
             neumann_grad=self.neumann_grad,
-            grad_in_forward=self.grad_in_forward and self.train_method == "series",
+            grad_in_forward=self.grad_in_forward,
         )
         ev = LogdetEstimator(
             method=self.eval_method,
