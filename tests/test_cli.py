@@ -32,6 +32,7 @@ def test_train_eval_sample_interpolate(tmp_path):
     out = resflow("train", "--data", "digits", *TINY_DIGITS, "--steps", "4", "--batch-size",
                   "32", "--eval-every", "4", "--out", str(run), "--no-progress").stdout  # fmt: skip
     assert "test " in out and "bits/dim" in out
+    assert "samples at T = 1, 0.7:" in out
     for name in ("samples.png", "curve.png", "best.pt", "last.pt", "config.yaml"):
         assert (run / name).exists(), name
     ev = resflow("eval", "--run", str(run), "--max", "64", "--no-progress").stdout

@@ -32,7 +32,14 @@ from resflow.checkpoint import CheckpointError
 from resflow.config import ConfigError, add_flags, given_flags, override, parse_sets, replace
 from resflow.data import DataConfig, data_kind, load_data
 from resflow.data.download import DownloadError
-from resflow.evaluation import decode, evaluate, evaluate_bounds, interpolate, save_image_grid
+from resflow.evaluation import (
+    decode,
+    evaluate,
+    evaluate_bounds,
+    interpolate,
+    save_image_grid,
+    save_temperature_grids,
+)
 from resflow.latent import conceptual_compression, manifold_interpolation
 from resflow.layers.residual.block import InverseNotConvergedError
 from resflow.layers.transformers import BracketNotFoundError
@@ -58,6 +65,8 @@ from resflow.training.distributed import (
     shutdown,
 )
 
+REDUCED_T = 0.7
+"""The second panel of the sample grid that `train` writes (as in the Glow paper)."""
 _DATA_FLAGS = {"name": "data"}
 _DATA_EXCLUDE = ("seed",)  # the data seed is the run's --seed
 
@@ -137,10 +146,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"test {result}")
     _report_benchmark(data.name, result)
     if data.levels is not None:
-        imgs = trainer.sample(train_cfg.n_samples, args.temperature)
         scale = max(1, 128 // data.shape[-1])
-        path = save_image_grid(imgs, out / "samples.png", data.levels, scale=scale)
-        print(f"samples: {path}")
+        temps = [args.temperature] + ([REDUCED_T] if args.temperature != REDUCED_T else [])
+        grids = [(t, trainer.sample(train_cfg.n_samples, t)) for t in temps]
+        path = save_temperature_grids(grids, out / "samples.png", data.levels, scale=scale)
+        print(f"samples at T = {', '.join(f'{t:g}' for t in temps)}: {path}")
         if any(isinstance(m, GaussianNoise) for m in trainer.model.modules()):
             imgs = trainer.sample(train_cfg.n_samples, args.temperature, denoise=True)
             path = save_image_grid(imgs, out / "samples_denoised.png", data.levels, scale=scale)
@@ -570,7 +580,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="run folder (default runs/<data>-<preset>)")
     t.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in <out>")
-    t.add_argument("--temperature", type=float, default=1.0, help="of samples.png (default: 1.0)")
+    t.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="of samples.png, shown beside T = 0.7 (default: 1.0)",
+    )
     t.add_argument(
         "--conditional",
         action="store_true",

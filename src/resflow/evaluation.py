@@ -317,3 +317,29 @@ def save_image_grid(
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     return atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def save_temperature_grids(
+    grids: list[tuple[float, Tensor]], path: str | Path, levels: int = 256, scale: int = 1
+) -> Path:
+    """Write one PNG with a panel per ``(temperature, images)``, side by side, each
+    headed ``T = temperature`` (flows are judged by their reduced-temperature samples)."""
+    from PIL import Image, ImageDraw
+
+    panels = []
+    for _, images in grids:
+        img = Image.fromarray(image_grid(images, levels)).convert("RGB")
+        if scale > 1:
+            img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        panels.append(img)
+    head, gap = 16, 8
+    width = sum(p.width for p in panels) + gap * (len(panels) - 1)
+    height = head + max(p.height for p in panels)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    left = 0
+    for (temperature, _), panel in zip(grids, panels):
+        canvas.paste(panel, (left, head))
+        draw.text((left + 2, 2), f"T = {temperature:g}", fill=(0, 0, 0))
+        left += panel.width + gap
+    return atomic_write(path, lambda f: canvas.save(f, format="PNG"))

@@ -48,3 +48,8 @@ class TrainConfig(Config):
     device: str = param("cpu", help="torch device (cpu, cuda, cuda:1, mps)")
     tensorboard: bool = param(True, help="write TensorBoard logs to <run>/tb")
     progress: bool = param(True, help="show progress bars")
+    compile: bool = param(
+        False,
+        help="fuse the residual blocks' elementwise kernels with torch.compile (the first "
+        "steps compile; without a working compiler: a warning and the unfused kernels)",
+    )

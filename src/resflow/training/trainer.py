@@ -41,6 +41,7 @@ from resflow.evaluation import (
 from resflow.flow import Flow
 from resflow.io import atomic_write_text
 from resflow.layers.base import after_optimizer_step, preserved_transient_state
+from resflow.layers.residual.kernels import set_compile
 from resflow.models import build_model, config_from_dict, config_to_dict
 from resflow.plots import plot_learning_curve
 from resflow.runs import RunConfig, RunExistsError, RunFolder
@@ -116,6 +117,8 @@ class Trainer:
         self.data = data if isinstance(data, DataSplit) else load_data(data)
         data = self.data
         self.cfg = config
+        if config.compile:  # process-wide: every residual block fuses its kernels
+            set_compile(True)
         self.run = RunFolder(out_dir)
         self.out = self.run.path
         self.device = _device(config.device)
@@ -583,6 +586,7 @@ def _writer(path: Path) -> Any:
 RESUMABLE_CHANGES = (
     "steps", "eval_every", "eval_batch_size", "eval_max", "checkpoint_every", "sample_every",
     "n_samples", "log_every", "device", "tensorboard", "progress", "patience", "update_freq",
+    "compile",
 )  # fmt: skip
 """Training settings a resumed run may change (the others would change its result)."""
 RESUME_KEYS = ("model", "model_config", "optimizer", "scheduler", "ema", "step", "best",

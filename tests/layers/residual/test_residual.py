@@ -69,3 +69,21 @@ def test_inverse_gradients_are_the_implicit_ones():
     unrolled = [y.grad, *[p.grad for p in params]]
     for a, b in zip(implicit, unrolled):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_roulette_numbers_follow_the_parameters():
+    """The cached Python copies of the roulette parameters follow in-place changes,
+    reassignment and checkpoint loading (a stale value would bias nothing visibly)."""
+    from resflow.layers import ResidualBlock
+    from resflow.nets import residual_mlp
+
+    block = ResidualBlock(residual_mlp(2, (8,), coeff=0.9), geom_p=0.5, poisson_lambda=2.0)
+    assert block.roulette() == (0.5, 2.0)
+    with torch.no_grad():
+        block.poisson_lambda.fill_(3.0)
+    assert block.roulette() == (0.5, 3.0)
+    other = ResidualBlock(residual_mlp(2, (8,), coeff=0.9), geom_p=0.25, poisson_lambda=1.5)
+    block.load_state_dict(other.state_dict())
+    assert block.roulette() == (0.25, 1.5)
+    block.geom_p = torch.nn.Parameter(torch.tensor(0.75), requires_grad=False)
+    assert block.roulette() == (0.75, 1.5)

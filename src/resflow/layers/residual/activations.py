@@ -50,7 +50,7 @@ class LipSwish(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(a(z), a'(z), a''(z))`` (``a''`` only with ``second``) sharing one sigmoid;
         one fused kernel when compilation is on (:mod:`resflow.layers.residual.kernels`)."""
-        beta = self.beta.detach()
+        beta = self.beta.detach().to(z.dtype)
         if second:
             return _lipswish2(z, beta)  # type: ignore[no-any-return]
         a, d1 = _lipswish1(z, beta)

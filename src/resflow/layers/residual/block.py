@@ -115,6 +115,8 @@ class ResidualBlock(FlowLayer):
         self.eval_estimator = eval_estimator
         self.geom_p = nn.Parameter(torch.tensor(geom_p), requires_grad=False)
         self.poisson_lambda = nn.Parameter(torch.tensor(poisson_lambda), requires_grad=False)
+        self._roulette_key: tuple[int, ...] = ()
+        self._roulette_values = (geom_p, poisson_lambda)
         self.inverse_atol = inverse_atol
         self.inverse_rtol = inverse_rtol
         self.inverse_max_iter = inverse_max_iter
@@ -125,6 +127,17 @@ class ResidualBlock(FlowLayer):
         train, ev = config.estimators()
         return cls(g, train, ev, geom_p=config.geom_p, poisson_lambda=config.poisson_lambda)
 
+    def roulette(self) -> tuple[float, float]:
+        """``(geom_p, poisson_lambda)`` as Python numbers, read from the (frozen) parameters
+        only when they changed (loaded, assigned or modified in place): reading a tensor
+        on a GPU waits for the device, and the blocks need these numbers every step."""
+        p, lam = self.geom_p, self.poisson_lambda
+        key = (id(p), p._version, id(lam), lam._version)
+        if key != self._roulette_key:
+            self._roulette_values = (float(p), float(lam))
+            self._roulette_key = key
+        return self._roulette_values
+
     @property
     def estimator(self) -> LogdetEstimator:
         """The estimator of the current mode (train or eval)."""
@@ -133,7 +146,7 @@ class ResidualBlock(FlowLayer):
     def _run(self, x: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
         """``(g(x), logdet)``; graphs to ``x`` and the parameters when ``create_graph``."""
         gx, lin = linearize(self.g, x)
-        p, lam = float(self.geom_p), float(self.poisson_lambda)
+        p, lam = self.roulette()
         vjp = lin.vjp if lin is not None else None
         return gx, estimate_logdet(gx, x, self.estimator, p, lam, create_graph, vjp)
 
@@ -144,8 +157,7 @@ class ResidualBlock(FlowLayer):
         est = self.estimator
         if est.method == "exact":
             return neumann_branch(self.g, x, exact_pairs, 1.0)
-        n, weights = draw_terms(est.n_exact_terms, est.dist, float(self.geom_p),
-                                float(self.poisson_lambda))  # fmt: skip
+        n, weights = draw_terms(est.n_exact_terms, est.dist, *self.roulette())
 
         def estimate(vjp: Callable[[Tensor], Tensor], xd: Tensor) -> tuple[Tensor, list]:
             return neumann_pairs(vjp, xd, est, n, weights)
@@ -165,7 +177,7 @@ class ResidualBlock(FlowLayer):
                     xd = x.detach().requires_grad_(True)
                     gx, logdet = self._run(xd, create_graph=False)
                 return x + gx.detach(), logdet.detach()
-            p, lam = float(self.geom_p), float(self.poisson_lambda)
+            p, lam = self.roulette()
             return x + gx, estimate_logdet(gx, x, est, p, lam, False, lin.vjp)
         if est.grad_in_forward and (est.method == "exact" or est.neumann_grad):
             out = self._run_analytic(x)
