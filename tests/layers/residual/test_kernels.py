@@ -43,7 +43,7 @@ def test_a_compiler_failure_warns_once_and_falls_back(compiling, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken)
     fused = kernels.fusable(lambda x: x * 2 + 1)
-    with pytest.warns(RuntimeWarning, match="torch.compile of <lambda> failed.*no C\\+\\+ compiler"):
+    with pytest.warns(RuntimeWarning, match=r"compile of <lambda> failed.*no C\+\+ compiler"):
         out = fused(torch.ones(3))
     torch.testing.assert_close(out, torch.full((3,), 3.0))
     import warnings
