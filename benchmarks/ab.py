@@ -90,6 +90,12 @@ def measure(name: str) -> dict[str, Any]:
     from resflow.training.trainer import make_optimizer
 
     torch.set_num_threads(int(os.environ.get("AB_THREADS", "1")))
+    try:  # as the trainer and the command line do, in versions that have it
+        from resflow.allocator import keep_freed_memory
+
+        keep_freed_memory()
+    except ImportError:
+        pass
     preset, overrides, batch, data_name, steps = CONFIGS[name]
     torch.manual_seed(0)
     model = build_model(get_preset(preset, **overrides))

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from resflow.allocator import keep_freed_memory
 from resflow.certify import certify
 from resflow.checkpoint import CheckpointError
 from resflow.config import ConfigError, add_flags, given_flags, override, parse_sets, replace
@@ -793,6 +794,7 @@ def _message(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # large tensors reused, not faulted in anew (resflow.allocator)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:

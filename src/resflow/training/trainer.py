@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from resflow.allocator import keep_freed_memory
 from resflow.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from resflow.config import to_dict
 from resflow.data import DataConfig, DataSplit, load_data
@@ -117,6 +118,7 @@ class Trainer:
         self.data = data if isinstance(data, DataSplit) else load_data(data)
         data = self.data
         self.cfg = config
+        keep_freed_memory()  # large tensors reused, not faulted in anew (resflow.allocator)
         if config.compile:  # process-wide: every residual block fuses its kernels
             set_compile(True)
         self.run = RunFolder(out_dir)
