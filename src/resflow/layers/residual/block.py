@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from resflow.layers.base import FlowLayer
-from resflow.layers.residual.jacobian import linearize, neumann_branch
+from resflow.layers.residual.jacobian import Linearization, linearize, neumann_branch
 from resflow.layers.residual.logdet import (
     EVAL_ESTIMATOR,
     TRAIN_ESTIMATOR,
@@ -159,8 +159,8 @@ class ResidualBlock(FlowLayer):
             return neumann_branch(self.g, x, exact_pairs, 1.0)
         n, weights = draw_terms(est.n_exact_terms, est.dist, *self.roulette())
 
-        def estimate(vjp: Callable[[Tensor], Tensor], xd: Tensor) -> tuple[Tensor, list]:
-            return neumann_pairs(vjp, xd, est, n, weights)
+        def estimate(lin: Linearization, xd: Tensor) -> tuple[Tensor, list]:
+            return neumann_pairs(lin.vjp, xd, est, n, weights)
 
         return neumann_branch(self.g, x, estimate, 1.0 / est.n_hutchinson)
 

@@ -122,6 +122,7 @@ class Linearization:
 
     def __init__(self, g: nn.Sequential, x: Tensor, second: bool = False) -> None:
         self.steps: list[_Layer | _Act] = []
+        self._kept: tuple[Tensor, list[Tensor]] | None = None  # see :meth:`jvp`
         graph = torch.is_grad_enabled() and not second
         h = x
         for m in g:
@@ -163,13 +164,39 @@ class Linearization:
         return all(not isinstance(s, _Layer) or not s.conv for s in self.steps)
 
     @torch.no_grad()
+    def jvp(self, v: Tensor) -> Tensor:
+        """``dg/dx v`` (forward mode). Its intermediate tangents are kept for a later
+        :meth:`first_order` of the same ``v``, which then skips its own tangent pass."""
+        tangents = self._tangents(v, full=True)
+        self._kept = (v, tangents)
+        return tangents[-1]
+
+    def _tangents(self, v: Tensor, full: bool = False) -> list[Tensor]:
+        """The tangent ``t = J v`` at every step's input (and, with ``full``, ``J v``)."""
+        kept = getattr(self, "_kept", None)
+        if kept is not None and kept[0] is v:
+            self._kept = None
+            return kept[1]
+        tangents = []
+        t = v
+        last = len(self.steps) - 1
+        for i, s in enumerate(self.steps):
+            tangents.append(t)
+            if i < last or full:
+                t = t * s.d1 if isinstance(s, _Act) else s.apply(t)
+        if full:
+            tangents.append(t)
+        return tangents
+
+    @torch.no_grad()
     def first_order(self, pairs: list[tuple[Tensor, Tensor]]) -> dict[int, Tensor]:
         """The terms of ``d/dtheta sum_{(v, w)} sum_b w_b^T J v_b`` (``w`` fixed) that do
         not go through the value path: ``r_out (x) t_in`` per layer (tangent ``t = J v``,
         cotangent ``r = w^T J``), returned by step index; the second-order terms
         ``r t a''(z)`` are summed into each activation's ``inject`` for
         :meth:`backward`, and ``a''`` is freed. In a branch of linear layers all pairs
-        go through one pass, stacked along a leading dimension."""
+        go through one pass, stacked along a leading dimension (a single pair may
+        already be such a stack)."""
         if self.vector and len(pairs) > 1:
             v = torch.stack([p[0] for p in pairs])
             w = torch.stack([p[1] for p in pairs])
@@ -177,12 +204,7 @@ class Linearization:
         grads: dict[int, Tensor] = {}
         last = len(self.steps) - 1
         for v, w in pairs:
-            tangents = []
-            t = v
-            for i, s in enumerate(self.steps):
-                tangents.append(t)
-                if i < last:  # J v itself is not needed
-                    t = t * s.d1 if isinstance(s, _Act) else s.apply(t)
+            tangents = self._tangents(v)
             r = w
             for i in range(last, -1, -1):
                 s = self.steps[i]
@@ -263,7 +285,7 @@ class _NeumannBranch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, x, estimate, scale, *params):  # type: ignore[no-untyped-def, override]
         lin = Linearization(g, x, second=True)
-        value, pairs = estimate(lin.vjp, x)
+        value, pairs = estimate(lin, x)
         ctx.lin, ctx.first, ctx.scale = lin, lin.first_order(pairs), scale
         ctx.params = params
         return lin.output, value
@@ -289,10 +311,11 @@ class _NeumannBranch(torch.autograd.Function):
 def neumann_branch(
     g: nn.Module,
     x: Tensor,
-    estimate: Callable[[VJP, Tensor], tuple[Tensor, list[tuple[Tensor, Tensor]]]],
+    estimate: Callable[[Linearization, Tensor], tuple[Tensor, list[tuple[Tensor, Tensor]]]],
     scale: float,
 ) -> tuple[Tensor, Tensor] | None:
-    """``(g(x), value)`` where ``estimate(vjp, x) = (value, [(v, w), ...])`` and the
+    """``(g(x), value)`` where ``estimate(lin, x) = (value, [(v, w), ...])`` (``lin`` the
+    branch's :class:`Linearization`, for its products) and the
     gradient of ``value`` is that of ``scale * sum_{(v, w)} sum_b w_b^T J v_b`` (``w``
     fixed): the Neumann-series gradient of Residual Flows (Chen et al. 2019, Theorem 2)
     in closed form. ``None`` when ``g`` is not supported (see :func:`linearize`)."""

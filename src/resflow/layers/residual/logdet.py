@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from resflow.config import Config, param
-from resflow.layers.residual.jacobian import VJP
+from resflow.layers.residual.jacobian import VJP, Linearization
 
 Method = Literal["exact", "series"]
 Dist = Literal["geometric", "poisson", "none"]
@@ -150,34 +150,37 @@ def exact_logdet(gx: Tensor, x: Tensor, create_graph: bool, vjp: VJP | None = No
 
 
 @torch.no_grad()
-def exact_pairs(vjp: VJP, x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+def exact_pairs(lin: Linearization, x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
     """``log|det(I + J)|`` per sample from the full Jacobian, and the pairs ``(e_j, w_j)``
     with ``w_j`` the ``j``-th column of ``(I + J)^{-T}``: since
     ``d log|det A| = tr(A^{-1} dA)``, ``d/dtheta sum_j w_j^T J e_j`` (``w`` fixed) is the
-    exact gradient of the log-determinant. Vectors (``x`` of shape ``[batch, d]``) take
-    all ``d`` rows in one stacked product; ``d = 2`` uses the closed-form inverse."""
+    exact gradient of the log-determinant. For vectors (``x`` of shape ``[batch, d]``)
+    all ``d`` columns ``J e_j`` come from one stacked forward-mode pass, whose tangents
+    the gradient pass then reuses; other inputs take ``d`` rows ``e_i^T J``."""
     b = x.shape[0]
     d = x[0].numel()
     if d > 4096:
         raise ValueError(f"exact logdet needs a {d}x{d} Jacobian per sample; use method='series'")
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
     basis = eye.unsqueeze(1).expand(d, b, d)  # basis[j] = e_j for every sample
-    if x.dim() == 2:
-        jac = vjp(basis).transpose(0, 1)  # [b, i, j] = dg_i / dx_j
+    if x.dim() == 2 and lin.vector:
+        jac = lin.jvp(basis).permute(1, 2, 0)  # [b, i, j] = dg_i / dx_j
     else:
-        jac = torch.stack([vjp(e.reshape_as(x)).reshape(b, d) for e in basis], 1)
-    a = jac + eye
-    if d == 2:
+        jac = torch.stack([lin.vjp(e.reshape_as(x)).reshape(b, d) for e in basis], 1)
+    value, inv_t = logdet_and_inverse_t(jac + eye)
+    if x.dim() == 2 and lin.vector:
+        return value, [(basis, inv_t.permute(2, 0, 1))]  # one stacked pair
+    return value, [(basis[j].reshape_as(x), inv_t[:, :, j].reshape_as(x)) for j in range(d)]
+
+
+def logdet_and_inverse_t(a: Tensor) -> tuple[Tensor, Tensor]:
+    """``(log|det a|, a^{-T})`` of a batch of square matrices; ``2 x 2`` in closed form."""
+    if a.shape[-1] == 2:
         det = a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]
-        # (A^{-T}) = [[a11, -a10], [-a01, a00]] / det
+        # a^{-T} = [[a11, -a10], [-a01, a00]] / det
         inv_t = torch.stack([a[:, 1, 1], -a[:, 1, 0], -a[:, 0, 1], a[:, 0, 0]], 1)
-        inv_t = inv_t.view(b, 2, 2) / det.view(b, 1, 1)
-        value = det.abs().log()
-    else:
-        value = torch.linalg.slogdet(a)[1]
-        inv_t = torch.linalg.inv(a).transpose(1, 2)
-    pairs = [(basis[j].reshape_as(x), inv_t[:, :, j].reshape_as(x)) for j in range(d)]
-    return value, pairs
+        return det.abs().log(), inv_t.view(-1, 2, 2) / det.view(-1, 1, 1)
+    return torch.linalg.slogdet(a)[1], torch.linalg.inv(a).transpose(1, 2)
 
 
 def series_logdet(
