@@ -116,7 +116,7 @@ def measure(name: str) -> dict[str, Any]:
         loss, _ = MaximumLikelihood(model)(model, Batch(x))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
         refresh_lipschitz(model, certified=False)
 
