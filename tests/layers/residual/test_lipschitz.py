@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from resflow.layers import LipschitzConv2d, LipschitzLinear, NormOrder, refresh_lipschitz
 from resflow.layers.base import after_optimizer_step
@@ -291,3 +292,16 @@ def test_convolutions_as_matrix_products_equal_torch_kernels(c_in, c_out, kernel
     torch.testing.assert_close(conv2d_adjoint(u, w, pad, x.shape), want)
     want_w = torch.nn.grad.conv2d_weight(x, w.shape, u, padding=pad)
     torch.testing.assert_close(conv2d_weight(x, w.shape, u, pad), want_w)
+
+
+@pytest.mark.parametrize("shape,k,p", [((3, 1, 8, 8), 3, 1), ((2, 4, 5, 7), 3, 0),
+                                       ((2, 2, 6, 4), 3, 2), ((1, 3, 9, 9), 5, 2)])  # fmt: skip
+def test_gather_unfold_and_scatter_fold_equal_torchs(shape, k, p):
+    from resflow.layers.residual.lipschitz import fold, unfold
+
+    x = torch.randn(shape, dtype=torch.float64)
+    cols = unfold(x, k, p)
+    torch.testing.assert_close(cols, F.unfold(x, k, padding=p), rtol=0, atol=0)
+    back = torch.randn_like(cols)
+    size = shape[-2:]
+    torch.testing.assert_close(fold(back, size, k, p), F.fold(back, size, k, padding=p))

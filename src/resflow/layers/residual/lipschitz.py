@@ -560,6 +560,53 @@ def _few(shape: torch.Size | tuple[int, ...], padding: tuple[int, ...]) -> str:
     return "out" if shape[0] <= _FEW_CHANNELS else ""
 
 
+def _patch_index(c: int, h: int, w: int, k: int, p: int, device: torch.device) -> Tensor:
+    """For ``x`` of shape ``(b, c, h, w)`` zero-padded by ``p`` and flattened per sample,
+    the positions of its ``k x k`` patches in ``F.unfold``'s order (``(c, ky, kx)`` rows,
+    output positions as columns), flattened; cached per shape and device."""
+    key = (c, h, w, k, p, str(device))
+    idx = _PATCH_INDEX.get(key)
+    if idx is None:
+        hp, wp = h + 2 * p, w + 2 * p
+        ho, wo = hp - k + 1, wp - k + 1
+        ar = torch.arange
+        idx = (
+            ar(c).view(c, 1, 1, 1, 1) * (hp * wp)
+            + (ar(ho).view(1, 1, 1, ho, 1) + ar(k).view(1, k, 1, 1, 1)) * wp
+            + ar(wo).view(1, 1, 1, 1, wo)
+            + ar(k).view(1, 1, k, 1, 1)
+        ).reshape(-1)
+        idx = idx.to(device)
+        if len(_PATCH_INDEX) > 256:
+            _PATCH_INDEX.clear()
+        _PATCH_INDEX[key] = idx
+    return idx
+
+
+_PATCH_INDEX: dict[tuple[int | str, ...], Tensor] = {}
+
+
+def unfold(x: Tensor, k: int, p: int) -> Tensor:
+    """``unfold(x, k, p)`` as one gather from the padded input (2-4x faster on
+    a CPU at the sizes of the residual blocks' few-channel convolutions)."""
+    b, c, h, w = x.shape
+    flat = F.pad(x, (p, p, p, p)).reshape(b, -1)
+    cols = torch.index_select(flat, 1, _patch_index(c, h, w, k, p, x.device))
+    return cols.view(b, c * k * k, -1)
+
+
+def fold(cols: Tensor, size: tuple[int, int], k: int, p: int) -> Tensor:
+    """``F.fold(cols, size, k, padding=p)``, the adjoint of :func:`unfold`: one
+    scatter-add into the padded output, then the crop."""
+    b = cols.shape[0]
+    h, w = size
+    c = cols.shape[1] // (k * k)
+    hp, wp = h + 2 * p, w + 2 * p
+    out = cols.new_zeros(b, c * hp * wp)
+    out.index_add_(1, _patch_index(c, h, w, k, p, cols.device), cols.reshape(b, -1))
+    return out.view(b, c, hp, wp)[:, :, p : p + h, p : p + w]
+
+
 def _flipped_taps(y: Tensor, o: int, kk: int) -> Tensor:
     """``y`` of shape ``(b, o * kk, L)`` with its kernel-tap axis reversed."""
     b, _, n = y.shape
@@ -586,10 +633,10 @@ def conv2d(x: Tensor, w: Tensor, bias: Tensor | None, padding: tuple[int, ...]) 
         p = padding[0]
         ho, wo = h + 2 * p - k + 1, wd + 2 * p - k + 1
         if few == "in":
-            y = torch.matmul(w.reshape(o, -1), F.unfold(x, k, padding=p)).view(b, o, ho, wo)
+            y = torch.matmul(w.reshape(o, -1), unfold(x, k, p)).view(b, o, ho, wo)
         else:
             taps = torch.matmul(_taps_weight(w), x.reshape(b, c, h * wd))
-            y = F.fold(_flipped_taps(taps, o, k * k), (ho, wo), k, padding=k - 1 - p)
+            y = fold(_flipped_taps(taps, o, k * k), (ho, wo), k, k - 1 - p)
     else:
         return F.conv2d(x, w, bias, padding=padding)
     return y if bias is None else y + bias.view(1, -1, 1, 1)
@@ -612,8 +659,8 @@ def conv2d_adjoint(
         p, (h, wd) = padding[0], in_shape[-2:]
         if few == "in":
             cols = torch.matmul(w.reshape(o, -1).t(), u.reshape(b, o, -1))
-            return F.fold(cols, (h, wd), k, padding=p)
-        cols = _flipped_taps(F.unfold(u, k, padding=k - 1 - p), o, k * k)
+            return fold(cols, (h, wd), k, p)
+        cols = _flipped_taps(unfold(u, k, k - 1 - p), o, k * k)
         return torch.matmul(_taps_weight(w).t(), cols).view(b, c, h, wd)
     shape = (u.shape[0], *in_shape[1:])
     return torch.nn.grad.conv2d_input(shape, w, u, padding=padding)
@@ -631,9 +678,9 @@ def conv2d_weight(
     if few:
         p = padding[0]
         if few == "in":
-            cols = F.unfold(x, k, padding=p)
+            cols = unfold(x, k, p)
             return (cot.reshape(b, o, -1) @ cols.transpose(1, 2)).sum(0).view(shape)
-        cols = _flipped_taps(F.unfold(cot, k, padding=k - 1 - p), o, k * k)
+        cols = _flipped_taps(unfold(cot, k, k - 1 - p), o, k * k)
         g = (cols @ x.reshape(b, c, -1).transpose(1, 2)).sum(0)
         return g.view(o, k, k, c).permute(0, 3, 1, 2).contiguous()
     return torch.nn.grad.conv2d_weight(x, shape, cot, padding=padding)
