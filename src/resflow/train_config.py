@@ -8,6 +8,7 @@ these fields.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from resflow.config import Config, param
 
@@ -48,6 +49,11 @@ class TrainConfig(Config):
     device: str = param("cpu", help="torch device (cpu, cuda, cuda:1, mps)")
     tensorboard: bool = param(True, help="write TensorBoard logs to <run>/tb")
     progress: bool = param(True, help="show progress bars")
+    precision: Literal["fp32", "tf32", "bf16"] = param(
+        "fp32",
+        help="training arithmetic: fp32; tf32 (CUDA matrix products in TensorFloat-32); "
+        "bf16 (autocast to bfloat16 where the device has it; residual blocks stay fp32)",
+    )
     compile: bool = param(
         False,
         help="fuse the residual blocks' elementwise kernels with torch.compile (the first "

@@ -16,9 +16,11 @@ as an uninterrupted one would. Under ``torchrun`` the same loop trains data-para
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,26 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     )
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                              fused=fused or None)  # fmt: skip
+
+
+def _precision(precision: str, device: torch.device) -> Callable[[], Any]:
+    """The context of a training forward pass at ``precision`` (see
+    ``TrainConfig.precision``); a clear error where the device lacks it."""
+    if precision == "tf32":
+        if device.type != "cuda":
+            raise ValueError(
+                f"--precision tf32 needs a CUDA device (TensorFloat-32 is an NVIDIA matrix "
+                f"mode); this run is on {device.type}"
+            )
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if precision != "bf16":
+        return contextlib.nullcontext
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--precision bf16: this GPU has no bfloat16 arithmetic; use fp32")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--precision bf16 needs a CPU or CUDA device, not {device.type}")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -133,6 +155,7 @@ class Trainer:
         self.dist = distributed if distributed is not None else ddp.setup(self.device)
         self.device = self.dist.device(self.device)
         self._foreach = self.device.type in ("cpu", "cuda") or None  # one clipping kernel
+        self._autocast = _precision(config.precision, self.device)
         self.dist.check_batch(config.batch_size, config.update_freq)
         self._ddp: Any = None  # the DistributedDataParallel wrapper, once initialised
         _check_data(data, config)
@@ -520,7 +543,8 @@ class Trainer:
         (one process), else ``update_freq`` micro-batches of this rank's shards, their
         gradients averaged over micro-batches and (by DDP) over the ranks."""
         if self._ddp is None and self.cfg.update_freq == 1:
-            loss, extra = self.objective(self.model, self._batch(idx))
+            with self._autocast():
+                loss, extra = self.objective(self.model, self._batch(idx))
             if not torch.isfinite(loss):
                 self._diverged(f"the training loss became {float(loss.detach())}")
             self.opt.zero_grad(set_to_none=True)
@@ -534,9 +558,11 @@ class Trainer:
             batch = self._batch(self.dist.shard(idx, j, k))
             with ddp.no_sync(self._ddp, last=j == k - 1):
                 if self._ddp is not None:
-                    loss, extra = self._ddp(batch.x, batch.labels, batch.context)
+                    with self._autocast():
+                        loss, extra = self._ddp(batch.x, batch.labels, batch.context)
                 else:
-                    loss, extra = self.objective(self.model, batch)
+                    with self._autocast():
+                        loss, extra = self.objective(self.model, batch)
                     if not torch.isfinite(loss):
                         self._diverged(f"the training loss became {float(loss.detach())}")
                 (loss / k).backward()

@@ -165,6 +165,13 @@ class ResidualBlock(FlowLayer):
         return neumann_branch(self.g, x, estimate, 1.0 / est.n_hutchinson)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if torch.is_autocast_enabled(x.device.type):
+            # the power series cancels alternating terms: it keeps the weights' precision
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x.to(self.geom_p.dtype))
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         est = self.estimator
         wants_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.g.parameters())
