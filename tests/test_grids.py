@@ -2,7 +2,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from resflow.evaluation import image_grid, save_temperature_grids
+from resflow.evaluation import GRID_GAP, GRID_HEAD, image_grid, save_temperature_grids
 
 
 def test_temperature_grids_put_each_panel_under_its_heading(tmp_path):
@@ -12,7 +12,7 @@ def test_temperature_grids_put_each_panel_under_its_heading(tmp_path):
     img = np.asarray(Image.open(path).convert("L"))
     a = np.kron(image_grid(hot, 17), np.ones((2, 2), np.uint8))
     b = np.kron(image_grid(cold, 17), np.ones((2, 2), np.uint8))
-    head, gap = 16, 8
+    head, gap = GRID_HEAD, GRID_GAP
     assert img.shape == (head + max(a.shape[0], b.shape[0]), a.shape[1] + gap + b.shape[1])
     np.testing.assert_array_equal(img[head : head + a.shape[0], : a.shape[1]], a)
     np.testing.assert_array_equal(img[head:, a.shape[1] + gap :], b)

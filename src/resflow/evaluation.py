@@ -319,20 +319,29 @@ def save_image_grid(
     return atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
+GRID_HEAD, GRID_GAP = 24, 8
+"""Pixels of the heading above, and of the gap between, the panels of
+:func:`save_temperature_grids`."""
+
+
 def save_temperature_grids(
     grids: list[tuple[float, Tensor]], path: str | Path, levels: int = 256, scale: int = 1
 ) -> Path:
     """Write one PNG with a panel per ``(temperature, images)``, side by side, each
     headed ``T = temperature`` (flows are judged by their reduced-temperature samples)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
+    try:
+        font = ImageFont.load_default(size=GRID_HEAD - 8)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
     panels = []
     for _, images in grids:
         img = Image.fromarray(image_grid(images, levels)).convert("RGB")
         if scale > 1:
             img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
         panels.append(img)
-    head, gap = 16, 8
+    head, gap = GRID_HEAD, GRID_GAP
     width = sum(p.width for p in panels) + gap * (len(panels) - 1)
     height = head + max(p.height for p in panels)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
@@ -340,6 +349,6 @@ def save_temperature_grids(
     left = 0
     for (temperature, _), panel in zip(grids, panels):
         canvas.paste(panel, (left, head))
-        draw.text((left + 2, 2), f"T = {temperature:g}", fill=(0, 0, 0))
+        draw.text((left + 2, 2), f"T = {temperature:g}", fill=(0, 0, 0), font=font)
         left += panel.width + gap
     return atomic_write(path, lambda f: canvas.save(f, format="PNG"))
