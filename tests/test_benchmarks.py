@@ -86,3 +86,12 @@ def test_hybrid_benchmark():
     rows = hybrid.main(["--tiny"])["rows"]
     assert [r["lambda"] for r in rows] == ["0", "1/D", "1"]
     assert all(0 <= r["accuracy"] <= 1 and r["test_bpd"] > 0 for r in rows)
+
+
+def test_readme_job_benchmark():
+    import readme_job
+
+    result = readme_job.main(["--tiny", "--seeds", "0"])
+    runs = {r["recipe"]: r for r in result["runs"]}
+    assert runs["old"]["lr"] == 2e-3 and runs["new"]["lr"] == 5e-3
+    assert all(r["steps"] == 3 and r["bits_per_dim"] > 0 for r in runs.values())
