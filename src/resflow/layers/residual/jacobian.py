@@ -44,7 +44,6 @@ class _Layer:
     module: LipschitzLinear | LipschitzConv2d
     weight: Tensor  # constrained weight, with its graph to the raw parameters
     inp: Tensor  # input (detached)
-    constrained: Tensor | None = None  # the weight with its graph (when ``weight`` has none)
 
     @property
     def conv(self) -> bool:
@@ -120,19 +119,21 @@ class Linearization:
     and, with ``second``, ``a''`` is cached too for :func:`neumann_branch`.
     """
 
-    def __init__(self, g: nn.Sequential, x: Tensor, second: bool = False) -> None:
+    def __init__(
+        self, g: nn.Sequential, x: Tensor, second: bool = False, weights: list[Tensor] | None = None
+    ) -> None:
         self.steps: list[_Layer | _Act] = []
         self._kept: tuple[Tensor, list[Tensor]] | None = None  # see :meth:`jvp`
         graph = torch.is_grad_enabled() and not second
+        given = iter(weights) if weights is not None else None
         h = x
         for m in g:
             if isinstance(m, (LipschitzLinear, LipschitzConv2d)):
                 if isinstance(m, LipschitzConv2d):
                     m.prepare(h)
-                with torch.set_grad_enabled(graph or second):  # second: kept for backward
-                    w = m.constrained_weight()
+                w = m.constrained_weight() if given is None else next(given)
                 wd = w if graph else w.detach()
-                self.steps.append(_Layer(m, wd, h.detach(), None if graph else w))
+                self.steps.append(_Layer(m, wd, h.detach()))
                 bias = m.bias if graph or m.bias is None else m.bias.detach()
                 if isinstance(m, LipschitzConv2d):
                     h = conv2d(h, wd, bias, m.padding)
@@ -229,13 +230,14 @@ class Linearization:
     @torch.no_grad()
     def backward(
         self, c: Tensor, first: dict[int, Tensor], want_x: bool
-    ) -> tuple[Tensor | None, list[tuple[Tensor, Tensor]]]:
+    ) -> tuple[Tensor | None, list[Tensor | None]]:
         """One reverse pass for ``g``'s output gradient ``c`` and the injected
         second-order terms together (they share the value path):
         ``c <- c a'(z) + inject`` at every activation. Returns ``dL/dx`` (``None`` unless
-        ``want_x``) and ``(tensor, gradient)`` pairs for the constrained weights, biases
-        and learned activation parameters (the ``first`` terms added)."""
-        out: list[tuple[Tensor, Tensor]] = []
+        ``want_x``) and the gradients of :func:`branch_inputs` in their order: each
+        layer's constrained weight (the ``first`` terms added) and bias, each learned
+        activation's ``beta``."""
+        grads: dict[tuple[int, str], Tensor] = {}
         beta_at: dict[int, Tensor] = {}  # activation index -> -<c_out, a>
         for i in range(len(self.steps) - 1, -1, -1):
             s = self.steps[i]
@@ -252,7 +254,7 @@ class Linearization:
                 gb = None
                 if s.module.bias is not None:
                     gb = c.sum(0) if not s.conv else c.sum((0, 2, 3))
-                    out.append((s.module.bias, gb))
+                    grads[i, "b"] = gb
                 nxt = self.steps[i + 1] if i + 1 < len(self.steps) else None
                 if isinstance(nxt, _Act) and i + 1 in beta_at:
                     # <c_in, z> for z = W a + b is <W, dL/dW> + <b, dL/db>
@@ -260,34 +262,55 @@ class Linearization:
                     if gb is not None:
                         dot = dot + torch.linalg.vecdot(gb, s.module.bias.detach())
                     beta_at[i + 1] = beta_at[i + 1] + dot
-                if i in first:
-                    gw = gw + first[i]
-                out.append((s.weight if s.constrained is None else s.constrained, gw))
+                grads[i, "w"] = gw + first[i] if i in first else gw
                 if i > 0 or want_x:
                     c = s.apply_t(c)
         for i, value in beta_at.items():
-            act = self.steps[i]
-            with torch.enable_grad():  # beta = softplus(b): keep its graph to b
-                beta, _ = act.module.param_chain()  # type: ignore[union-attr, operator]
-            out.append((beta, value / beta.detach()))
+            beta, _ = self.steps[i].module.param_chain()  # type: ignore[union-attr, operator]
+            grads[i, "beta"] = value / beta
+        out: list[Tensor | None] = []
+        for i, s in enumerate(self.steps):
+            if isinstance(s, _Layer):
+                out.append(grads[i, "w"])
+                if s.module.bias is not None:
+                    out.append(grads[i, "b"])
+            elif _learns(s.module):
+                out.append(grads.get((i, "beta")))
         return (c if want_x else None), out
 
 
-class _NeumannBranch(torch.autograd.Function):
-    """``(g(x), logdet)`` of a residual branch with the closed-form Neumann gradient.
+def branch_inputs(g: nn.Sequential) -> list[Tensor]:
+    """The tensors through which a branch's parameters act, with their graphs to the
+    raw parameters: per layer the constrained weight and the bias, per learned
+    activation ``beta``. :func:`neumann_branch` returns their gradients, and autograd
+    carries them on through the normalization in the same backward pass."""
+    out: list[Tensor] = []
+    for m in g:
+        if isinstance(m, (LipschitzLinear, LipschitzConv2d)):
+            out.append(m.constrained_weight())
+            if m.bias is not None:
+                out.append(m.bias)
+        elif _learns(m):
+            out.append(m.param_chain()[0])  # type: ignore[operator]
+    return out
 
-    Forward: ``g`` without an autograd graph, the series estimate with its Neumann pairs,
-    and the pairs' first-order terms. Backward: one reverse pass of ``g`` carrying the
-    output gradient and the logdet's second-order terms together. The logdet's upstream
-    gradient must be the same for every sample (a batch-mean or batch-sum loss).
+
+class _NeumannBranch(torch.autograd.Function):
+    """``(g(x), logdet)`` of a residual branch with the closed-form logdet gradient.
+
+    Forward: ``g`` without an autograd graph, the estimate with its pairs, and the
+    pairs' first-order terms. Backward: one reverse pass of ``g`` carrying the output
+    gradient and the logdet's second-order terms together, returning the gradients of
+    :func:`branch_inputs`. The logdet's upstream gradient must be the same for every
+    sample (a batch-mean or batch-sum loss).
     """
 
     @staticmethod
-    def forward(ctx, g, x, estimate, scale, *params):  # type: ignore[no-untyped-def, override]
-        lin = Linearization(g, x, second=True)
+    def forward(ctx, g, x, estimate, scale, *inputs):  # type: ignore[no-untyped-def, override]
+        weights = [t for t, m in zip(inputs, _input_kinds(g)) if m == "w"]
+        lin = Linearization(g, x, second=True, weights=weights)
         value, pairs = estimate(lin, x)
         ctx.lin, ctx.first, ctx.scale = lin, lin.first_order(pairs), scale
-        ctx.params = params
         return lin.output, value
 
     @staticmethod
@@ -302,10 +325,20 @@ class _NeumannBranch(torch.autograd.Function):
                 if isinstance(s, _Act):
                     s.inject = None
             first, up = {}, torch.ones((), dtype=grad_gx.dtype, device=grad_gx.device)
-        grad_x, pairs = lin.backward(grad_gx / up, first, ctx.needs_input_grad[1])
-        pairs = [(t, gr * up) for t, gr in pairs]
-        grads = chain_to_parameters(pairs, list(ctx.params))
+        grad_x, grads = lin.backward(grad_gx / up, first, ctx.needs_input_grad[1])
+        grads = [None if gr is None else gr * up for gr in grads]
         return (None, None if grad_x is None else grad_x * up, None, None, *grads)
+
+
+def _input_kinds(g: nn.Sequential) -> list[str]:
+    """What each of :func:`branch_inputs` is: ``"w"`` (weight), ``"b"``, ``"beta"``."""
+    kinds = []
+    for m in g:
+        if isinstance(m, (LipschitzLinear, LipschitzConv2d)):
+            kinds += ["w", "b"] if m.bias is not None else ["w"]
+        elif _learns(m):
+            kinds.append("beta")
+    return kinds
 
 
 def neumann_branch(
@@ -315,14 +348,16 @@ def neumann_branch(
     scale: float,
 ) -> tuple[Tensor, Tensor] | None:
     """``(g(x), value)`` where ``estimate(lin, x) = (value, [(v, w), ...])`` (``lin`` the
-    branch's :class:`Linearization`, for its products) and the
-    gradient of ``value`` is that of ``scale * sum_{(v, w)} sum_b w_b^T J v_b`` (``w``
-    fixed): the Neumann-series gradient of Residual Flows (Chen et al. 2019, Theorem 2)
-    in closed form. ``None`` when ``g`` is not supported (see :func:`linearize`)."""
+    branch's :class:`Linearization`, for its products) and the gradient of ``value`` is
+    that of ``scale * sum_{(v, w)} sum_b w_b^T J v_b`` (``w`` fixed): the Neumann-series
+    gradient of Residual Flows (Chen et al. 2019, Theorem 2), or the exact logdet's, in
+    closed form. ``None`` when ``g`` is not supported (see :func:`linearize`)."""
     if not _supported(g):
         return None
-    params = [p for p in g.parameters() if p.requires_grad]
-    return _NeumannBranch.apply(g, x, estimate, scale, *params)  # type: ignore[no-untyped-call, no-any-return]
+    if any(isinstance(m, LipschitzConv2d) and m.v.numel() == 0 for m in g):
+        with torch.no_grad():  # first use: each convolution learns its input size
+            g(x)
+    return _NeumannBranch.apply(g, x, estimate, scale, *branch_inputs(g))  # type: ignore[no-untyped-call, no-any-return]
 
 
 def linearize(g: nn.Module, x: Tensor) -> tuple[Tensor, Linearization | None]:
@@ -332,27 +367,3 @@ def linearize(g: nn.Module, x: Tensor) -> tuple[Tensor, Linearization | None]:
         return g(x), None
     lin = Linearization(g, x)  # type: ignore[arg-type]
     return lin.output, lin
-
-
-def chain_to_parameters(
-    pairs: list[tuple[Tensor, Tensor]], params: list[Tensor]
-) -> list[Tensor | None]:
-    """Gradients of the raw ``params`` from ``(derived tensor, gradient)`` pairs
-    (through the spectral normalisation, softplus of LipSwish's beta, ...)."""
-    outs = [t for t, _ in pairs]
-    grads = [g for _, g in pairs]
-    leaf = [(t, g) for t, g in zip(outs, grads) if not t.requires_grad or t.grad_fn is None]
-    graph = [(t, g) for t, g in zip(outs, grads) if t.requires_grad and t.grad_fn is not None]
-    result: list[Tensor | None] = [None] * len(params)
-    if graph:
-        got = torch.autograd.grad(
-            [t for t, _ in graph], params, [g for _, g in graph], allow_unused=True,
-            retain_graph=True,
-        )  # fmt: skip
-        result = list(got)
-    index = {id(p): k for k, p in enumerate(params)}
-    for t, g in leaf:
-        k = index.get(id(t))
-        if k is not None:
-            result[k] = g if result[k] is None else result[k] + g
-    return result
