@@ -256,19 +256,26 @@ def main() -> None:
     p.add_argument("--ref", default="HEAD", help="the git ref to compare against (A)")
     p.add_argument("--configs", nargs="*", default=list(DEFAULT), choices=sorted(CONFIGS))
     p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--b-ref", help="measure this git ref as B instead of the working tree")
+    p.add_argument("--name", default="ab", help="output files: benchmarks/out/<name>.json, .png")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(measure(args.worker)))
         return
-    a_src, b_src = export_ref(args.ref), ROOT / "src"
-    print(f"A = {args.ref} ({a_src.parent.name}), B = working tree; "
+    a_src = export_ref(args.ref)
+    b_src = export_ref(args.b_ref) if args.b_ref else ROOT / "src"
+    b_name = f"{args.b_ref} ({b_src.parent.name})" if args.b_ref else "working tree"
+    print(f"A = {args.ref} ({a_src.parent.name}), B = {b_name}; "
           f"{os.environ.get('AB_THREADS', '1')} thread(s)", flush=True)  # fmt: skip
     rows = [compare(name, a_src, b_src, args.pairs) for name in args.configs]
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "ab.json").write_text(json.dumps({"ref": args.ref, "rows": rows}, indent=2))
-    _plot(rows, OUT / "ab.png", args.ref)
-    print(f"wrote {OUT / 'ab.json'} and {OUT / 'ab.png'}")
+    from common import machine
+
+    result = {"ref": args.ref, "b": b_name, "machine": machine(), "rows": rows}
+    (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    _plot(rows, OUT / f"{args.name}.png", args.ref)
+    print(f"wrote {OUT / args.name}.json and .png")
 
 
 if __name__ == "__main__":
