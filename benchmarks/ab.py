@@ -232,7 +232,7 @@ def compare(name: str, a_src: Path, b_src: Path, pairs: int) -> dict[str, Any]:
     return summary
 
 
-def _plot(rows: list[dict[str, Any]], path: Path, ref: str) -> None:
+def _plot(rows: list[dict[str, Any]], path: Path, ref: str, b: str = "working tree") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,7 +245,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, ref: str) -> None:
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(0.5, color="C2", lw=0.8, ls="--", label="2x faster")
     ax.set_xticks(range(len(rows)), [r["config"] for r in rows])
-    ax.set_ylabel(f"time per step: working tree / {ref}")
+    ax.set_ylabel(f"time per step: {b} / {ref}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -274,7 +274,7 @@ def main() -> None:
 
     result = {"ref": args.ref, "b": b_name, "machine": machine(), "rows": rows}
     (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    _plot(rows, OUT / f"{args.name}.png", args.ref)
+    _plot(rows, OUT / f"{args.name}.png", args.ref, args.b_ref or "working tree")
     print(f"wrote {OUT / args.name}.json and .png")
 
 

@@ -95,3 +95,13 @@ def test_readme_job_benchmark():
     runs = {r["recipe"]: r for r in result["runs"]}
     assert runs["old"]["lr"] == 2e-3 and runs["new"]["lr"] == 5e-3
     assert all(r["steps"] == 3 and r["bits_per_dim"] > 0 for r in runs.values())
+
+
+def test_ab_step_measurement():
+    """One version's side of benchmarks/ab.py: seconds, FLOPs and fraction of peak."""
+    import ab
+
+    res = ab.measure("toy2d")
+    assert res["sec_per_step"] > 0 and len(res["step_times"]) == ab.CONFIGS["toy2d"][-1]
+    assert res["gflop_per_step"] > 0 and 0 < res["fraction_of_peak"] < 2
+    assert res["certify_amortized"] >= 0
