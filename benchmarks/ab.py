@@ -95,10 +95,10 @@ def measure(name: str) -> dict[str, Any]:
     torch.set_num_threads(int(os.environ.get("AB_THREADS", "1")))
     try:  # as the trainer and the command line do, in versions that have it
         from resflow.allocator import keep_freed_memory
-
+    except ImportError:  # a version from before it
+        keep_freed_memory = None
+    if keep_freed_memory is not None:
         keep_freed_memory()
-    except ImportError:
-        pass
     preset, overrides, batch, data_name, steps = CONFIGS[name]
     torch.manual_seed(0)
     model = build_model(get_preset(preset, **overrides))
@@ -147,7 +147,7 @@ def measure(name: str) -> dict[str, Any]:
                 step()
             flops = float(counter.get_total_flops())
         except RuntimeError:  # older versions' autograd.grad paths defeat the counter
-            pass
+            flops = math.nan
     sec = statistics.median(times) + extra
     gflops_peak = _matmul_gflops()
     return {
