@@ -120,18 +120,20 @@ class Linearization:
     """
 
     def __init__(
-        self, g: nn.Sequential, x: Tensor, second: bool = False, weights: list[Tensor] | None = None
+        self, g: nn.Sequential, x: Tensor, second: bool = False, inputs: list[Tensor] | None = None
     ) -> None:
         self.steps: list[_Layer | _Act] = []
         self._kept: tuple[Tensor, list[Tensor]] | None = None  # see :meth:`jvp`
         graph = torch.is_grad_enabled() and not second
-        given = iter(weights) if weights is not None else None
+        given = iter(inputs) if inputs is not None else None  # see branch_inputs
         h = x
         for m in g:
             if isinstance(m, (LipschitzLinear, LipschitzConv2d)):
                 if isinstance(m, LipschitzConv2d):
                     m.prepare(h)
                 w = m.constrained_weight() if given is None else next(given)
+                if given is not None and m.bias is not None:
+                    next(given)  # the bias, used as the module's own below
                 wd = w if graph else w.detach()
                 self.steps.append(_Layer(m, wd, h.detach()))
                 bias = m.bias if graph or m.bias is None else m.bias.detach()
@@ -145,6 +147,8 @@ class Linearization:
                 h = m(h)
             else:
                 z = h.detach()
+                if given is not None and _learns(m):
+                    next(given)  # beta: the activation reads its own
                 h, d1, d2 = _activate(m, z, second)
                 prev = self.steps[-1] if self.steps else None
                 keep_z = second and _learns(m) and not isinstance(prev, _Layer)
@@ -307,8 +311,7 @@ class _NeumannBranch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g, x, estimate, scale, *inputs):  # type: ignore[no-untyped-def, override]
-        weights = [t for t, m in zip(inputs, _input_kinds(g)) if m == "w"]
-        lin = Linearization(g, x, second=True, weights=weights)
+        lin = Linearization(g, x, second=True, inputs=list(inputs))
         value, pairs = estimate(lin, x)
         ctx.lin, ctx.first, ctx.scale = lin, lin.first_order(pairs), scale
         return lin.output, value
@@ -328,17 +331,6 @@ class _NeumannBranch(torch.autograd.Function):
         grad_x, grads = lin.backward(grad_gx / up, first, ctx.needs_input_grad[1])
         grads = [None if gr is None else gr * up for gr in grads]
         return (None, None if grad_x is None else grad_x * up, None, None, *grads)
-
-
-def _input_kinds(g: nn.Sequential) -> list[str]:
-    """What each of :func:`branch_inputs` is: ``"w"`` (weight), ``"b"``, ``"beta"``."""
-    kinds = []
-    for m in g:
-        if isinstance(m, (LipschitzLinear, LipschitzConv2d)):
-            kinds += ["w", "b"] if m.bias is not None else ["w"]
-        elif _learns(m):
-            kinds.append("beta")
-    return kinds
 
 
 def neumann_branch(
