@@ -208,19 +208,26 @@ class Linearization:
             pairs = [(v, w)]
         grads: dict[int, Tensor] = {}
         last = len(self.steps) - 1
-        for v, w in pairs:
+        for k, (v, w) in enumerate(pairs):
+            final = k == len(pairs) - 1
             tangents = self._tangents(v)
             r = w
             for i in range(last, -1, -1):
                 s = self.steps[i]
                 if isinstance(s, _Act):
                     assert s.d2 is not None
-                    e = (r * tangents[i]).mul_(s.d2)
-                    if e.dim() > s.d2.dim():  # stacked pairs
-                        e = e.sum(0)
-                    s.inject = e if s.inject is None else s.inject.add_(e)
+                    if r.dim() > s.d2.dim():  # stacked pairs: sum over them
+                        rt = torch.linalg.vecdot(r, tangents[i], dim=0)
+                    else:
+                        rt = r * tangents[i]
+                    if s.inject is not None:
+                        s.inject.addcmul_(rt, s.d2)
+                    elif final:  # a'' is needed no more: its memory takes the term
+                        s.inject = s.d2.mul_(rt)
+                    else:
+                        s.inject = rt * s.d2
                     if i > 0:
-                        r = r * s.d1
+                        r = r * s.d1 if r is w else r.mul_(s.d1)
                 else:
                     gw = s.weight_grad(r, tangents[i])
                     grads[i] = grads[i] + gw if i in grads else gw
