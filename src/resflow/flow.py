@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from resflow.distributions import StandardNormal
-from resflow.layers.base import FlowLayer, Sequential, check_finite
+from resflow.layers.base import FlowLayer, Sequential, check_finite, shared_scope
 
 
 class Flow(nn.Module):
@@ -122,11 +122,13 @@ class Flow(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(z, logdet)`` for data ``x``."""
         x = self._check(x, context)
-        return self.layers(x, self.condition(context, x.shape[0]))
+        with shared_scope(self):
+            return self.layers(x, self.condition(context, x.shape[0]))
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         """Data ``x`` for latent ``z``."""
-        return self.layers.inverse(z, self.condition(context, z.shape[0]))
+        with shared_scope(self):
+            return self.layers.inverse(z, self.condition(context, z.shape[0]))
 
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``log p(x)`` (``log p(x | y)`` for a class-conditional model) per sample (an
@@ -211,5 +213,6 @@ class Flow(nn.Module):
         the model at temperature 1: ``log p_base(z) - log|det dx/dz|``."""
         z = self._latent(n, temperature, context)
         ctx = self.condition(context, n)
-        x, logdet_inv = self.layers.inverse_and_logdet(z, ctx)
+        with shared_scope(self):
+            x, logdet_inv = self.layers.inverse_and_logdet(z, ctx)
         return x, self.base.log_prob(z, ctx) - logdet_inv

@@ -34,12 +34,20 @@ Lipschitz estimates of a residual branch); a training loop calls
 before use, without knowing which layers need it. Modules with state that an
 evaluation detour must not disturb implement ``transient_state()`` /
 ``load_transient_state(state)`` (see :func:`preserved_transient_state`).
+
+**Shared work.** Models of many small blocks repeat the same small computation in
+every instance of a layer class (a weight normalization, a power-iteration step);
+done one instance at a time, per-operation overhead dominates. A class may therefore
+define the classmethods ``after_optimizer_step_all(modules)`` (run instead of every
+instance's ``after_optimizer_step``) and ``shared_scope(modules)`` (a context manager
+inside which the instances may use work done once for all of them; see
+:func:`shared_scope`), each given all its instances in a model, in order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -150,16 +158,52 @@ def check_finite(x: Tensor, name: str = "input") -> None:
         raise ValueError(f"{name} contains {n_bad} non-finite value(s) (NaN or inf)")
 
 
+def _by_class(model: nn.Module, name: str) -> dict[type, list[nn.Module]]:
+    """The sub-modules whose class defines ``name``, by that class, in module order."""
+    out: dict[type, list[nn.Module]] = {}
+    for m in model.modules():
+        if callable(getattr(type(m), name, None)):
+            out.setdefault(type(m), []).append(m)
+    return out
+
+
 def after_optimizer_step(model: nn.Module) -> None:
-    """Call ``after_optimizer_step()`` on every sub-module that defines it.
+    """Call ``after_optimizer_step()`` on every sub-module that defines it (once for
+    all instances of a class that defines ``after_optimizer_step_all``).
 
     A training loop calls this after every optimizer step, and evaluation or sampling
     before use (the weights may have changed, e.g. to their EMA average).
     """
+    grouped = _by_class(model, "after_optimizer_step_all")
+    for cls, members in grouped.items():
+        cls.after_optimizer_step_all(members)  # type: ignore[attr-defined]
     for m in model.modules():
         hook = getattr(m, "after_optimizer_step", None)
-        if callable(hook):
+        if callable(hook) and type(m) not in grouped:
             hook()
+
+
+_scoped: set[int] = set()  # ids of the models inside shared_scope (re-entry is a no-op)
+
+
+@contextmanager
+def shared_scope(model: nn.Module) -> Iterator[None]:
+    """Within the block, the instances of each class that defines
+    ``shared_scope(modules)`` may share work computed once for all of them (e.g. every
+    Lipschitz layer's rescaled weight, in a few batched products). The parameters must
+    not change inside; a flow's forward and inverse passes open it themselves.
+    Nested scopes of the same model are free."""
+    if id(model) in _scoped:
+        yield
+        return
+    _scoped.add(id(model))
+    try:
+        with ExitStack() as stack:
+            for cls, members in _by_class(model, "shared_scope").items():
+                stack.enter_context(cls.shared_scope(members))  # type: ignore[attr-defined]
+            yield
+    finally:
+        _scoped.discard(id(model))
 
 
 @contextmanager

@@ -305,3 +305,96 @@ def test_gather_unfold_and_scatter_fold_equal_torchs(shape, k, p):
     back = torch.randn_like(cols)
     size = shape[-2:]
     torch.testing.assert_close(fold(back, size, k, p), F.fold(back, size, k, padding=p))
+
+
+def _stack_model(n_blocks=4):
+    from resflow.models import build_model, get_preset
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("toy2d-paper", n_blocks=n_blocks, hidden=(16, 16)))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LipschitzLinear):
+                m.weight.mul_(1.0 + 0.5 * torch.rand_like(m.weight))  # norms now above coeff
+    return model
+
+
+def test_shared_scope_gives_each_layers_own_weights_and_gradients():
+    """Inside a flow's forward pass the rescaled weights of equal dense layers come from
+    one batched computation: the log-density and every gradient equal those of the
+    layers rescaling one at a time (the same model run without the scope)."""
+    model = _stack_model()
+    x = torch.randn(32, 2)
+    outs = []
+    for scoped in (True, False):
+        model.zero_grad()
+        if scoped:
+            log_p = model.log_prob(x)
+        else:
+            z, logdet = model.layers(x)
+            log_p = model.base.log_prob(z) + logdet
+        log_p.mean().backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        outs.append((log_p.detach(), [g.clone() for g in grads]))
+    assert len(outs[0][1]) == len(outs[1][1]) > 20
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    layer = next(m for m in model.modules() if isinstance(m, LipschitzLinear))
+    assert layer._shared_weight is None  # nothing outlives the pass
+    with torch.no_grad():
+        torch.testing.assert_close(model.inverse(model(x)[0]), x, rtol=1e-4, atol=1e-4)
+
+
+def test_shared_scope_is_left_clean_after_an_error_and_nests():
+    from resflow.layers.base import shared_scope
+
+    model = _stack_model(2)
+    layers = [m for m in model.modules() if isinstance(m, LipschitzLinear)]
+    with pytest.raises(RuntimeError, match="boom"), shared_scope(model):
+        inner = layers[1]._shared_weight
+        with shared_scope(model):  # nested: the same shared weights
+            assert layers[1]._shared_weight is inner
+        with torch.no_grad():
+            torch.testing.assert_close(layers[1].constrained_weight(), inner)
+        raise RuntimeError("boom")
+    assert inner is not None and all(m._shared_weight is None for m in layers)
+
+
+def test_batched_refresh_takes_the_same_iterates_as_one_layer_at_a_time():
+    """Each layer of a batched group stops on its own criterion: vectors, estimates and
+    the iteration count equal those of refresh() per layer (here with per-layer
+    tolerances that differ, so the layers stop at different iterations)."""
+    import copy
+
+    from resflow.layers.residual.lipschitz import refresh_all
+
+    model = _stack_model()
+    layers = [m for m in model.modules() if isinstance(m, LipschitzLinear)]
+    for i, m in enumerate(layers):
+        m.rtol = 10.0 ** -(2 + i % 4)
+    twin = copy.deepcopy(model)
+    twin_layers = [m for m in twin.modules() if isinstance(m, LipschitzLinear)]
+    most = max(m.refresh() for m in twin_layers)
+    assert most > 1
+    assert refresh_all(layers) == most
+    for a, b in zip(layers, twin_layers):
+        torch.testing.assert_close(a.v, b.v, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.sigma, b.sigma, rtol=1e-6, atol=0.0)
+
+
+def test_after_optimizer_step_batches_refreshes_and_keeps_the_certificate_schedule():
+    import copy
+
+    model = _stack_model()
+    set_certify_every(model, 3)
+    twin = copy.deepcopy(model)
+    for _ in range(4):
+        after_optimizer_step(model)  # the batched hook
+        for m in twin.modules():
+            if isinstance(m, LipschitzLayer):
+                m.after_optimizer_step()  # one at a time
+        for a, b in zip(model.buffers(), twin.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    layer = next(m for m in model.modules() if isinstance(m, LipschitzLinear))
+    assert int(layer.steps) == 4 and float(layer.upper) > 0

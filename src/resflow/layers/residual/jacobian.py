@@ -298,7 +298,7 @@ def branch_inputs(g: nn.Sequential) -> list[Tensor]:
     out: list[Tensor] = []
     for m in g:
         if isinstance(m, (LipschitzLinear, LipschitzConv2d)):
-            out.append(m.constrained_weight())
+            out.append(m.constrained_weight(shared=True))
             if m.bias is not None:
                 out.append(m.bias)
         elif _learns(m):

@@ -26,7 +26,8 @@ inf`` or ``p = 1``), it is used directly.
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +144,7 @@ class LipschitzLayer(nn.Module):
 
     weight: Tensor
     v: Tensor
+    _shared_weight: Tensor | None = None  # see shared_scope
     sigma: Tensor
     ratio: Tensor
     upper: Tensor
@@ -366,12 +368,44 @@ class LipschitzLayer(nn.Module):
         """The generic hook of :func:`resflow.layers.base.after_optimizer_step`:
         :meth:`certify` in eval mode and every ``certify_every`` training steps,
         else :meth:`refresh`."""
-        if self.training:
-            self.steps += 1
-        if not self.training or int(self.steps) % self.certify_every == 0:
+        if self._certify_now():
             self.certify()
         else:
             self.refresh()
+
+    def _certify_now(self) -> bool:
+        if self.training:
+            self.steps += 1
+        return not self.training or int(self.steps) % self.certify_every == 0
+
+    @classmethod
+    def after_optimizer_step_all(cls, layers: list[LipschitzLayer]) -> None:
+        """:meth:`after_optimizer_step` of every layer, the refreshes of equal dense
+        layers batched (:func:`refresh_all`)."""
+        due = [m._certify_now() for m in layers]
+        for m, certify in zip(layers, due):
+            if certify:
+                m.certify()
+        refresh_all([m for m, certify in zip(layers, due) if not certify])
+
+    @classmethod
+    @contextmanager
+    def shared_scope(cls, layers: list[LipschitzLayer]) -> Iterator[None]:
+        """Inside, equal dense layers (see :func:`refresh_all`) share one batched
+        computation of their rescaled weights: :meth:`constrained_weight` returns it
+        under ``no_grad`` and when asked for it (``shared=True``, by the residual
+        branch's closed-form gradient, whose backward then reaches every layer's
+        weight through one batched backward)."""
+        groups = _groups(layers)
+        try:
+            for group in groups:
+                for m, wm in zip(group, _rescaled(group).unbind(0)):
+                    m._shared_weight = wm
+            yield
+        finally:
+            for group in groups:
+                for m in group:
+                    m._shared_weight = None
 
     def transient_state(self) -> tuple[Tensor, ...]:
         """The norm state (see :func:`resflow.layers.base.preserved_transient_state`)."""
@@ -395,8 +429,13 @@ class LipschitzLayer(nn.Module):
             return closed
         return self.ratio * self._estimate(self.v)
 
-    def constrained_weight(self) -> Tensor:
-        """``W / max(1, sigma / c)``."""
+    def constrained_weight(self, shared: bool = False) -> Tensor:
+        """``W / max(1, sigma / c)`` (see :meth:`shared_scope` for ``shared``)."""
+        w = self._shared_weight
+        if w is not None and (
+            not torch.is_grad_enabled() or (shared and w.requires_grad == self.weight.requires_grad)
+        ):
+            return w
         sigma = self.operator_norm()
         return self.weight / torch.clamp(sigma / self.coeff, min=1.0)
 
@@ -687,6 +726,96 @@ def conv2d_weight(
 
 
 @torch.no_grad()
+def _groups(layers: list[LipschitzLayer]) -> list[list[LipschitzLinear]]:
+    """The layers whose norm work can be batched, in groups of two or more: dense,
+    spectral norm (``p = q = 2``, fixed), equal weight shape, dtype and device."""
+    groups: dict[tuple[object, ...], list[LipschitzLinear]] = {}
+    for m in layers:
+        if (
+            isinstance(m, LipschitzLinear)
+            and not isinstance(m.domain, NormOrder)
+            and not isinstance(m.codomain, NormOrder)
+            and float(m.domain) == 2.0
+            and float(m.codomain) == 2.0
+        ):
+            key = (tuple(m.weight.shape), m.weight.dtype, m.weight.device)
+            groups.setdefault(key, []).append(m)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _rescaled(group: list[LipschitzLinear]) -> Tensor:
+    """The stacked ``W / max(1, sigma / c)`` of a group, as :meth:`constrained_weight`
+    computes each (in the weights' precision, also under autocast)."""
+    w = torch.stack([m.weight for m in group])
+    with torch.autocast(w.device.type, enabled=False):
+        v = torch.cat([m.v for m in group])
+        ratio = torch.stack([m.ratio for m in group])
+        coeff = w.new_tensor([m.coeff for m in group])
+        wv = torch.bmm(w, v.unsqueeze(-1)).squeeze(-1)
+        norm_v = torch.linalg.vector_norm(v, dim=1).clamp_min(1e-30)
+        sigma = ratio * (torch.linalg.vector_norm(wv, dim=1) / norm_v)
+        return w / torch.clamp(sigma / coeff, min=1.0)[:, None, None]
+
+
+@torch.no_grad()
+def refresh_all(
+    layers: list[LipschitzLayer],
+    atol: float | None = None,
+    rtol: float | None = None,
+    max_iter: int | None = None,
+) -> int:
+    """:meth:`LipschitzLayer.refresh` of every layer; returns the largest iteration
+    count. Dense spectral-norm layers of equal shape run their power iterations
+    together, one batched product per step for the whole group, each layer stopping
+    on its own criterion (the same iterates as one at a time)."""
+    groups = _groups(layers)
+    grouped = {id(m) for g in groups for m in g}
+    most = 0
+    for m in layers:
+        if id(m) not in grouped:
+            most = max(most, m.refresh(atol=atol, rtol=rtol, max_iter=max_iter))
+    for group in groups:
+        most = max(most, _refresh_group(group, atol, rtol, max_iter))
+    return most
+
+
+def _refresh_group(
+    group: list[LipschitzLinear], atol: float | None, rtol: float | None, max_iter: int | None
+) -> int:
+    def each(given: float | None, name: str) -> Tensor:
+        return w.new_tensor([getattr(m, name) if given is None else given for m in group])
+
+    w = torch.stack([m.weight for m in group])  # [n, out, in]
+    v = torch.cat([m.v for m in group])  # [n, in]
+    sigma = torch.stack([m.sigma for m in group])
+    # the stopping rule in float64, as refresh() evaluates it
+    tol_a, tol_r = each(atol, "atol").double(), each(rtol, "rtol").double()
+    limit = each(max_iter, "max_iter")
+
+    def unit(x: Tensor) -> Tensor:
+        return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-30)
+
+    wv = torch.bmm(w, v.unsqueeze(-1)).squeeze(-1)
+    active = limit > 0
+    it = 0
+    while bool(active.any()):
+        it += 1
+        v_new = unit(torch.bmm(unit(wv).unsqueeze(1), w).squeeze(1))
+        wv_new = torch.bmm(w, v_new.unsqueeze(-1)).squeeze(-1)
+        new = torch.linalg.vector_norm(wv_new, dim=1) / torch.linalg.vector_norm(
+            v_new, dim=1
+        ).clamp_min(1e-30)
+        done = (new - sigma).abs().double() <= tol_a + tol_r * new.double()
+        keep = active.unsqueeze(1)
+        v, wv = torch.where(keep, v_new, v), torch.where(keep, wv_new, wv)
+        sigma = torch.where(active, new, sigma)
+        active = active & ~done & (limit > it)
+    for i, m in enumerate(group):
+        m.v.copy_(v[i : i + 1])
+        m.sigma.copy_(sigma[i])
+    return it
+
+
 def refresh_lipschitz(
     model: nn.Module,
     atol: float | None = None,
@@ -701,12 +830,10 @@ def refresh_lipschitz(
     After it, every layer satisfies ``||W / max(1, sigma / c)||_{p->q} <= c`` (with
     ``certified=True``) until its weight changes.
     """
-    most = 0
-    for m in model.modules():
-        if isinstance(m, LipschitzLayer):
-            step = m.certify if certified else m.refresh
-            most = max(most, step(atol=atol, rtol=rtol, max_iter=max_iter))
-    return most
+    layers = [m for m in model.modules() if isinstance(m, LipschitzLayer)]
+    if not certified:
+        return refresh_all(layers, atol, rtol, max_iter)
+    return max((m.certify(atol=atol, rtol=rtol, max_iter=max_iter) for m in layers), default=0)
 
 
 def set_certify_every(model: nn.Module, every: int) -> None:
