@@ -202,3 +202,45 @@ def test_closed_form_exact_gradient_equals_autograd(kind, activation):
         torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-12, rtol=1e-10)
         for a, b in zip(outs[0][1], outs[1][1]):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["exact", "series"])
+def test_accelerator_backward_waits_once_and_gives_the_same_gradients(monkeypatch, method):
+    """Where reading the device is not free, the closed-form backward scales the pairs'
+    terms by the upstream gradient instead of reading it, and queues the uniformity
+    check to the end of the backward pass: the gradients equal the host-reading path's
+    for a logdet that is used, unused, or weighted by zero, and per-sample weights
+    still raise, once the pass ends."""
+    import resflow.layers.residual.logdet as logdet_module
+    from resflow.layers import ResidualBlock
+    from resflow.nets import residual_mlp
+
+    torch.manual_seed(5)
+    g = residual_mlp(2, (8, 8), coeff=0.9).double()
+    block = ResidualBlock(g)
+    block.train_estimator = LogdetEstimator(method=method)
+    x = torch.randn(6, 2, dtype=torch.float64)
+    block(x)
+    losses = {
+        "both": lambda y, ld: (y.pow(2).sum(1) - ld).mean(),
+        "logdet only": lambda y, ld: -ld.sum(),
+        "unused logdet": lambda y, ld: y.pow(2).mean(),
+        "zero weight": lambda y, ld: y.pow(2).mean() + 0.0 * ld.mean(),
+    }
+    for name, loss_fn in losses.items():
+        outs = []
+        for free in (True, False):
+            monkeypatch.setattr(logdet_module, "reads_are_free", lambda t, free=free: free)
+            block.zero_grad()
+            xg = x.clone().requires_grad_(True)
+            torch.manual_seed(3)
+            loss_fn(*block(xg)).backward()
+            outs.append([xg.grad] + [p.grad for p in g.parameters()])
+        for a, b in zip(*outs):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-9, msg=name)
+    _, ld = block(x)
+    with pytest.raises(RuntimeError, match="same upstream gradient"):
+        (ld * torch.arange(1.0, 7.0, dtype=torch.float64)).sum().backward()
+    assert not logdet_module._pending

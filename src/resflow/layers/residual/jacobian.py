@@ -238,6 +238,20 @@ class Linearization:
                 s.d2 = None
         return grads
 
+    def drop_pairs(self) -> None:
+        """Forget the pairs' second-order terms: :meth:`backward` then gives ``g``'s own
+        gradient only."""
+        for s in self.steps:
+            if isinstance(s, _Act):
+                s.inject = None
+
+    @torch.no_grad()
+    def scale_pairs(self, scale: Tensor) -> None:
+        """Scale the pairs' second-order terms (by the logdet's upstream gradient)."""
+        for s in self.steps:
+            if isinstance(s, _Act) and s.inject is not None:
+                s.inject.mul_(scale)
+
     @torch.no_grad()
     def backward(
         self, c: Tensor, first: dict[int, Tensor], want_x: bool
@@ -318,6 +332,7 @@ class _NeumannBranch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g, x, estimate, scale, *inputs):  # type: ignore[no-untyped-def, override]
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
         lin = Linearization(g, x, second=True, inputs=list(inputs))
         value, pairs = estimate(lin, x)
         ctx.lin, ctx.first, ctx.scale = lin, lin.first_order(pairs), scale
@@ -325,19 +340,28 @@ class _NeumannBranch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_gx, grad_value):  # type: ignore[no-untyped-def, override]
-        from resflow.layers.residual.logdet import check_uniform
+        from resflow.layers.residual.logdet import reads_are_free, uniform_scale
 
         lin, first = ctx.lin, ctx.first
         del ctx.lin, ctx.first
-        up = check_uniform(grad_value) * ctx.scale
-        if float(up) == 0.0:  # the logdet is not used: only g's own gradient
-            for s in lin.steps:
-                if isinstance(s, _Act):
-                    s.inject = None
-            first, up = {}, torch.ones((), dtype=grad_gx.dtype, device=grad_gx.device)
-        grad_x, grads = lin.backward(grad_gx / up, first, ctx.needs_input_grad[1])
-        grads = [None if gr is None else gr * up for gr in grads]
-        return (None, None if grad_x is None else grad_x * up, None, None, *grads)
+        if grad_gx is None:  # only the logdet is used
+            grad_gx = torch.zeros_like(lin.output)
+        want_x = ctx.needs_input_grad[1]
+        if grad_value is None:  # the logdet is not used: only g's own gradient
+            lin.drop_pairs()
+            grad_x, grads = lin.backward(grad_gx, {}, want_x)
+            return (None, grad_x, None, None, *grads)
+        up = uniform_scale(grad_value) * ctx.scale
+        if reads_are_free(up) and float(up) != 0.0:
+            # reading ``up`` is free on the CPU: divide ``c`` by it once and scale the
+            # results, which leaves the pairs' terms untouched
+            grad_x, grads = lin.backward(grad_gx / up, first, want_x)
+            grads = [None if gr is None else gr * up for gr in grads]
+            return (None, None if grad_x is None else grad_x * up, None, None, *grads)
+        # on an accelerator the pairs' terms are scaled instead: no wait for the device
+        lin.scale_pairs(up)
+        grad_x, grads = lin.backward(grad_gx, {i: f * up for i, f in first.items()}, want_x)
+        return (None, grad_x, None, None, *grads)
 
 
 def neumann_branch(

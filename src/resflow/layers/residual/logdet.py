@@ -244,15 +244,48 @@ def neumann_pairs(
     return value / est.n_hutchinson, pairs
 
 
+NOT_UNIFORM = (
+    "backward-in-forward needs the same upstream gradient for every sample's "
+    "logdet (a batch-mean or batch-sum loss); got per-sample weights. "
+    "Use LogdetEstimator(grad_in_forward=False) for weighted losses."
+)
+
+
 def check_uniform(grad: Tensor) -> Tensor:
     scale = grad[0]
     if not torch.allclose(grad, scale.expand_as(grad), rtol=1e-4, atol=1e-12):
-        raise RuntimeError(
-            "backward-in-forward needs the same upstream gradient for every sample's "
-            "logdet (a batch-mean or batch-sum loss); got per-sample weights. "
-            "Use LogdetEstimator(grad_in_forward=False) for weighted losses."
-        )
+        raise RuntimeError(NOT_UNIFORM)
     return scale
+
+
+def reads_are_free(t: Tensor) -> bool:
+    """Whether reading ``t`` on the host costs no wait for a device (CPU tensors)."""
+    return t.device.type == "cpu"
+
+
+_pending: list[Tensor] = []  # checks queued in the running backward pass
+
+
+def uniform_scale(grad: Tensor) -> Tensor:
+    """``grad[0]``, once every sample's logdet is known to get the same upstream
+    gradient. On the CPU it is checked at once (:func:`check_uniform`); on an
+    accelerator the check is queued on the device and read once, when the backward
+    pass ends -- one wait per backward, not one per residual block."""
+    if reads_are_free(grad):
+        return check_uniform(grad)
+    scale = grad[0]
+    bad = ~torch.isclose(grad, scale.expand_as(grad), rtol=1e-4, atol=1e-12).all()
+    if not _pending:
+        torch.autograd.Variable._execution_engine.queue_callback(_verify_pending)
+    _pending.append(bad)
+    return scale
+
+
+def _verify_pending() -> None:
+    bad = bool(torch.stack(_pending).any())
+    _pending.clear()
+    if bad:
+        raise RuntimeError(NOT_UNIFORM)
 
 
 def estimate_logdet(
