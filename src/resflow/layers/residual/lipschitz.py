@@ -725,7 +725,6 @@ def conv2d_weight(
     return torch.nn.grad.conv2d_weight(x, shape, cot, padding=padding)
 
 
-@torch.no_grad()
 def _groups(layers: list[LipschitzLayer]) -> list[list[LipschitzLinear]]:
     """The layers whose norm work can be batched, in groups of two or more: dense,
     spectral norm (``p = q = 2``, fixed), equal weight shape, dtype and device."""
@@ -782,10 +781,11 @@ def refresh_all(
 def _refresh_group(
     group: list[LipschitzLinear], atol: float | None, rtol: float | None, max_iter: int | None
 ) -> int:
+    w = torch.stack([m.weight for m in group])  # [n, out, in]
+
     def each(given: float | None, name: str) -> Tensor:
         return w.new_tensor([getattr(m, name) if given is None else given for m in group])
 
-    w = torch.stack([m.weight for m in group])  # [n, out, in]
     v = torch.cat([m.v for m in group])  # [n, in]
     sigma = torch.stack([m.sigma for m in group])
     # the stopping rule in float64, as refresh() evaluates it
@@ -816,6 +816,7 @@ def _refresh_group(
     return it
 
 
+@torch.no_grad()
 def refresh_lipschitz(
     model: nn.Module,
     atol: float | None = None,
