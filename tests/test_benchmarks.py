@@ -105,3 +105,17 @@ def test_ab_step_measurement():
     assert res["sec_per_step"] > 0 and len(res["step_times"]) == ab.CONFIGS["toy2d"][-1]
     assert res["gflop_per_step"] > 0 and 0 < res["fraction_of_peak"] < 2
     assert res["certify_amortized"] >= 0
+
+
+def test_gpu_step_benchmark_runs_its_variants_in_fresh_processes():
+    """benchmarks/gpu_step.py on the CPU (tiny): one row per variant, TensorFloat-32
+    skipped off CUDA; without a GPU the default refuses in one line."""
+    import gpu_step
+
+    result = gpu_step.main(["--tiny", "--device", "cpu", "--variants", "fp32", "tf32", "bf16"])
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"fp32", "bf16"}
+    assert all(r["images_per_s"] > 0 and r["peak_gb"] > 0 and r["batch"] == 8 for r in rows.values())
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            gpu_step.main([])
