@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.tiny:
-        args.preset, args.data, args.batch, args.steps, args.warmup = "digits-small", "digits", 8, 2, 1
+        args.preset, args.data = "digits-small", "digits"
+        args.batch, args.steps, args.warmup = 8, 2, 1
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("gpu_step.py: no CUDA device here (use --device cpu to try it)")
     if args.worker:
