@@ -368,12 +368,13 @@ class LipschitzLayer(nn.Module):
         """The generic hook of :func:`resflow.layers.base.after_optimizer_step`:
         :meth:`certify` in eval mode and every ``certify_every`` training steps,
         else :meth:`refresh`."""
-        if self._certify_now():
+        if self._count_step_certifies():
             self.certify()
         else:
             self.refresh()
 
-    def _certify_now(self) -> bool:
+    def _count_step_certifies(self) -> bool:
+        """Count a training step (in training mode); whether this use certifies."""
         if self.training:
             self.steps += 1
         return not self.training or int(self.steps) % self.certify_every == 0
@@ -382,7 +383,7 @@ class LipschitzLayer(nn.Module):
     def after_optimizer_step_all(cls, layers: list[LipschitzLayer]) -> None:
         """:meth:`after_optimizer_step` of every layer, the refreshes of equal dense
         layers batched (:func:`refresh_all`)."""
-        due = [m._certify_now() for m in layers]
+        due = [m._count_step_certifies() for m in layers]
         for m, certify in zip(layers, due):
             if certify:
                 m.certify()
