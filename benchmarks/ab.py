@@ -20,6 +20,10 @@ the norms instead of refreshing them: that difference, timed once, is added amor
 (``certify_amortized`` in the JSON). ``eval64`` is the log-density of 64 MNIST test images with
 the evaluation estimator (20 exact terms plus the unbiased tail).
 
+On a GPU: ``AB_DEVICE=cuda`` (steps synchronized, the device's peak memory instead of the
+RSS); ``--a-src DIR`` takes A from an exported ``src/`` where there is no git, and
+``AB_MNIST=DIR`` points at MNIST's files where ``../shared`` is not beside the checkout.
+
 Results: ``benchmarks/out/ab.json`` and ``benchmarks/out/ab.png``.
 """
 
@@ -41,7 +45,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT = HERE / "out"
-MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
+MNIST_DIR = Path(os.environ.get("AB_MNIST", ROOT.parent / "shared" / "data" / "mnist"))
+#: ``AB_DEVICE=cuda`` times the steps on a GPU (synchronized; peak device memory)
+DEVICE = os.environ.get("AB_DEVICE", "cpu")
 
 # name -> (preset, overrides, batch, data, timed steps); ``eval64`` times evaluation
 CONFIGS: dict[str, tuple[str, dict[str, Any], int, str, int]] = {
@@ -55,15 +61,25 @@ DEFAULT = ("mnist-1block", "toy2d-paper", "toy2d", "eval64")
 
 
 # ---- one measurement (runs inside the version under test) ------------------------------
+def _sync() -> None:
+    import torch
+
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def _matmul_gflops(n: int = 1024, reps: int = 5) -> float:
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    n = 8192 if DEVICE.startswith("cuda") else n
+    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
     torch.mm(a, b)
+    _sync()
     rates = []
     for _ in range(reps):
         t0 = time.perf_counter()
         torch.mm(a, b)
+        _sync()
         rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
     return statistics.median(rates)
 
@@ -101,9 +117,9 @@ def measure(name: str) -> dict[str, Any]:
         keep_freed_memory()
     preset, overrides, batch, data_name, steps = CONFIGS[name]
     torch.manual_seed(0)
-    model = build_model(get_preset(preset, **overrides))
+    model = build_model(get_preset(preset, **overrides)).to(DEVICE)
     evaluating = name == "eval64"
-    x = _data(data_name, batch, "test" if evaluating else "train")
+    x = _data(data_name, batch, "test" if evaluating else "train").to(DEVICE)
     opt = make_optimizer(model, TrainConfig())
     with torch.no_grad():
         model(x)  # data-dependent initialization, lazy buffers
@@ -124,10 +140,14 @@ def measure(name: str) -> dict[str, Any]:
         model.eval()
         refresh_lipschitz(model)
     step()  # untimed: allocator and caches warm
+    _sync()
+    if DEVICE.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
+        _sync()
         times.append(time.perf_counter() - t0)
     # the trainer certifies the norms every `certify_every` steps instead of refreshing
     # them: add that difference, amortized
@@ -160,7 +180,13 @@ def measure(name: str) -> dict[str, Any]:
         "gflops": flops / sec / 1e9,
         "matmul_gflops": gflops_peak,
         "fraction_of_peak": flops / sec / 1e9 / gflops_peak,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        # on a GPU: the device's peak allocated memory over the timed steps
+        "peak_rss_gb": (
+            torch.cuda.max_memory_allocated() / 1e9
+            if DEVICE.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+        ),
+        "device": DEVICE,
     }
 
 
@@ -257,17 +283,19 @@ def main() -> None:
     p.add_argument("--configs", nargs="*", default=list(DEFAULT), choices=sorted(CONFIGS))
     p.add_argument("--pairs", type=int, default=5)
     p.add_argument("--b-ref", help="measure this git ref as B instead of the working tree")
+    p.add_argument("--a-src", type=Path, help="A's src/ folder, exported earlier (no git needed)")
     p.add_argument("--name", default="ab", help="output files: benchmarks/out/<name>.json, .png")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(measure(args.worker)))
         return
-    a_src = export_ref(args.ref)
+    a_src = args.a_src.resolve() if args.a_src else export_ref(args.ref)
     b_src = export_ref(args.b_ref) if args.b_ref else ROOT / "src"
     b_name = f"{args.b_ref} ({b_src.parent.name})" if args.b_ref else "working tree"
-    print(f"A = {args.ref} ({a_src.parent.name}), B = {b_name}; "
-          f"{os.environ.get('AB_THREADS', '1')} thread(s)", flush=True)  # fmt: skip
+    threads = os.environ.get("AB_THREADS", "1")
+    print(f"A = {args.ref} ({a_src.parent.name}), B = {b_name}; {threads} thread(s), "
+          f"device {DEVICE}", flush=True)  # fmt: skip
     rows = [compare(name, a_src, b_src, args.pairs) for name in args.configs]
     OUT.mkdir(parents=True, exist_ok=True)
     from common import machine

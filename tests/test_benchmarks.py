@@ -107,9 +107,9 @@ def test_ab_step_measurement():
     assert res["certify_amortized"] >= 0
 
 
-def test_gpu_step_benchmark_runs_its_variants_in_fresh_processes():
+def test_gpu_step_benchmark_runs_its_variants_in_fresh_processes(tmp_path):
     """benchmarks/gpu_step.py on the CPU (tiny): one row per variant, TensorFloat-32
-    skipped off CUDA; without a GPU the default refuses in one line."""
+    skipped off CUDA; without MNIST or a GPU the default refuses in one line."""
     import gpu_step
 
     result = gpu_step.main(["--tiny", "--device", "cpu", "--variants", "fp32", "tf32", "bf16"])
@@ -117,6 +117,9 @@ def test_gpu_step_benchmark_runs_its_variants_in_fresh_processes():
     assert set(rows) == {"fp32", "bf16"}
     for r in rows.values():
         assert r["images_per_s"] > 0 and r["peak_gb"] > 0 and r["batch"] == 8
+        assert r["mean_sec_per_step"] >= min(r["step_times"]) > 0
+    with pytest.raises(SystemExit, match="MNIST not found at"):
+        gpu_step.main(["--mnist", str(tmp_path / "nowhere")])
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device"):
             gpu_step.main([])
