@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from resflow.layers.base import FlowLayer
+from resflow.layers.residual import fused
 from resflow.layers.residual.jacobian import Linearization, linearize, neumann_branch
 from resflow.layers.residual.logdet import (
     EVAL_ESTIMATOR,
@@ -156,6 +157,8 @@ class ResidualBlock(FlowLayer):
         ``g`` has layers without known derivatives."""
         est = self.estimator
         if est.method == "exact":
+            if fused.supported(self.g, x):
+                return fused.exact_branch(self.g, x)  # type: ignore[arg-type]
             return neumann_branch(self.g, x, exact_pairs, 1.0)
         n, weights = draw_terms(est.n_exact_terms, est.dist, *self.roulette())
 

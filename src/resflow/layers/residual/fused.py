@@ -1,0 +1,223 @@
+"""The exact log-determinant of a dense residual branch as two pure functions.
+
+For vectors of a few dimensions (the 2-D models: ``g = L_n o a o ... o a o L_1`` with
+dense Lipschitz layers and LipSwish activations) the step is many small products and
+elementwise operations per block. Here :class:`_NeumannBranch`'s exact-logdet work
+(see :mod:`resflow.layers.residual.jacobian`) is written as two functions of plain
+tensor lists, with the same arithmetic:
+
+* :func:`exact_forward`: ``g(x)``, the ``d`` tangents ``J e_j`` in one stacked pass, the
+  logdet with ``(I + J)^{-T}`` in closed form, and the pairs' cotangent pass giving
+  the first-order weight terms and the second-order terms ``r t a''``;
+* :func:`exact_backward`: one reverse pass for the output gradient and the
+  second-order terms together, the weight, bias and ``beta`` gradients.
+
+With compilation on (:func:`~resflow.layers.residual.kernels.set_compile`) each is one
+``torch.compile`` graph, its elementwise chains fused and its per-operation overhead
+gone; otherwise the same functions run op by op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from resflow.layers.residual.activations import LipSwish
+from resflow.layers.residual.kernels import fusable
+from resflow.layers.residual.lipschitz import LipschitzLinear
+
+#: the largest input dimension taken here (the stacked tangents are d times the batch)
+MAX_DIM = 8
+
+
+def supported(g: nn.Module, x: Tensor) -> bool:
+    """Whether ``g`` is dense layers (with bias) alternating with LipSwish activations,
+    ending with a layer (one activation may come first), on inputs ``[batch, d]`` with
+    ``d <= MAX_DIM``."""
+    if x.dim() != 2 or x.shape[1] > MAX_DIM or not isinstance(g, nn.Sequential):
+        return False
+    mods = list(g)
+    if mods and type(mods[0]) is LipSwish:
+        mods = mods[1:]
+    if len(mods) % 2 == 0:
+        return False
+    for i, m in enumerate(mods):
+        want = LipschitzLinear if i % 2 == 0 else LipSwish
+        if type(m) is not want or (i % 2 == 0 and m.bias is None):
+            return False
+    return True
+
+
+def _lipswish(z: Tensor, beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(a(z), a'(z), a''(z))`` of LipSwish (as ``activations._lipswish2``)."""
+    u = z * beta
+    s = torch.sigmoid(u)
+    ds = s - s * s
+    uds = u * ds
+    return z * s / 1.1, (s + uds) / 1.1, (2.0 * ds + uds * (1.0 - 2.0 * s)) * (beta / 1.1)
+
+
+Saved = tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
+
+
+def _exact_forward(
+    x: Tensor, weights: list[Tensor], biases: list[Tensor], betas: list[Tensor], pre: bool
+) -> tuple[Tensor, Tensor, Saved]:
+    """``(g(x), logdet, saved)`` for layers ``weights``/``biases`` with an activation of
+    ``betas[k]`` after every layer but the last (and, with ``pre``, ``betas[0]`` before
+    the first). ``saved``: per layer its input and the pairs' first-order weight
+    gradient; per activation its input, ``a'`` and the pairs' second-order term
+    ``sum_j r_j t_j a''``."""
+    n = len(weights)
+    b, d = x.shape
+    acts = betas[1:] if pre else betas
+    act_in, d1s, d2s, act_tangents, inputs, layer_tangents = [], [], [], [], [], []
+    h = x
+    basis = torch.eye(d, dtype=x.dtype, device=x.device).unsqueeze(1)  # [j, 1, i]
+    t = basis
+    if pre:
+        act_in.append(x)
+        act_tangents.append(basis)
+        h, d1, d2 = _lipswish(x, betas[0])
+        d1s.append(d1)
+        d2s.append(d2)
+        t = basis * d1
+    for i in range(n):
+        inputs.append(h)
+        layer_tangents.append(t)
+        h = F.linear(h, weights[i], biases[i])
+        # without a first activation the tangents after the first layer are its columns
+        t = weights[0].t().unsqueeze(1) if i == 0 and not pre else t @ weights[i].t()
+        if i < n - 1:
+            act_in.append(h)
+            act_tangents.append(t)
+            h, d1, d2 = _lipswish(h, acts[i])
+            d1s.append(d1)
+            d2s.append(d2)
+            t = t * d1
+    jac = t.permute(1, 2, 0) + torch.eye(d, dtype=x.dtype, device=x.device)  # [b, i, j]
+    if d == 2:
+        det = jac[:, 0, 0] * jac[:, 1, 1] - jac[:, 0, 1] * jac[:, 1, 0]
+        inv_t = torch.stack([jac[:, 1, 1], -jac[:, 1, 0], -jac[:, 0, 1], jac[:, 0, 0]], 1)
+        logdet, inv_t = det.abs().log(), inv_t.view(b, 2, 2) / det.view(b, 1, 1)
+    else:
+        logdet = torch.linalg.slogdet(jac)[1]
+        inv_t = torch.linalg.inv(jac).transpose(1, 2)
+    r = inv_t.permute(2, 0, 1)  # r[j] = (I + J)^{-T} e_j, per sample
+    first: list[Tensor] = [x] * n
+    injects: list[Tensor] = [x] * len(d1s)
+    off = 1 if pre else 0  # activation k + off follows layer k
+    for i in range(n - 1, -1, -1):
+        t_in = layer_tangents[i]
+        if i == 0 and not pre:  # the tangents entering the first layer are the e_j
+            first[0] = r.sum(1).t()
+            break
+        first[i] = r.reshape(-1, r.shape[-1]).t() @ t_in.expand(d, b, -1).reshape(d * b, -1)
+        r = r @ weights[i]
+        k = i - 1 + off  # the activation before layer i
+        injects[k] = (r * act_tangents[k]).sum(0) * d2s[k]
+        r = r * d1s[k]
+    return h, logdet, (inputs, first, act_in, d1s, injects)
+
+
+def _exact_backward(
+    c: Tensor,
+    up: Tensor,
+    weights: list[Tensor],
+    biases: list[Tensor],
+    betas: list[Tensor],
+    pre: bool,
+    saved: Saved,
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """``(dL/dx, weight grads, bias grads, beta grads)`` for the output gradient ``c``
+    and the logdet's upstream gradient ``up`` (a scalar tensor, the same for every
+    sample; 0 where the logdet is not used)."""
+    inputs, first, act_in, d1s, injects = saved
+    n = len(weights)
+    off = 1 if pre else 0
+    gws: list[Tensor] = [c] * n
+    gbs: list[Tensor] = [c] * n
+    gbetas: list[Tensor] = [c] * len(betas)
+    for i in range(n - 1, -1, -1):
+        gw = c.t() @ inputs[i]
+        gb = c.sum(0)
+        gws[i] = gw + up * first[i]
+        gbs[i] = gb
+        if i < n - 1:  # the activation after this layer: <c_in, z> = <W, dW> + <b, db>
+            k = i + off
+            gbetas[k] = (gbetas[k] + (gw * weights[i]).sum() + (gb * biases[i]).sum()) / betas[k]
+        c = c @ weights[i]
+        if i > 0 or pre:
+            k = i - 1 + off  # the activation before layer i
+            gbetas[k] = -(c * inputs[i]).sum()  # -<c_out, a>
+            c = c * d1s[k] + up * injects[k]
+    if pre:  # no layer before it: <c_in, z> directly
+        gbetas[0] = (gbetas[0] + (c * act_in[0]).sum()) / betas[0]
+    return c, gws, gbs, gbetas
+
+
+exact_forward = fusable(_exact_forward)
+exact_backward = fusable(_exact_backward)
+
+
+class _ExactBranch(torch.autograd.Function):
+    """``(g(x), logdet)`` of a supported branch (see :func:`supported`) with the exact
+    logdet's closed-form gradient; the inputs after ``x`` are the branch's parameters in
+    its order: each layer's constrained weight and bias, each activation's ``beta``."""
+
+    @staticmethod
+    def forward(ctx, x, pre, n_layers, *params):  # type: ignore[no-untyped-def, override]
+        ctx.set_materialize_grads(False)
+        weights, biases, betas = _split(params, pre, n_layers)
+        gx, logdet, saved = exact_forward(x, weights, biases, betas, pre)
+        ctx.pre, ctx.saved = pre, (weights, biases, betas, saved)
+        return gx, logdet
+
+    @staticmethod
+    def backward(ctx, grad_gx, grad_logdet):  # type: ignore[no-untyped-def, override]
+        from resflow.layers.residual.logdet import uniform_scale
+
+        weights, biases, betas, saved = ctx.saved
+        del ctx.saved
+        if grad_gx is None:  # only the logdet is used
+            grad_gx = torch.zeros_like(saved[0][0][:, : weights[-1].shape[0]])
+        if grad_logdet is None:  # the logdet is not used: only g's own gradient
+            up = grad_gx.new_zeros(())
+        else:
+            up = uniform_scale(grad_logdet)
+        gx, gws, gbs, gbetas = exact_backward(grad_gx, up, weights, biases, betas, ctx.pre, saved)
+        grads: list[Tensor | None] = [gbetas[0]] if ctx.pre else []
+        off = 1 if ctx.pre else 0
+        for i in range(len(weights)):
+            grads += [gws[i], gbs[i]]
+            if i < len(weights) - 1:
+                grads.append(gbetas[i + off])
+        return (gx if ctx.needs_input_grad[0] else None, None, None, *grads)
+
+
+def _split(
+    params: tuple[Tensor, ...], pre: bool, n: int
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """The branch's parameters in its order into weights, biases and betas."""
+    rest = list(params[1:] if pre else params)
+    weights = [rest[3 * i] for i in range(n)]
+    biases = [rest[3 * i + 1] for i in range(n)]
+    betas = ([params[0]] if pre else []) + [rest[3 * i + 2] for i in range(n - 1)]
+    return weights, biases, betas
+
+
+def exact_branch(g: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(g(x), log|det(I + J_g(x))|)`` with the closed-form gradient, for a branch that
+    :func:`supported` accepts. Weights come from the shared rescaled weights where a
+    flow's scope provides them (``constrained_weight(shared=True)``)."""
+    params: list[Tensor] = []
+    for m in g:
+        if isinstance(m, LipschitzLinear):
+            params += [m.constrained_weight(shared=True), m.bias]
+        else:
+            beta = m.param_chain()[0]
+            params.append(beta if beta.requires_grad else beta.detach())
+    pre = type(g[0]) is LipSwish
+    n_layers = sum(isinstance(m, LipschitzLinear) for m in g)
+    return _ExactBranch.apply(x, pre, n_layers, *params)  # type: ignore[no-untyped-call, no-any-return]
