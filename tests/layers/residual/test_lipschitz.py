@@ -398,3 +398,58 @@ def test_after_optimizer_step_batches_refreshes_and_keeps_the_certificate_schedu
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     layer = next(m for m in model.modules() if isinstance(m, LipschitzLinear))
     assert int(layer.steps) == 4 and float(layer.upper) > 0
+
+
+def _certify_both(model, **kw):
+    """Certify ``model``'s layers batched and a copy's one at a time; the layer lists."""
+    import copy
+
+    from resflow.layers.residual.lipschitz import certify_all
+
+    twin = copy.deepcopy(model)
+    layers = [m for m in model.modules() if isinstance(m, LipschitzLayer)]
+    twin_layers = [m for m in twin.modules() if isinstance(m, LipschitzLayer)]
+    most = max(m.certify(**kw) for m in twin_layers)
+    assert certify_all(layers, **kw) == most
+    return layers, twin_layers
+
+
+@pytest.mark.parametrize("chunk", [16, 3])
+def test_batched_certificates_equal_one_layer_at_a_time(monkeypatch, chunk):
+    """Equal dense layers settle together and take one batched Cholesky test (on the
+    CPU in parts of ``CPU_CHUNK``): vectors, estimates, bounds and ratios equal
+    certify() per layer, with tolerances that differ per layer; every rescaled weight's
+    exact 2-norm is then within its coefficient."""
+    from resflow.layers.residual import lipschitz
+
+    monkeypatch.setattr(lipschitz, "CPU_CHUNK", chunk)
+    model = _stack_model(n_blocks=5)
+    layers = [m for m in model.modules() if isinstance(m, LipschitzLinear)]
+    for i, m in enumerate(layers):
+        m.rtol = 10.0 ** -(2 + i % 4)
+    layers, twin_layers = _certify_both(model)
+    for a, b in zip(layers, twin_layers):
+        torch.testing.assert_close(a.v, b.v, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.sigma, b.sigma, rtol=1e-6, atol=0.0)
+        torch.testing.assert_close(a.upper, b.upper, rtol=1e-6, atol=0.0)
+        torch.testing.assert_close(a.ratio, b.ratio, rtol=1e-6, atol=0.0)
+        with torch.no_grad():
+            w = a.constrained_weight().double()
+        assert torch.linalg.matrix_norm(w, ord=2) <= a.coeff
+
+
+def test_batched_certificates_leave_open_cases_to_each_layer():
+    """A zero weight, and bounds the settled estimate cannot confirm (one iteration
+    allowed), are certified per layer from where they started: the same buffers as
+    certify() on each."""
+    model = _stack_model()
+    layers = [m for m in model.modules() if isinstance(m, LipschitzLinear)]
+    with torch.no_grad():
+        layers[1].weight.zero_()  # 16x16 layers form one group
+        for m in layers:
+            m.v.copy_(torch.randn_like(m.v))  # far from the top singular vector
+    layers, twin_layers = _certify_both(model, max_iter=1)
+    for a, b in zip(layers, twin_layers):
+        for name in ("v", "sigma", "upper", "ratio"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-6)
+    assert float(layers[1].upper) == 0.0
