@@ -56,6 +56,7 @@ class TrainConfig(Config):
     )
     compile: bool = param(
         False,
-        help="fuse the residual blocks' elementwise kernels with torch.compile (the first "
-        "steps compile; without a working compiler: a warning and the unfused kernels)",
+        help="fuse the residual blocks' elementwise kernels, and the 2-D models' exact "
+        "log-determinant, with torch.compile (the first steps compile; without a working "
+        "compiler: a warning and the unfused kernels)",
     )
