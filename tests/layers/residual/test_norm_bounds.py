@@ -154,3 +154,22 @@ def test_each_mixed_norm_layer_is_within_its_coefficient(p, q):
         layer.weight.mul_(10)
     refresh_lipschitz(layer)
     assert brute_mixed(layer.constrained_weight().detach(), p, q) <= 0.9 * (1 + 1e-6)
+
+
+@pytest.mark.parametrize(
+    "o, c, k, size, padding",
+    [(3, 2, 3, (5, 4), (1, 1)), (2, 3, 3, (6, 6), (0, 0)), (4, 1, 5, (4, 7), (2, 2)),
+     (2, 2, 1, (3, 3), (0, 0)), (1, 4, 3, (2, 2), (2, 2))],
+)  # fmt: skip
+def test_conv_gram_is_the_dense_operators_gram(o, c, k, size, padding):
+    """``conv_gram`` against ``A^T A`` of the convolution built as a dense matrix (rows
+    reordered from ``(c, h, w)`` to ``(h, w, c)``)."""
+    from resflow.layers.residual.norm_bounds import conv_gram
+
+    torch.manual_seed(3)
+    kernel = torch.randn(o, c, k, k)
+    a = dense_conv(kernel, size, padding)
+    h, w = size
+    order = torch.arange(c * h * w).view(c, h, w).permute(1, 2, 0).reshape(-1)
+    want = (a.t() @ a)[order][:, order]
+    torch.testing.assert_close(conv_gram(kernel, size, padding), want, atol=1e-12, rtol=1e-12)

@@ -89,6 +89,11 @@ def _lipswish2(z: Tensor, beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return a, d1, d2
 
 
+#: ``(a, a', a'')`` of LipSwish at ``(z, beta)`` (fused while compilation is on; ``.fn``
+#: is the plain function, for callers that compile a larger pass around it)
+lipswish_derivatives = _lipswish2
+
+
 class ELU(nn.ELU):
     """ELU (1-Lipschitz for ``alpha <= 1``) with its derivative, for fast Jacobian products."""
 

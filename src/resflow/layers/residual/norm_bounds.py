@@ -138,31 +138,56 @@ def conv_gram(kernel: Tensor, size: tuple[int, int], padding: tuple[int, int]) -
     so ``A^T A = sum_y P_y^T M P_y`` with ``M[(c, t), (c', t')] = sum_o K[o, c, t]
     K[o, c', t']``: for each pair of kernel taps ``(t, t')`` the block ``M[:, t, :, t']``
     is added at input pixels ``(y + t - p, y + t' - p)`` for every output pixel ``y``
-    that reads both inside the image. Returned in float64, rows ordered ``(h, w, c)``.
+    that reads both inside the image. All blocks go in with one indexed accumulation
+    (:func:`_gram_index`). Returned in float64, rows ordered ``(h, w, c)``.
     """
     o, c, kh, kw = kernel.shape
+    h, w = size
+    k = kernel.detach().double()
+    m = torch.einsum("oaij,obkl->ijklab", k, k).reshape(kh * kw, kh * kw, c, c)
+    rows, cols, taps1, taps2 = _gram_index(kh, kw, size, padding, k.device)
+    g = k.new_zeros((h * w, h * w, c, c))
+    step = max(1, (1 << 22) // (c * c))  # gathered blocks of at most 32 MB at a time
+    for s in range(0, len(rows), step):
+        part = slice(s, s + step)
+        g.index_put_((rows[part], cols[part]), m[taps1[part], taps2[part]], accumulate=True)
+    return g.permute(0, 2, 1, 3).reshape(h * w * c, h * w * c)
+
+
+def _gram_index(
+    kh: int, kw: int, size: tuple[int, int], padding: tuple[int, int], device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For :func:`conv_gram`: every (input pixel, input pixel, tap, tap) that an output
+    pixel reads inside the image, as flat indices; cached per shape and device."""
+    key = (kh, kw, *size, *padding, str(device))
+    found = _GRAM_INDEX.get(key)
+    if found is not None:
+        return found
     (h, w), (ph, pw) = size, padding
     ho, wo = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
-    k = kernel.detach().double()
-    m = torch.einsum("oaij,obkl->ijaklb", k, k)  # [kh, kw, c, kh, kw, c]
-    g = k.new_zeros((h, w, c, h, w, c))
-    for i1 in range(kh):
-        for i2 in range(kh):
-            r0, r1 = max(0, ph - i1, ph - i2), min(ho, h + ph - i1, h + ph - i2)
-            if r0 >= r1:
-                continue
-            rows = torch.arange(r0, r1)
-            for j1 in range(kw):
-                for j2 in range(kw):
-                    c0, c1 = max(0, pw - j1, pw - j2), min(wo, w + pw - j1, w + pw - j2)
-                    if c0 >= c1:
-                        continue
-                    y, x = torch.meshgrid(rows, torch.arange(c0, c1), indexing="ij")
-                    # for one tap pair the pixel pairs are distinct: plain indexed add
-                    g[y + i1 - ph, x + j1 - pw, :, y + i2 - ph, x + j2 - pw, :] += m[
-                        i1, j1, :, i2, j2, :
-                    ]
-    return g.reshape(h * w * c, h * w * c)
+    ar = torch.arange
+    # output pixel (y, x) reads input pixel (y + i - ph, x + j - pw) through tap (i, j)
+    yi = (ar(ho).view(-1, 1) + ar(kh) - ph).view(ho, 1, kh, 1)
+    xj = (ar(wo).view(-1, 1) + ar(kw) - pw).view(1, wo, 1, kw)
+    inside = ((yi >= 0) & (yi < h) & (xj >= 0) & (xj < w)).reshape(ho * wo, -1)
+    pix = (yi * w + xj).expand(ho, wo, kh, kw).reshape(ho * wo, -1)
+    tap = ar(kh * kw).expand(ho * wo, -1)
+    n = kh * kw
+    both = inside.unsqueeze(2) & inside.unsqueeze(1)  # [output pixel, tap, tap]
+
+    def pairs(t: Tensor) -> tuple[Tensor, Tensor]:
+        return t.unsqueeze(2).expand(-1, n, n)[both], t.unsqueeze(1).expand(-1, n, n)[both]
+
+    rows, cols = pairs(pix)
+    taps1, taps2 = pairs(tap)
+    found = tuple(t.to(device) for t in (rows, cols, taps1, taps2))
+    if len(_GRAM_INDEX) > 64:
+        _GRAM_INDEX.clear()
+    _GRAM_INDEX[key] = found  # type: ignore[assignment]
+    return found  # type: ignore[return-value]
+
+
+_GRAM_INDEX: dict[tuple[int | str, ...], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
 
 def circular_conv_norm(kernel: Tensor, grid: tuple[int, int]) -> Tensor:
