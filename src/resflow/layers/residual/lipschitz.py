@@ -26,7 +26,7 @@ inf`` or ``p = 1``), it is used directly.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 import torch
@@ -750,9 +750,7 @@ def _rescaled(group: list[LipschitzLinear]) -> Tensor:
         v = torch.cat([m.v for m in group])
         ratio = torch.stack([m.ratio for m in group])
         coeff = w.new_tensor([m.coeff for m in group])
-        wv = torch.bmm(w, v.unsqueeze(-1)).squeeze(-1)
-        norm_v = torch.linalg.vector_norm(v, dim=1).clamp_min(1e-30)
-        sigma = ratio * (torch.linalg.vector_norm(wv, dim=1) / norm_v)
+        sigma = ratio * _estimates(w, v)[1]
         return w / torch.clamp(sigma / coeff, min=1.0)[:, None, None]
 
 
@@ -767,15 +765,47 @@ def refresh_all(
     count. Dense spectral-norm layers of equal shape run their power iterations
     together, one batched product per step for the whole group, each layer stopping
     on its own criterion (the same iterates as one at a time)."""
+    return _per_group(
+        layers,
+        lambda m: m.refresh(atol=atol, rtol=rtol, max_iter=max_iter),
+        lambda group: _refresh_group(group, atol, rtol, max_iter),
+        lambda group: [group],
+    )
+
+
+def _per_group(
+    layers: list[LipschitzLayer],
+    one: Callable[[LipschitzLayer], int],
+    batched: Callable[[list[LipschitzLinear]], int],
+    parts: Callable[[list[LipschitzLinear]], list[list[LipschitzLinear]]],
+) -> int:
+    """``one`` on every layer outside a group (:func:`_groups`), ``batched`` on every
+    part of every group; the largest iteration count."""
     groups = _groups(layers)
     grouped = {id(m) for g in groups for m in g}
-    most = 0
-    for m in layers:
-        if id(m) not in grouped:
-            most = max(most, m.refresh(atol=atol, rtol=rtol, max_iter=max_iter))
+    most = max((one(m) for m in layers if id(m) not in grouped), default=0)
     for group in groups:
-        most = max(most, _refresh_group(group, atol, rtol, max_iter))
+        for part in parts(group):
+            most = max(most, batched(part))
     return most
+
+
+def _unit(x: Tensor) -> Tensor:
+    """Each row of ``x`` over its 2-norm (as ``_dual(x, 2)`` per layer)."""
+    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def _estimates(w: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``(W v, ||W v|| / ||v||)`` for stacked weights ``[n, out, in]`` and vectors."""
+    wv = torch.bmm(w, v.unsqueeze(-1)).squeeze(-1)
+    norm_v = torch.linalg.vector_norm(v, dim=1).clamp_min(1e-30)
+    return wv, torch.linalg.vector_norm(wv, dim=1) / norm_v
+
+
+def _power_steps(w: Tensor, wv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One power-iteration step of every stacked layer (``_power_step`` per layer)."""
+    v = _unit(torch.bmm(_unit(wv).unsqueeze(1), w).squeeze(1))
+    return (v, *_estimates(w, v))
 
 
 def _refresh_group(
@@ -792,19 +822,12 @@ def _refresh_group(
     tol_a, tol_r = each(atol, "atol").double(), each(rtol, "rtol").double()
     limit = each(max_iter, "max_iter")
 
-    def unit(x: Tensor) -> Tensor:
-        return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-30)
-
     wv = torch.bmm(w, v.unsqueeze(-1)).squeeze(-1)
     active = limit > 0
     it = 0
     while bool(active.any()):
         it += 1
-        v_new = unit(torch.bmm(unit(wv).unsqueeze(1), w).squeeze(1))
-        wv_new = torch.bmm(w, v_new.unsqueeze(-1)).squeeze(-1)
-        new = torch.linalg.vector_norm(wv_new, dim=1) / torch.linalg.vector_norm(
-            v_new, dim=1
-        ).clamp_min(1e-30)
+        v_new, wv_new, new = _power_steps(w, wv)
         done = (new - sigma).abs().double() <= tol_a + tol_r * new.double()
         keep = active.unsqueeze(1)
         v, wv = torch.where(keep, v_new, v), torch.where(keep, wv_new, wv)
@@ -829,16 +852,12 @@ def certify_all(
     Cholesky test of their bounds in one batched factorization; a layer the batched
     test leaves open (its bound not confirmed, a zero weight or a null-space vector)
     is certified on its own from where it started."""
-    groups = _groups(layers)
-    grouped = {id(m) for g in groups for m in g}
-    most = 0
-    for m in layers:
-        if id(m) not in grouped:
-            most = max(most, m.certify(atol=atol, rtol=rtol, max_iter=max_iter))
-    for group in groups:
-        for part in _chunks(group):
-            most = max(most, _certify_group(part, atol, rtol, max_iter))
-    return most
+    return _per_group(
+        layers,
+        lambda m: m.certify(atol=atol, rtol=rtol, max_iter=max_iter),
+        lambda group: _certify_group(group, atol, rtol, max_iter),
+        _chunks,
+    )
 
 
 def _chunks(group: list[LipschitzLinear]) -> list[list[LipschitzLinear]]:
@@ -870,16 +889,7 @@ def _certify_group(
     )
     limit = w.new_tensor([m.max_iter if max_iter is None else max_iter for m in group])
     v = torch.cat([m.v for m in group])  # [n, in]
-
-    def unit(x: Tensor) -> Tensor:
-        return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-30)
-
-    def estimate(v: Tensor) -> tuple[Tensor, Tensor]:
-        wv = torch.bmm(w, v.unsqueeze(-1)).squeeze(-1)
-        norm_v = torch.linalg.vector_norm(v, dim=1).clamp_min(1e-30)
-        return wv, torch.linalg.vector_norm(wv, dim=1) / norm_v
-
-    wv, sigma = estimate(v)
+    wv, sigma = _estimates(w, v)
     # the cases certify() treats apart go there: a zero weight, v in the null space, no
     # iterations allowed
     apart = (w.abs().amax((1, 2)) == 0) | (sigma <= 0) | (limit <= 0)
@@ -888,8 +898,7 @@ def _certify_group(
     prev = sigma.double()
     while bool(active.any()):  # settle: each layer until its estimate moves < rtol / 4
         iters += active.to(iters.dtype)
-        v_new = unit(torch.bmm(unit(wv).unsqueeze(1), w).squeeze(1))
-        wv_new, new = estimate(v_new)
+        v_new, wv_new, new = _power_steps(w, wv)
         keep = active.unsqueeze(1)
         v, wv = torch.where(keep, v_new, v), torch.where(keep, wv_new, wv)
         sigma = torch.where(active, new, sigma)
@@ -903,7 +912,7 @@ def _certify_group(
     with one_thread():
         info = torch.linalg.cholesky_ex(guess[:, None, None] ** 2 * eye - gram)[1]
     holds = (info == 0) & ~apart
-    _, est = estimate(v)
+    _, est = _estimates(w, v)
     margin = rounding_margin(w.dtype, min(w.shape[-2:]))
     upper = guess * (1.0 + MARGIN)
     ratio = torch.where(est > 0, upper * (1.0 + margin) / est.double(), 1.0).clamp_min(1.0)
