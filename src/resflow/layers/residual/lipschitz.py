@@ -272,7 +272,11 @@ class LipschitzLayer(nn.Module):
 
     @torch.no_grad()
     def certify(
-        self, atol: float | None = None, rtol: float | None = None, max_iter: int | None = None
+        self,
+        atol: float | None = None,
+        rtol: float | None = None,
+        max_iter: int | None = None,
+        settled: tuple[Tensor, Tensor, Tensor, int] | None = None,
     ) -> int:
         """Certify ``||W / max(1, sigma / c)|| <= c`` for the current weight.
 
@@ -285,6 +289,10 @@ class LipschitzLayer(nn.Module):
         norm. Then ``r = u (1 + margin) / estimate``, so that the forward pass uses
         ``sigma = u (1 + margin) >= ||W||``; ``margin`` covers the rounding of the
         rescaled weight to the layer's dtype. Returns the iterations.
+
+        ``settled``, from :func:`certify_all`: ``(v, W v, sigma, iterations)`` after a
+        settling whose bound ``sigma (1 + rtol)`` the Cholesky test did not confirm;
+        the certificate goes on from there (as it would have on its own).
         """
         atol = self.atol if atol is None else atol
         rtol = self.rtol if rtol is None else rtol
@@ -303,7 +311,7 @@ class LipschitzLayer(nn.Module):
             upper, it = self.weight.new_zeros((), dtype=torch.float64), 0
         else:
             with one_thread():  # small operations: see one_thread
-                upper, it = self._gap_closing_power_iteration(atol, rtol, max_iter)
+                upper, it = self._gap_closing_power_iteration(atol, rtol, max_iter, settled)
         est = float(self._estimate(self.v))
         margin = rounding_margin(self.weight.dtype, min(self._dims()))
         ratio = float(upper) * (1.0 + margin) / est if est > 0 else 1.0
@@ -312,32 +320,43 @@ class LipschitzLayer(nn.Module):
         return it
 
     def _gap_closing_power_iteration(
-        self, atol: float, rtol: float, max_iter: int
+        self,
+        atol: float,
+        rtol: float,
+        max_iter: int,
+        settled: tuple[Tensor, Tensor, Tensor, int] | None = None,
     ) -> tuple[Tensor, int]:
         """Power iteration from ``v`` until ``u - sigma_k <= atol + rtol u``; returns
-        ``(u, iterations)`` and leaves ``v`` and ``sigma`` set."""
+        ``(u, iterations)`` and leaves ``v`` and ``sigma`` set (``settled``: see
+        :meth:`certify`)."""
         v, it = self.v, 0
-        if float(self._estimate(v)) <= 0.0:  # v in the null space: restart from a fixed draw
-            gen = torch.Generator(device="cpu").manual_seed(0)
-            v = torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device)
-        wv = self._op(v)
-        sigma = self._estimate(v)
+        if settled is not None:
+            v, wv, sigma, it = settled
+        else:
+            if float(self._estimate(v)) <= 0.0:  # v in the null space: a fixed draw
+                gen = torch.Generator(device="cpu").manual_seed(0)
+                v = torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device)
+            wv = self._op(v)
+            sigma = self._estimate(v)
         quick = (float(_order(self.domain)), float(_order(self.codomain))) == (2.0, 2.0)
         upper: Tensor | None = None
-        while it < max_iter:
+        while it < max_iter or settled is not None:
             if upper is None and quick:  # settle a little, then try a bound just above
-                prev = float(sigma)
-                while it < max_iter:
-                    it += 1
-                    v, wv, sigma = self._power_step(v, wv)
-                    if abs(float(sigma) - prev) <= 0.25 * rtol * float(sigma):
-                        break
+                holds: bool | None = False  # what the settled state's test found
+                if settled is None:
                     prev = float(sigma)
-                guess = float(sigma) * (1.0 + rtol)
-                holds = self._bound_holds(guess)
-                if holds:  # confirmed: u - sigma_k = rtol sigma_k
-                    upper = sigma.new_tensor(guess * (1.0 + MARGIN), dtype=torch.float64)
-                    break
+                    while it < max_iter:
+                        it += 1
+                        v, wv, sigma = self._power_step(v, wv)
+                        if abs(float(sigma) - prev) <= 0.25 * rtol * float(sigma):
+                            break
+                        prev = float(sigma)
+                    guess = float(sigma) * (1.0 + rtol)
+                    holds = self._bound_holds(guess)
+                    if holds:  # confirmed: u - sigma_k = rtol sigma_k
+                        upper = sigma.new_tensor(guess * (1.0 + MARGIN), dtype=torch.float64)
+                        break
+                settled = None
                 top = self._top_singular() if holds is not None else None
                 if top is not None:  # the exact norm and vector: the gap closes at once
                     upper, best = top
@@ -894,17 +913,19 @@ def _certify_group(
     # iterations allowed
     apart = (w.abs().amax((1, 2)) == 0) | (sigma <= 0) | (limit <= 0)
     iters = torch.zeros_like(limit)
-    active = ~apart
-    prev = sigma.double()
-    while bool(active.any()):  # settle: each layer until its estimate moves < rtol / 4
-        iters += active.to(iters.dtype)
-        v_new, wv_new, new = _power_steps(w, wv)
-        keep = active.unsqueeze(1)
-        v, wv = torch.where(keep, v_new, v), torch.where(keep, wv_new, wv)
-        sigma = torch.where(active, new, sigma)
-        settled = (sigma.double() - prev).abs() <= 0.25 * tol_r * sigma.double()
-        prev = torch.where(active, sigma.double(), prev)
-        active = active & ~settled & (iters < limit)
+    # settle: each layer until its estimate moves < rtol / 4; the products run on the
+    # layers still settling only (a slow one would otherwise keep the whole part busy)
+    work = (~apart).nonzero().squeeze(1)
+    w_work, prev = w[work], sigma.double()
+    while work.numel():
+        iters[work] += 1
+        v_new, wv_new, new = _power_steps(w_work, wv[work])
+        v[work], wv[work], sigma[work] = v_new, wv_new, new
+        moved = (new.double() - prev[work]).abs()
+        prev[work] = new.double()
+        going = (moved > 0.25 * tol_r[work] * new.double()) & (iters[work] < limit[work])
+        if not bool(going.all()):
+            work, w_work = work[going], w_work[going]
     guess = sigma.double() * (1.0 + tol_r)
     m64 = w.double()
     gram = m64.mT @ m64 if w.shape[-1] <= w.shape[-2] else m64 @ m64.mT
@@ -917,16 +938,20 @@ def _certify_group(
     upper = guess * (1.0 + MARGIN)
     ratio = torch.where(est > 0, upper * (1.0 + margin) / est.double(), 1.0).clamp_min(1.0)
     most = 0
-    flags, counts = holds.tolist(), iters.tolist()
+    flags, aside, counts = holds.tolist(), apart.tolist(), iters.tolist()
     for i, m in enumerate(group):
         if flags[i]:
             m.v.copy_(v[i : i + 1])
             m.sigma.copy_(sigma[i])
             m.upper.copy_(upper[i])
             m.ratio.fill_(float(ratio[i]))
-            most = max(most, int(counts[i]))
-        else:  # from its own start, on its own
-            most = max(most, m.certify(atol=atol, rtol=rtol, max_iter=max_iter))
+            it = int(counts[i])
+        elif aside[i]:  # from its own start, on its own
+            it = m.certify(atol=atol, rtol=rtol, max_iter=max_iter)
+        else:  # not confirmed: on its own from the settled state
+            state = (v[i : i + 1], wv[i : i + 1], sigma[i], int(counts[i]))
+            it = m.certify(atol=atol, rtol=rtol, max_iter=max_iter, settled=state)
+        most = max(most, it)
     return most
 
 
