@@ -401,8 +401,8 @@ class LipschitzLayer(nn.Module):
 
     @classmethod
     def after_optimizer_step_all(cls, layers: list[LipschitzLayer]) -> None:
-        """:meth:`after_optimizer_step` of every layer, the refreshes of equal dense
-        layers batched (:func:`refresh_all`)."""
+        """:meth:`after_optimizer_step` of every layer, the refreshes and certificates of
+        equal dense layers batched (:func:`refresh_all`, :func:`certify_all`)."""
         due = [m._count_step_certifies() for m in layers]
         certify_all([m for m, certify in zip(layers, due) if certify])
         refresh_all([m for m, certify in zip(layers, due) if not certify])
