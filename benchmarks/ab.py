@@ -20,9 +20,11 @@ the norms instead of refreshing them: that difference, timed once, is added amor
 (``certify_amortized`` in the JSON). ``eval64`` is the log-density of 64 MNIST test images with
 the evaluation estimator (20 exact terms plus the unbiased tail).
 
-On a GPU: ``AB_DEVICE=cuda`` (steps synchronized, the device's peak memory instead of the
-RSS); ``--a-src DIR`` takes A from an exported ``src/`` where there is no git, and
-``AB_MNIST=DIR`` points at MNIST's files where ``../shared`` is not beside the checkout.
+``RESFLOW_COMPILE=1`` turns on ``--compile`` in both processes (a version from before
+it ignores the variable). On a GPU: ``AB_DEVICE=cuda`` (steps synchronized, the
+device's peak memory instead of the RSS); ``--a-src DIR`` takes A from an exported
+``src/`` where there is no git, and ``AB_MNIST=DIR`` points at MNIST's files where
+``../shared`` is not beside the checkout.
 
 Results: ``benchmarks/out/ab.json`` and ``benchmarks/out/ab.png``.
 """
