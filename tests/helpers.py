@@ -33,3 +33,29 @@ def strong_block(d: int, seed: int = 1, coeff: float = 0.98) -> ResidualBlock:
                 m.b.fill_(5.0)
     refresh_lipschitz(g, atol=1e-9, rtol=1e-9, max_iter=10_000)
     return ResidualBlock(g)
+
+
+def grads_by_read_path(monkeypatch, block: ResidualBlock, x: Tensor, loss_fn) -> list:  # type: ignore[no-untyped-def]
+    """``[dL/dx, dL/dparams...]`` of ``loss_fn(*block(x))`` with reading the device
+    taken as free (the host-reading backward) and as not free (the device-side one),
+    the same random draws in both; the two gradient lists. The device-side path stays
+    patched in afterwards."""
+    import resflow.layers.residual.logdet as logdet_module
+
+    outs = []
+    for free in (True, False):
+        monkeypatch.setattr(logdet_module, "reads_are_free", lambda t, free=free: free)
+        block.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        torch.manual_seed(3)
+        loss_fn(*block(xg)).backward()
+        outs.append([xg.grad] + [p.grad for p in block.g.parameters()])
+    return outs
+
+
+def assert_same_grads(a: list, b: list, msg: str = "") -> None:  # type: ignore[type-arg]
+    """Equal gradient lists (float64 rounding), ``None`` in the same places."""
+    for ga, gb in zip(a, b):
+        assert (ga is None) == (gb is None), msg
+        if ga is not None:
+            torch.testing.assert_close(ga, gb, atol=1e-12, rtol=1e-9, msg=msg)

@@ -11,6 +11,8 @@ from resflow.data import load_data
 from resflow.models import build_model, get_preset
 from resflow.training import Batch, MaximumLikelihood, TrainConfig, Trainer
 
+from helpers import assert_same_grads, grads_by_read_path
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
 
@@ -64,18 +66,8 @@ def test_device_side_backward_equals_the_host_reading_one(monkeypatch, method):
     x = torch.randn(6, 2, dtype=torch.float64, device=CUDA)
     block(x)
     assert not logdet_module.reads_are_free(x)
-    outs = []
-    for free in (False, True):
-        monkeypatch.setattr(logdet_module, "reads_are_free", lambda t, free=free: free)
-        block.zero_grad()
-        xg = x.clone().requires_grad_(True)
-        torch.manual_seed(3)
-        y, ld = block(xg)
-        (y.pow(2).sum(1) - ld).mean().backward()
-        outs.append([xg.grad] + [p.grad for p in g.parameters()])
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-9)
-    monkeypatch.undo()
+    loss_fn = lambda y, ld: (y.pow(2).sum(1) - ld).mean()  # noqa: E731
+    assert_same_grads(*grads_by_read_path(monkeypatch, block, x, loss_fn))
     _, ld = block(x)
     with pytest.raises(RuntimeError, match="same upstream gradient"):
         (ld * torch.arange(1.0, 7.0, dtype=torch.float64, device=CUDA)).sum().backward()

@@ -6,7 +6,7 @@ import torch
 from resflow.layers import EXACT_ESTIMATOR, LogdetEstimator, truncated_estimator
 from resflow.layers.residual.logdet import draw_terms, survival
 
-from helpers import strong_block
+from helpers import assert_same_grads, grads_by_read_path, strong_block
 
 
 def _exact(block, x):
@@ -228,18 +228,7 @@ def test_accelerator_backward_waits_once_and_gives_the_same_gradients(monkeypatc
         "zero weight": lambda y, ld: y.pow(2).mean() + 0.0 * ld.mean(),
     }
     for name, loss_fn in losses.items():
-        outs = []
-        for free in (True, False):
-            monkeypatch.setattr(logdet_module, "reads_are_free", lambda t, free=free: free)
-            block.zero_grad()
-            xg = x.clone().requires_grad_(True)
-            torch.manual_seed(3)
-            loss_fn(*block(xg)).backward()
-            outs.append([xg.grad] + [p.grad for p in g.parameters()])
-        for a, b in zip(*outs):
-            assert (a is None) == (b is None), name
-            if a is not None:
-                torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-9, msg=name)
+        assert_same_grads(*grads_by_read_path(monkeypatch, block, x, loss_fn), msg=name)
     _, ld = block(x)
     with pytest.raises(RuntimeError, match="same upstream gradient"):
         (ld * torch.arange(1.0, 7.0, dtype=torch.float64)).sum().backward()
