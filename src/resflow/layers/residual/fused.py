@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from resflow.layers.residual.activations import LipSwish, lipswish_derivatives
 from resflow.layers.residual.kernels import fusable
 from resflow.layers.residual.lipschitz import LipschitzLinear
+from resflow.layers.residual.logdet import logdet_and_inverse_t, uniform_scale
 
 #: the largest input dimension taken here (the stacked tangents are d times the batch)
 MAX_DIM = 8
@@ -55,7 +56,7 @@ def _lipswish(z: Tensor, beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return lipswish_derivatives.fn(z, beta)  # type: ignore[no-any-return]
 
 
-Saved = tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
+Saved = tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
 
 
 def _exact_forward(
@@ -63,18 +64,17 @@ def _exact_forward(
 ) -> tuple[Tensor, Tensor, Saved]:
     """``(g(x), logdet, saved)`` for layers ``weights``/``biases`` with an activation of
     ``betas[k]`` after every layer but the last (and, with ``pre``, ``betas[0]`` before
-    the first). ``saved``: per layer its input and the pairs' first-order weight
-    gradient; per activation its input, ``a'`` and the pairs' second-order term
+    the first). ``saved``: ``x``; per layer its input and the pairs' first-order
+    weight gradient; per activation ``a'`` and the pairs' second-order term
     ``sum_j r_j t_j a''``."""
     n = len(weights)
     b, d = x.shape
     acts = betas[1:] if pre else betas
-    act_in, d1s, d2s, act_tangents, inputs, layer_tangents = [], [], [], [], [], []
+    d1s, d2s, act_tangents, inputs, layer_tangents = [], [], [], [], []
     h = x
     basis = torch.eye(d, dtype=x.dtype, device=x.device).unsqueeze(1)  # [j, 1, i]
     t = basis
     if pre:
-        act_in.append(x)
         act_tangents.append(basis)
         h, d1, d2 = _lipswish(x, betas[0])
         d1s.append(d1)
@@ -87,20 +87,13 @@ def _exact_forward(
         # without a first activation the tangents after the first layer are its columns
         t = weights[0].t().unsqueeze(1) if i == 0 and not pre else t @ weights[i].t()
         if i < n - 1:
-            act_in.append(h)
             act_tangents.append(t)
             h, d1, d2 = _lipswish(h, acts[i])
             d1s.append(d1)
             d2s.append(d2)
             t = t * d1
     jac = t.permute(1, 2, 0) + torch.eye(d, dtype=x.dtype, device=x.device)  # [b, i, j]
-    if d == 2:
-        det = jac[:, 0, 0] * jac[:, 1, 1] - jac[:, 0, 1] * jac[:, 1, 0]
-        inv_t = torch.stack([jac[:, 1, 1], -jac[:, 1, 0], -jac[:, 0, 1], jac[:, 0, 0]], 1)
-        logdet, inv_t = det.abs().log(), inv_t.view(b, 2, 2) / det.view(b, 1, 1)
-    else:
-        logdet = torch.linalg.slogdet(jac)[1]
-        inv_t = torch.linalg.inv(jac).transpose(1, 2)
+    logdet, inv_t = logdet_and_inverse_t(jac)
     r = inv_t.permute(2, 0, 1)  # r[j] = (I + J)^{-T} e_j, per sample
     first: list[Tensor] = [x] * n
     injects: list[Tensor] = [x] * len(d1s)
@@ -115,7 +108,7 @@ def _exact_forward(
         k = i - 1 + off  # the activation before layer i
         injects[k] = (r * act_tangents[k]).sum(0) * d2s[k]
         r = r * d1s[k]
-    return h, logdet, (inputs, first, act_in, d1s, injects)
+    return h, logdet, (x, inputs, first, d1s, injects)
 
 
 def _exact_backward(
@@ -130,7 +123,7 @@ def _exact_backward(
     """``(dL/dx, weight grads, bias grads, beta grads)`` for the output gradient ``c``
     and the logdet's upstream gradient ``up`` (a scalar tensor, the same for every
     sample; 0 where the logdet is not used)."""
-    inputs, first, act_in, d1s, injects = saved
+    x, inputs, first, d1s, injects = saved
     n = len(weights)
     off = 1 if pre else 0
     gws: list[Tensor] = [c] * n
@@ -150,7 +143,7 @@ def _exact_backward(
             gbetas[k] = -(c * inputs[i]).sum()  # -<c_out, a>
             c = c * d1s[k] + up * injects[k]
     if pre:  # no layer before it: <c_in, z> directly
-        gbetas[0] = (gbetas[0] + (c * act_in[0]).sum()) / betas[0]
+        gbetas[0] = (gbetas[0] + (c * x).sum()) / betas[0]
     return c, gws, gbs, gbetas
 
 
@@ -173,12 +166,10 @@ class _ExactBranch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_gx, grad_logdet):  # type: ignore[no-untyped-def, override]
-        from resflow.layers.residual.logdet import uniform_scale
-
         weights, biases, betas, saved = ctx.saved
         del ctx.saved
         if grad_gx is None:  # only the logdet is used
-            grad_gx = torch.zeros_like(saved[0][0][:, : weights[-1].shape[0]])
+            grad_gx = torch.zeros_like(saved[0])  # g maps R^d to R^d
         if grad_logdet is None:  # the logdet is not used: only g's own gradient
             up = grad_gx.new_zeros(())
         else:
