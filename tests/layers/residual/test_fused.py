@@ -61,8 +61,10 @@ LOSSES = {
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("preact", [True, False])
 @pytest.mark.parametrize("learned", [True, False])
-def test_fused_exact_branch_equals_autograd_through_slogdet(dim, preact, learned):
-    block = _block(dim, preact, learned)
+@pytest.mark.parametrize("hidden", [(8, 8), (16, 12)])
+def test_fused_exact_branch_equals_autograd_through_slogdet(dim, preact, learned, hidden):
+    """(16, 12): the first and last layers' products take the transposed layouts."""
+    block = _block(dim, preact, learned, hidden)
     x = torch.randn(7, dim, dtype=torch.float64)
     assert fused.supported(block.g, x)
     block(x)  # lazy state
@@ -102,6 +104,23 @@ def test_fused_path_equals_the_general_closed_form(monkeypatch):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (torch.randn(30, 16), torch.randn(16, 2)),  # onto few columns, both contiguous
+        (torch.randn(16, 30).t(), torch.randn(16, 3)),  # a transposed
+        (torch.randn(2, 30, 16), torch.randn(16, 2)),  # a batch of tangents
+        (torch.randn(2, 30, 16), torch.randn(2, 16).t()),  # b transposed already
+        (torch.randn(30, 2), torch.randn(2, 16)),  # from few columns
+        (torch.randn(30, 16), torch.randn(16, 12)),  # wide
+    ],
+)
+def test_products_onto_few_columns_equal_matmul(a, b):
+    got = fused._mm(a, b)
+    assert got.shape == (a @ b).shape
+    torch.testing.assert_close(got, a @ b, rtol=1e-5, atol=1e-5)
 
 
 def test_per_sample_logdet_weights_are_refused():

@@ -319,10 +319,15 @@ def _stack_model(n_blocks=4):
     return model
 
 
-def test_shared_scope_gives_each_layers_own_weights_and_gradients():
+def test_shared_scope_gives_each_layers_own_weights_and_gradients(monkeypatch):
     """Inside a flow's forward pass the rescaled weights of equal dense layers come from
     one batched computation: the log-density and every gradient equal those of the
-    layers rescaling one at a time (the same model run without the scope)."""
+    layers rescaling one at a time (the same model run without the scope). The general
+    closed-form path takes them (the fused 2-D path, turned off here, rescales inside
+    its own pass)."""
+    from resflow.layers.residual import fused
+
+    monkeypatch.setattr(fused, "supported", lambda g, x: False)
     model = _stack_model()
     x = torch.randn(32, 2)
     outs = []
@@ -346,25 +351,45 @@ def test_shared_scope_gives_each_layers_own_weights_and_gradients():
         torch.testing.assert_close(model.inverse(model(x)[0]), x, rtol=1e-4, atol=1e-4)
 
 
+def test_fused_path_leaves_the_shared_weights_uncomputed(monkeypatch):
+    """The fused 2-D path rescales each weight inside its own pass, so the flow's scope
+    computes no stacked weights for it (they are computed on request only)."""
+    from resflow.layers.residual import lipschitz
+
+    calls = []
+    real = lipschitz._rescaled
+    monkeypatch.setattr(lipschitz, "_rescaled", lambda group: calls.append(1) or real(group))
+    model = _stack_model(2)
+    x = torch.randn(16, 2)
+    model.log_prob(x).mean().backward()
+    assert not calls
+    with torch.no_grad():
+        model.log_prob(x)  # the general no-grad path asks for them
+    assert calls
+
+
 def test_shared_scope_is_left_clean_after_an_error_and_nests():
     from resflow.layers.base import shared_scope
 
     model = _stack_model(2)
     layers = [m for m in model.modules() if isinstance(m, LipschitzLinear)]
     with pytest.raises(RuntimeError, match="boom"), shared_scope(model):
-        inner = layers[1]._shared_weight
+        assert layers[1]._shared_weight is None  # computed on the first request
+        inner = layers[1].constrained_weight(shared=True)
+        assert inner.requires_grad and layers[1]._shared_weight is inner
         with shared_scope(model):  # nested: the same shared weights
-            assert layers[1]._shared_weight is inner
+            assert layers[1].constrained_weight(shared=True) is inner
         with torch.no_grad():
             torch.testing.assert_close(layers[1].constrained_weight(), inner)
         raise RuntimeError("boom")
-    assert inner is not None and all(m._shared_weight is None for m in layers)
+    assert all(m._shared_weight is None and m._shared_group is None for m in layers)
 
 
 def test_batched_refresh_takes_the_same_iterates_as_one_layer_at_a_time():
     """Each layer of a batched group stops on its own criterion: vectors, estimates and
     the iteration count equal those of refresh() per layer (here with per-layer
-    tolerances that differ, so the layers stop at different iterations)."""
+    tolerances that differ, so the layers stop at different iterations and leave the
+    stack one by one, and with iteration limits of 0 and 1)."""
     import copy
 
     from resflow.layers.residual.lipschitz import refresh_all
@@ -373,6 +398,7 @@ def test_batched_refresh_takes_the_same_iterates_as_one_layer_at_a_time():
     layers = [m for m in model.modules() if isinstance(m, LipschitzLinear)]
     for i, m in enumerate(layers):
         m.rtol = 10.0 ** -(2 + i % 4)
+    layers[4].max_iter, layers[7].max_iter = 0, 1  # both in the group of 16x16 layers
     twin = copy.deepcopy(model)
     twin_layers = [m for m in twin.modules() if isinstance(m, LipschitzLinear)]
     most = max(m.refresh() for m in twin_layers)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from typing import TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +147,7 @@ class LipschitzLayer(nn.Module):
     weight: Tensor
     v: Tensor
     _shared_weight: Tensor | None = None  # see shared_scope
+    _shared_group: tuple[list[LipschitzLinear], bool] | None = None
     sigma: Tensor
     ratio: Tensor
     upper: Tensor
@@ -416,15 +418,16 @@ class LipschitzLayer(nn.Module):
         branch's closed-form gradient, whose backward then reaches every layer's
         weight through one batched backward)."""
         groups = _groups(layers)
+        grad = torch.is_grad_enabled()
         try:
             for group in groups:
-                for m, wm in zip(group, _rescaled(group).unbind(0)):
-                    m._shared_weight = wm
+                for m in group:  # computed on the first request (the fused 2-D path has none)
+                    m._shared_group = (group, grad)
             yield
         finally:
             for group in groups:
                 for m in group:
-                    m._shared_weight = None
+                    m._shared_weight = m._shared_group = None
 
     def transient_state(self) -> tuple[Tensor, ...]:
         """The norm state (see :func:`resflow.layers.base.preserved_transient_state`)."""
@@ -450,11 +453,16 @@ class LipschitzLayer(nn.Module):
 
     def constrained_weight(self, shared: bool = False) -> Tensor:
         """``W / max(1, sigma / c)`` (see :meth:`shared_scope` for ``shared``)."""
-        w = self._shared_weight
-        if w is not None and (
-            not torch.is_grad_enabled() or (shared and w.requires_grad == self.weight.requires_grad)
-        ):
-            return w
+        scope = self._shared_group
+        if scope is not None and (shared or not torch.is_grad_enabled()):
+            if self._shared_weight is None:  # the group's first request in this scope
+                group, grad = scope
+                with torch.set_grad_enabled(grad):
+                    for m, wm in zip(group, _rescaled(group).unbind(0)):
+                        m._shared_weight = wm
+            w = self._shared_weight
+            if not torch.is_grad_enabled() or w.requires_grad == self.weight.requires_grad:
+                return w
         sigma = self.operator_norm()
         return self.weight / torch.clamp(sigma / self.coeff, min=1.0)
 
@@ -744,18 +752,24 @@ def conv2d_weight(
     return torch.nn.grad.conv2d_weight(x, shape, cot, padding=padding)
 
 
+def spectral_dense(m: nn.Module) -> TypeGuard[LipschitzLinear]:
+    """Whether ``m`` is a dense layer under the spectral norm (``p = q = 2``, fixed):
+    its ``sigma`` is ``r ||W v||_2 / ||v||_2``."""
+    return (
+        isinstance(m, LipschitzLinear)
+        and not isinstance(m.domain, NormOrder)
+        and not isinstance(m.codomain, NormOrder)
+        and float(m.domain) == 2.0
+        and float(m.codomain) == 2.0
+    )
+
+
 def _groups(layers: list[LipschitzLayer]) -> list[list[LipschitzLinear]]:
     """The layers whose norm work can be batched, in groups of two or more: dense,
-    spectral norm (``p = q = 2``, fixed), equal weight shape, dtype and device."""
+    spectral norm (:func:`spectral_dense`), equal weight shape, dtype and device."""
     groups: dict[tuple[object, ...], list[LipschitzLinear]] = {}
     for m in layers:
-        if (
-            isinstance(m, LipschitzLinear)
-            and not isinstance(m.domain, NormOrder)
-            and not isinstance(m.codomain, NormOrder)
-            and float(m.domain) == 2.0
-            and float(m.codomain) == 2.0
-        ):
+        if spectral_dense(m):
             key = (tuple(m.weight.shape), m.weight.dtype, m.weight.device)
             groups.setdefault(key, []).append(m)
     return [g for g in groups.values() if len(g) > 1]
@@ -830,31 +844,52 @@ def _power_steps(w: Tensor, wv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _refresh_group(
     group: list[LipschitzLinear], atol: float | None, rtol: float | None, max_iter: int | None
 ) -> int:
-    w = torch.stack([m.weight for m in group])  # [n, out, in]
+    def each(given: float | None, name: str) -> list[float]:
+        return [getattr(m, name) if given is None else given for m in group]
 
-    def each(given: float | None, name: str) -> Tensor:
-        return w.new_tensor([getattr(m, name) if given is None else given for m in group])
+    out_v = torch.cat([m.v for m in group])  # [n, in]
+    out_sigma = torch.stack([m.sigma for m in group])
+    # after a training step most layers settle in two steps while a few with close
+    # singular values take tens (the 2-D paper model's 300 layers: up to 30), so the
+    # stack shrinks to the running layers whenever half of it has stopped (stopped
+    # layers still in it iterate on, unread); ``rows`` are the stack's places in the group
+    live = [i for i, n in enumerate(each(max_iter, "max_iter")) if n > 0]
+    rows = torch.tensor(live, dtype=torch.long, device=out_v.device)
+    w = torch.stack([group[i].weight for i in live]) if live else out_v.new_empty(0, 0, 0)
+    v, sigma = out_v[rows], out_sigma[rows]
 
-    v = torch.cat([m.v for m in group])  # [n, in]
-    sigma = torch.stack([m.sigma for m in group])
+    def pick(values: list[float]) -> Tensor:
+        return w.new_tensor([values[i] for i in live], dtype=torch.float64)
+
     # the stopping rule in float64, as refresh() evaluates it
-    tol_a, tol_r = each(atol, "atol").double(), each(rtol, "rtol").double()
-    limit = each(max_iter, "max_iter")
-
+    tol_a, tol_r = pick(each(atol, "atol")), pick(each(rtol, "rtol"))
+    limit = pick(each(max_iter, "max_iter"))
+    active = torch.ones_like(rows, dtype=torch.bool)
     wv = torch.bmm(w, v.unsqueeze(-1)).squeeze(-1)
-    active = limit > 0
-    it = 0
-    while bool(active.any()):
+    it, running = 0, len(live)
+    while running:
         it += 1
-        v_new, wv_new, new = _power_steps(w, wv)
-        done = (new - sigma).abs().double() <= tol_a + tol_r * new.double()
-        keep = active.unsqueeze(1)
-        v, wv = torch.where(keep, v_new, v), torch.where(keep, wv_new, wv)
-        sigma = torch.where(active, new, sigma)
-        active = active & ~done & (limit > it)
+        v, wv, sigma_new = _power_steps(w, wv)
+        done = (sigma_new - sigma).abs().double() <= tol_a + tol_r * sigma_new.double()
+        sigma = sigma_new
+        stop = active & (done | (limit <= it))
+        stopped = int(stop.sum())
+        if stopped:
+            out_v[rows[stop]], out_sigma[rows[stop]] = v[stop], sigma[stop]
+            active, running = active & ~stop, running - stopped
+            if running and 2 * running <= len(rows):
+                rows, w, v, wv, sigma = (
+                    rows[active],
+                    w[active],
+                    v[active],
+                    wv[active],
+                    sigma[active],
+                )
+                tol_a, tol_r, limit = tol_a[active], tol_r[active], limit[active]
+                active = active[active]
     for i, m in enumerate(group):
-        m.v.copy_(v[i : i + 1])
-        m.sigma.copy_(sigma[i])
+        m.v.copy_(out_v[i : i + 1])
+        m.sigma.copy_(out_sigma[i])
     return it
 
 
