@@ -6,11 +6,13 @@ elementwise operations per block. Here :class:`_NeumannBranch`'s exact-logdet wo
 (see :mod:`resflow.layers.residual.jacobian`) is written as two functions of plain
 tensor lists, with the same arithmetic:
 
-* :func:`exact_forward`: ``g(x)``, the ``d`` tangents ``J e_j`` in one stacked pass, the
-  logdet with ``(I + J)^{-T}`` in closed form, and the pairs' cotangent pass giving
-  the first-order weight terms and the second-order terms ``r t a''``;
+* :func:`exact_forward`: each layer's spectral rescaling ``W / max(1, sigma / c)``,
+  ``g(x)``, the ``d`` tangents ``J e_j`` in one stacked pass, the logdet with
+  ``(I + J)^{-T}`` in closed form, and the pairs' cotangent pass giving the
+  first-order weight terms and the second-order terms ``r t a''``;
 * :func:`exact_backward`: one reverse pass for the output gradient and the
-  second-order terms together, the weight, bias and ``beta`` gradients.
+  second-order terms together, the bias and ``beta`` gradients, and the raw weights'
+  gradients through the rescaling.
 
 With compilation on (:func:`~resflow.layers.residual.kernels.set_compile`) each is one
 ``torch.compile`` graph, its elementwise chains fused and its per-operation overhead
