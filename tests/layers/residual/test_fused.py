@@ -135,6 +135,9 @@ def test_only_dense_lipswish_branches_on_small_vectors_are_taken():
     x2 = torch.randn(4, 2)
     assert fused.supported(residual_mlp(2, (8,)), x2)
     assert not fused.supported(residual_mlp(2, (8,), activation="elu"), x2)
+    # other induced norms (fixed or learned) keep the general path, which rescales them
+    assert not fused.supported(residual_mlp(2, (8,), norm_orders=[2.0, 3.0]), x2)
+    assert not fused.supported(residual_mlp(2, (8,), learn_orders=True), x2)
     assert not fused.supported(residual_mlp(2, (8,)), torch.randn(4, 1, 1, 2))
     big = fused.MAX_DIM + 1
     assert not fused.supported(residual_mlp(big, (8,)), torch.randn(4, big))

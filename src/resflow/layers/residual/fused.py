@@ -36,9 +36,8 @@ MAX_DIM = 8
 
 def supported(g: nn.Module, x: Tensor) -> bool:
     """Whether ``g`` is dense spectral-norm layers (with bias) alternating with LipSwish
-    activations,
-    ending with a layer (one activation may come first), on inputs ``[batch, d]`` with
-    ``d <= MAX_DIM``."""
+    activations, ending with a layer (one activation may come first), on inputs
+    ``[batch, d]`` with ``d <= MAX_DIM``."""
     if x.dim() != 2 or x.shape[1] > MAX_DIM or not isinstance(g, nn.Sequential):
         return False
     mods = list(g)
