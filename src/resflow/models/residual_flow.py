@@ -324,7 +324,7 @@ register_preset(
         actnorm=False,
         estimator=_EXACT,
     ),
-    # compiled: 0.47x the pre-speed step, against the general path's 0.72x (docs/RESULTS.md
+    # compiled: 0.48x the pre-speed step, against the general path's 0.72x (docs/RESULTS.md
     # §24); the first step compiles for 5-15 s, which long runs of this model repay
     train=TrainConfig(lr=1e-3, batch_size=500, weight_decay=1e-5, compile=True),
     description="the authors' 2-D default (100 blocks of 4x128)",

@@ -407,6 +407,9 @@ def test_batched_refresh_takes_the_same_iterates_as_one_layer_at_a_time():
     for a, b in zip(layers, twin_layers):
         torch.testing.assert_close(a.v, b.v, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.sigma, b.sigma, rtol=1e-6, atol=0.0)
+    before = [m.v.clone() for m in layers]
+    assert refresh_all(layers, max_iter=0) == 0  # no iterations allowed: nothing moves
+    assert all(torch.equal(m.v, b) for m, b in zip(layers, before))
 
 
 def test_after_optimizer_step_batches_refreshes_and_keeps_the_certificate_schedule():

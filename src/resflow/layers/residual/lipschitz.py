@@ -854,8 +854,10 @@ def _refresh_group(
     # stack shrinks to the running layers whenever half of it has stopped (stopped
     # layers still in it iterate on, unread); ``rows`` are the stack's places in the group
     live = [i for i, n in enumerate(each(max_iter, "max_iter")) if n > 0]
+    if not live:  # no iterations allowed: nothing changes
+        return 0
     rows = torch.tensor(live, dtype=torch.long, device=out_v.device)
-    w = torch.stack([group[i].weight for i in live]) if live else out_v.new_empty(0, 0, 0)
+    w = torch.stack([group[i].weight for i in live])
     v, sigma = out_v[rows], out_sigma[rows]
 
     def pick(values: list[float]) -> Tensor:
