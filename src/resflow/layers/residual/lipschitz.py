@@ -844,28 +844,27 @@ def _power_steps(w: Tensor, wv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _refresh_group(
     group: list[LipschitzLinear], atol: float | None, rtol: float | None, max_iter: int | None
 ) -> int:
-    def each(given: float | None, name: str) -> list[float]:
-        return [getattr(m, name) if given is None else given for m in group]
-
     out_v = torch.cat([m.v for m in group])  # [n, in]
     out_sigma = torch.stack([m.sigma for m in group])
     # after a training step most layers settle in two steps while a few with close
     # singular values take tens (the 2-D paper model's 300 layers: up to 30), so the
     # stack shrinks to the running layers whenever half of it has stopped (stopped
     # layers still in it iterate on, unread); ``rows`` are the stack's places in the group
-    live = [i for i, n in enumerate(each(max_iter, "max_iter")) if n > 0]
+    limits = [m.max_iter if max_iter is None else max_iter for m in group]
+    live = [i for i, n in enumerate(limits) if n > 0]
     if not live:  # no iterations allowed: nothing changes
         return 0
     rows = torch.tensor(live, dtype=torch.long, device=out_v.device)
     w = torch.stack([group[i].weight for i in live])
     v, sigma = out_v[rows], out_sigma[rows]
 
-    def pick(values: list[float]) -> Tensor:
-        return w.new_tensor([values[i] for i in live], dtype=torch.float64)
+    def each(given: float | None, name: str) -> Tensor:
+        """The running layers' ``name`` (or ``given``), in float64 as refresh() uses it."""
+        return w.new_tensor(
+            [getattr(group[i], name) if given is None else given for i in live], dtype=torch.float64
+        )
 
-    # the stopping rule in float64, as refresh() evaluates it
-    tol_a, tol_r = pick(each(atol, "atol")), pick(each(rtol, "rtol"))
-    limit = pick(each(max_iter, "max_iter"))
+    tol_a, tol_r, limit = each(atol, "atol"), each(rtol, "rtol"), each(max_iter, "max_iter")
     active = torch.ones_like(rows, dtype=torch.bool)
     wv = torch.bmm(w, v.unsqueeze(-1)).squeeze(-1)
     it, running = 0, len(live)
