@@ -23,6 +23,7 @@ from resflow.models.denseflow import (
     DenseFlowConfig,
     build_dense_dequantizer,
 )
+from resflow.nets.denseflow import DenseAttentionNet
 from resflow.preprocess import UniformDequantizer, VariationalDequantizer
 from test_contract import MODELS_TINY
 
@@ -46,6 +47,11 @@ def test_denseflow_74_10_has_the_authors_parameter_count(name):
     assert count_parameters(model) == REFERENCE
     assert count_parameters(model.layers[0]) == DEQUANTIZER
     assert isinstance(model.layers[0], VariationalDequantizer)
+    # the authors' Nyström attention: one head, 4 landmarks, in every coupling net
+    assert cfg.attention == "authors" and cfg.heads == 1 and cfg.landmarks == 4
+    nets = [m for m in model.modules() if isinstance(m, DenseAttentionNet)]
+    assert len(nets) == 74
+    assert all(n.attention.form == "authors" and n.attention.heads == 1 for n in nets)
 
 
 def test_denseflow_74_10_structure():
@@ -71,6 +77,10 @@ def test_small_presets_and_config_errors():
         DenseFlowConfig(units=(2, 2), modules=(1,), hidden=(8, 8))
     with pytest.raises(ConfigError, match="heads: 5 must divide"):
         DenseFlowConfig(heads=5)
+    with pytest.raises(ConfigError, match="heads: the authors' Nyström attention has one head"):
+        DenseFlowConfig(attention="authors", heads=4)
+    # a run saved before the field existed reloads with the attention it was trained with
+    assert DenseFlowConfig().attention == "textbook"
     with pytest.raises(ConfigError, match="choose one dequantizer"):
         replace(get_preset("denseflow-cifar10"), dequantization=replace(
             get_preset("flowpp-digits").dequantization))  # fmt: skip

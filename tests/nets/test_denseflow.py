@@ -98,3 +98,69 @@ def test_nets_start_at_zero_and_have_the_authors_sizes():
     with pytest.raises(ValueError, match=r"DenseAttentionNet expects \[B, 6, H, W\]"):
         net(torch.randn(2, 5, 4, 4))
     assert NETS.get("denseflow") is DenseAttentionNet
+
+
+def _authors_reference(x: torch.Tensor, qkv: torch.nn.Conv2d, out: torch.nn.Conv2d, m: int):
+    """The authors' Nyström attention written out element by element (float64): the
+    convolution's output read as [HW, 3E] rows in memory order, landmarks the means of
+    m equal segments divided by sqrt(HW), column-normalised kernels, the exact
+    pseudo-inverse of the middle kernel, the value skip, and the result read back as
+    [E, H, W] in memory order."""
+    b, _, h, w = x.shape
+    n = h * w
+    y = qkv(x)
+    e = y.shape[1] // 3
+    results = []
+    for i in range(b):
+        flat = y[i].flatten()  # channel-major memory order
+        rows = [[float(flat[r * 3 * e + c]) for c in range(3 * e)] for r in range(n)]
+        q = torch.tensor([row[:e] for row in rows], dtype=torch.float64)
+        k = torch.tensor([row[e : 2 * e] for row in rows], dtype=torch.float64)
+        v = torch.tensor([row[2 * e :] for row in rows], dtype=torch.float64)
+        size = n // m
+        q_l = torch.stack([q[j * size : (j + 1) * size].mean(0) for j in range(m)]) / n**0.5
+        k_l = torch.stack([k[j * size : (j + 1) * size].mean(0) for j in range(m)]) / n**0.5
+
+        def column_softmax(a: torch.Tensor) -> torch.Tensor:
+            ex = torch.exp(a)
+            return ex / ex.sum(0, keepdim=True)
+
+        k1 = column_softmax(q @ k_l.T)
+        k2 = column_softmax(q_l @ k_l.T)
+        k3 = column_softmax(q_l @ k.T)
+        att = k1 @ torch.linalg.pinv(k2) @ k3 @ v + v  # [n, e]
+        results.append(att.flatten().view(e, h, w))
+    return out(torch.stack(results))
+
+
+def test_authors_nystrom_attention_matches_the_formula_written_out():
+    torch.manual_seed(3)
+    layer = NystromAttention(5, 3, heads=1, landmarks=4, pinv_iterations=0, form="authors")
+    layer = layer.double()
+    x = torch.randn(2, 5, 4, 2, dtype=torch.float64)  # 8 positions, 2 per landmark
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _authors_reference(x, layer.qkv, layer.out, 4))
+        # the iterative pseudo-inverse (the authors' uses 6 steps) converges to the exact one
+        iterative = NystromAttention(5, 3, landmarks=4, pinv_iterations=40, form="authors")
+        iterative = iterative.double()
+        iterative.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(iterative(x), layer(x))
+        # and it is not the textbook form with the same weights
+        textbook = NystromAttention(5, 3, landmarks=4, pinv_iterations=0).double()
+        textbook.load_state_dict(layer.state_dict())
+        assert float((textbook(x) - layer(x)).abs().max()) > 1e-3
+
+
+def test_authors_nystrom_attention_has_one_head_and_the_same_parameters():
+    with pytest.raises(ValueError, match="one head"):
+        NystromAttention(8, 4, heads=2, form="authors")
+    with pytest.raises(ValueError, match="unknown attention form"):
+        NystromAttention(8, 4, form="other")
+    sizes = [
+        sum(p.numel() for p in NystromAttention(48, 24, heads=h, form=f).parameters())
+        for h, f in ((1, "authors"), (4, "textbook"))
+    ]
+    assert sizes[0] == sizes[1]
+    net = DenseAttentionNet(2, 4, hidden=8, depth=2, growth=4, heads=1, attention="authors")
+    assert net.attention.form == "authors"
+    assert net(torch.randn(3, 2, 4, 4)).shape == (3, 4, 4, 4)

@@ -13,7 +13,11 @@ previous representations of the block (:class:`~resflow.nets.denseflow.CrossUnit
 so every unit works on ``k`` more channels than the one before. A unit is
 ``modules[b]`` glow-like modules ``ActNorm -> 1x1 convolution -> affine coupling``
 (scale ``exp(2 tanh(h / 2))``) whose network fuses a dense block with Nyström
-self-attention (:class:`~resflow.nets.denseflow.DenseAttentionNet`). ``L`` is the
+self-attention (:class:`~resflow.nets.denseflow.DenseAttentionNet`): ``attention =
+"authors"`` is the one-head form of the authors' code (their memory-order reshaping,
+softmax over the first axis, landmarks scaled by ``1/sqrt(H W)``; the paper presets),
+``"textbook"`` the multi-head Nyströmformer (the default, so that runs saved before the
+field existed reload unchanged). ``L`` is the
 number of glow-like modules, ``sum(units[b] * modules[b])``.
 
 The model is a lower bound: ``log_prob`` is one sample of ``log p(z_aug) - log N(e) +
@@ -33,6 +37,7 @@ available too, when ``dense_dequantization.enabled`` is false.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -146,6 +151,11 @@ class DenseFlowConfig(Config):
     growth: int = param(10, ge=1, le=MAX_WIDTH, help="growth rate k: noise channels per unit")
     dense_depth: int = param(7, ge=1, le=256, help="layers of the coupling nets' dense blocks")
     dense_growth: int = param(64, ge=1, le=MAX_WIDTH, help="growth of those dense blocks")
+    attention: Literal["textbook", "authors"] = param(
+        "textbook",
+        help="Nyström attention: the authors' one-head form (their reshaping, column "
+        "softmax, landmarks scaled by 1/sqrt(HW)) or the textbook multi-head one",
+    )
     heads: int = param(4, ge=1, le=256, help="Nyström attention heads (divide hidden / 2)")
     landmarks: int = param(4, ge=1, le=65536, help="Nyström landmarks")
     pinv_iterations: int = param(
@@ -168,6 +178,11 @@ class DenseFlowConfig(Config):
             raise ConfigError(
                 f"units, modules and hidden need one number per block: got {self.units}, "
                 f"{self.modules} and {self.hidden}"
+            )
+        if self.attention == "authors" and self.heads != 1:
+            raise ConfigError(
+                f"heads: the authors' Nyström attention has one head, got {self.heads} "
+                "(set heads=1, or attention=textbook)"
             )
         for h in self.hidden:
             if (h // 2) % self.heads:
@@ -202,6 +217,7 @@ def glow_like_module(shape: Shape, j: int, cfg: DenseFlowConfig, hidden: int) ->
         heads=cfg.heads,
         landmarks=cfg.landmarks,
         pinv_iterations=cfg.pinv_iterations,
+        attention=cfg.attention,
     )
     return [ActNorm(c), InvertibleConv1x1(c, cfg.lu), Coupling(mask, net, transformer)]
 
@@ -287,35 +303,43 @@ register_model(
 )
 
 # ---- presets: DenseFlow-74-10 (the paper's model for every data set) -------------------------
-_PAPER = DenseFlowConfig(dense_dequantization=DenseDequantizationConfig(enabled=True))
+_PAPER = DenseFlowConfig(
+    attention="authors", heads=1, dense_dequantization=DenseDequantizationConfig(enabled=True)
+)
 _PAPER_TRAIN = TrainConfig(
     lr=1e-3, batch_size=64, weight_decay=0.0, betas=(0.9, 0.999), warmup=5000, grad_clip=1.0,
 )  # fmt: skip
+# what still differs from the authors' code (matejgrcic/DenseFlow), for every paper preset
+_DIFFERENCES = (
+    "; differences from the authors' code: Nyström landmarks as segment means also when 4 "
+    "does not divide H*W (theirs needs it; never the case here), at most H*W landmarks"
+)
 register_preset(
     "denseflow-cifar10",
     "denseflow",
     _PAPER,
     train=_PAPER_TRAIN,
-    description="CIFAR-10, DenseFlow-74-10 with its variational dequantizer "
-    "(130,647,294 parameters, the authors' count)",
+    description="CIFAR-10, DenseFlow-74-10 with its variational dequantizer and the authors' "
+    "one-head Nyström attention (4 landmarks; 130,647,294 parameters, the authors' count)"
+    + _DIFFERENCES,
 )
 register_preset(
     "denseflow-imagenet32",
     "denseflow",
     _PAPER,
     train=_PAPER_TRAIN,
-    description="ImageNet 32x32, DenseFlow-74-10",
+    description="ImageNet 32x32, DenseFlow-74-10 with the authors' Nyström attention "
+    "(130,647,294 parameters)" + _DIFFERENCES,
 )
 register_preset(
     "denseflow-imagenet64",
     "denseflow",
-    DenseFlowConfig(
-        image_shape=(3, 64, 64), dense_dequantization=DenseDequantizationConfig(enabled=True)
-    ),
+    replace(_PAPER, image_shape=(3, 64, 64)),
     train=TrainConfig(
         lr=1e-3, batch_size=32, weight_decay=0.0, betas=(0.9, 0.999), warmup=5000, grad_clip=1.0
     ),  # fmt: skip
-    description="ImageNet 64x64, DenseFlow-74-10 (batch 32)",
+    description="ImageNet 64x64, DenseFlow-74-10 with the authors' Nyström attention "
+    "(batch 32)" + _DIFFERENCES,
 )
 
 # ---- small presets that train in minutes on CPU ----------------------------------------------

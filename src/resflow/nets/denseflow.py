@@ -8,7 +8,11 @@
   over the ``H * W`` positions approximated by the Nyström method (Xiong et al. 2021):
   ``softmax(Q K~^T) pinv(softmax(Q~ K~^T)) softmax(Q~ K^T) V`` with ``m`` landmarks
   ``Q~, K~`` (segment means of the queries and keys); exact when ``m`` is the
-  sequence length;
+  sequence length (``form="textbook"``);
+* :func:`authors_nystrom_attention` -- the variant of the DenseFlow authors' code
+  (``form="authors"``, the paper presets' default): one head, the convolution's output
+  read as ``[H W, 3 E]`` in memory order, the landmarks scaled by ``1/sqrt(H W)``, and
+  every softmax over the first of its matrix's two axes;
 * :class:`DenseAttentionNet` -- the intra-unit coupling network: ``conv1x1`` to
   ``hidden`` channels, a dense block (local) beside Nyström attention (global), the two
   concatenated and mixed by ``BN -> ReLU -> conv1x1``, then a zero-initialised
@@ -144,40 +148,84 @@ def nystrom_attention(
     return kernel_1 @ (iterative_pinv(kernel_2, pinv_iterations) @ (kernel_3 @ v))
 
 
-class NystromAttention(nn.Module):
-    """Multi-head Nyström self-attention over the positions of ``[B, C, H, W]``.
+def authors_nystrom_attention(
+    q: Tensor, k: Tensor, v: Tensor, landmarks: int, pinv_iterations: int = 6
+) -> Tensor:
+    """The Nyström attention of the DenseFlow authors' code, for ``q, k, v`` of shape
+    ``[..., n, d]``.
 
-    ``[q, k, v] = conv1x1(x)`` (``embed`` channels each, split into ``heads``), the
-    heads' :func:`nystrom_attention` plus ``v`` (a skip over the attention, as in the
-    authors' code), then ``conv1x1`` back to ``channels``. With at least as many
-    landmarks as positions the Nyström formula is exact softmax attention, which is
-    then computed directly.
+    With ``P`` the ``[m, n]`` segment-mean matrix (``m = min(landmarks, n)``) the
+    landmarks are ``q~ = P q / sqrt(n)`` and ``k~ = P k / sqrt(n)`` (scaled by the
+    number of positions, not the width, and the full ``q, k`` unscaled), and each kernel
+    is normalised over its *first* axis, ``softmax_0(A)_ij = exp(A_ij) / sum_i exp(A_ij)``:
+
+        ``softmax_0(q k~^T) pinv(softmax_0(q~ k~^T)) softmax_0(q~ k^T) v``.
+
+    The pseudo-inverse is :func:`iterative_pinv`. The authors' code needs ``m`` to divide
+    ``n`` (equal segments); here uneven segments are allowed (sizes differing by one),
+    the same matrix whenever ``m`` divides ``n``.
+    """
+    n = q.shape[-2]
+    m = min(landmarks, n)
+    p = _segment_means(n, m, q) / math.sqrt(n)
+    q_l, k_l = p @ q, p @ k
+    kernel_1 = torch.softmax(q @ k_l.transpose(-1, -2), -2)  # [n, m], columns sum to 1
+    kernel_2 = torch.softmax(q_l @ k_l.transpose(-1, -2), -2)  # [m, m]
+    kernel_3 = torch.softmax(q_l @ k.transpose(-1, -2), -2)  # [m, n]
+    return kernel_1 @ (iterative_pinv(kernel_2, pinv_iterations) @ (kernel_3 @ v))
+
+
+class NystromAttention(nn.Module):
+    """Nyström self-attention over the positions of ``[B, C, H, W]``.
+
+    ``[q, k, v] = conv1x1(x)`` (``embed`` channels each), the attention plus ``v`` (a
+    skip over the attention, as in the authors' code), then ``conv1x1`` back to
+    ``channels``. Two forms, with the same parameters:
+
+    * ``"textbook"``: ``heads`` heads of ``embed / heads`` channels, each position's
+      query, key and value its channels, :func:`nystrom_attention`; with at least as
+      many landmarks as positions the Nyström formula is exact softmax attention, which
+      is then computed directly;
+    * ``"authors"`` (DenseFlow's code, ``heads`` must be 1): the convolution's output
+      ``[3 E, H, W]`` is read in memory order as ``H W`` rows of ``3 E`` numbers, split
+      into ``q, k, v`` by columns (so a "position" mixes channels and pixels), then
+      :func:`authors_nystrom_attention`, and the ``[H W, E]`` result is read back in
+      memory order as ``[E, H, W]``.
 
     Arguments:
         channels: channels of the input and the output.
         embed: channels of the queries, keys and values (a multiple of ``heads``).
-        heads: attention heads.
+        heads: attention heads (``"textbook"`` only).
         landmarks: Nyström landmarks (at most the number of positions are used).
         pinv_iterations: iterations of the pseudo-inverse (0: exact).
+        form: ``"textbook"`` or ``"authors"``.
     """
 
     def __init__(
         self, channels: int, embed: int, heads: int = 1, landmarks: int = 4,
-        pinv_iterations: int = 6,
+        pinv_iterations: int = 6, form: str = "textbook",
     ) -> None:  # fmt: skip
         super().__init__()
+        if form not in ("textbook", "authors"):
+            raise ValueError(f"unknown attention form {form!r}; choose 'textbook' or 'authors'")
+        if form == "authors" and heads != 1:
+            raise ValueError(f"the authors' Nyström attention has one head, got heads={heads}")
         if embed % heads:
             raise ValueError(f"attention channels {embed} must be a multiple of heads {heads}")
         self.qkv = nn.Conv2d(channels, 3 * embed, 1)
         self.out = nn.Conv2d(embed, channels, 1)
-        self.embed, self.heads = embed, heads
+        self.embed, self.heads, self.form = embed, heads, form
         self.landmarks, self.pinv_iterations = landmarks, pinv_iterations
 
     def extra_repr(self) -> str:
-        return f"heads={self.heads}, landmarks={self.landmarks}"
+        return f"form={self.form}, heads={self.heads}, landmarks={self.landmarks}"
 
     def forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape
+        if self.form == "authors":
+            q, k, v = self.qkv(x).reshape(b, h * w, 3 * self.embed).chunk(3, -1)
+            att = authors_nystrom_attention(q, k, v, self.landmarks, self.pinv_iterations) + v
+            return self.out(att.reshape(b, self.embed, h, w))
         qkv = self.qkv(x).view(b, 3, self.heads, self.embed // self.heads, h * w)
         q, k, v = qkv.transpose(-1, -2).unbind(1)  # [B, heads, HW, d] each
         if self.landmarks >= h * w:  # the Nyström formula would be exact: compute it directly
@@ -194,8 +242,8 @@ class DenseAttentionNet(nn.Module):
         in_channels, out_channels: channels of ``x_a`` and of the coupling parameters.
         hidden: channels after the first projection (the paper's 48).
         depth, growth: the dense block (7 layers of 64 channels in the paper).
-        heads, landmarks, pinv_iterations: the Nyström attention over ``hidden / 2``
-            channels.
+        heads, landmarks, pinv_iterations, attention: the Nyström attention over
+            ``hidden / 2`` channels and its form (:class:`NystromAttention`).
         context_channels: channels of a context (a vector is broadcast over ``H, W``).
 
     Example:
@@ -215,12 +263,15 @@ class DenseAttentionNet(nn.Module):
         landmarks: int = 4,
         pinv_iterations: int = 6,
         context_channels: int = 0,
+        attention: str = "textbook",
     ) -> None:
         super().__init__()
         self.in_channels, self.context_channels = in_channels, context_channels
         self.project = nn.Conv2d(in_channels + context_channels, hidden, 1)
         self.dense = DenseBlock(hidden, hidden, depth, growth)
-        self.attention = NystromAttention(hidden, hidden // 2, heads, landmarks, pinv_iterations)
+        self.attention = NystromAttention(
+            hidden, hidden // 2, heads, landmarks, pinv_iterations, attention
+        )
         self.mix = nn.Sequential(
             nn.BatchNorm2d(2 * hidden), nn.ReLU(), nn.Conv2d(2 * hidden, hidden, 1, bias=False)
         )
