@@ -17,7 +17,7 @@ from resflow.preprocess import (
 from helpers import brute_logdet
 
 
-@pytest.mark.parametrize("alpha", [0.0, 1e-6, 0.05])
+@pytest.mark.parametrize("alpha", [1e-6, 0.05, 0.3])
 def test_logit_logdet_equals_autograd(alpha):
     y = torch.rand(3, 2, 2, 2, dtype=torch.float64) * 0.98 + 0.01
     layer = LogitTransform(alpha)
@@ -101,14 +101,17 @@ def test_bits_per_dim_of_uniform_model_is_8():
 
 
 def test_bits_per_dim_by_hand_for_a_known_density():
-    """A standard normal in logit space: log p(y) = log N(logit(y)) + logit logdet."""
+    """A standard normal in logit space: log p(y) = log N(logit(s)) + logit logdet, with
+    s = alpha + (1 - 2 alpha) y."""
     torch.manual_seed(0)
     y = torch.rand(4, 1, 2, 2, dtype=torch.float64)
-    z = torch.log(y) - torch.log1p(-y)
-    logdet_by_hand = (-torch.log(y) - torch.log1p(-y)).flatten(1).sum(1)
+    alpha = 0.05
+    s = alpha + (1 - 2 * alpha) * y
+    z = torch.log(s) - torch.log1p(-s)
+    logdet_by_hand = (math.log(1 - 2 * alpha) - torch.log(s) - torch.log1p(-s)).flatten(1).sum(1)
     log_n = (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
     d = 4
     by_hand = -(log_n + logdet_by_hand - d * math.log(256)) / (d * math.log(2))
-    zz, ld = LogitTransform(0.0)(y)
+    zz, ld = LogitTransform(alpha)(y)
     lib = bits_per_dim(-0.5 * (zz**2 + math.log(2 * math.pi)).flatten(1).sum(1) + ld, d, 256)
     torch.testing.assert_close(lib, by_hand)

@@ -63,10 +63,18 @@ class Dequantizer(FlowLayer):
         d = y[0].numel()
         return y.new_full((y.shape[0],), -d * math.log(self.levels))
 
+    @staticmethod
+    def in_bin(x: Tensor, u: Tensor) -> Tensor:
+        """``x + u`` kept inside ``x``'s bin ``[x, x + 1)`` in ``x``'s dtype: the sum
+        rounds up to ``x + 1`` for ``u`` close to 1 (float32: ``255 + (1 - 2**-24)`` is
+        256), so it is clamped to the largest number below ``x + 1`` (only draws within
+        a rounding step of 1 move, by less than that step; ``log q(u | x)`` is kept)."""
+        return torch.minimum(x + u, torch.nextafter(x + 1, x))
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         xf = self._check(x)
         u, log_q = self.noise(xf, context)
-        y = (xf + u) / self.levels
+        y = self.in_bin(xf, u) / self.levels
         return y, self.scale_logdet(y) - log_q
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:

@@ -25,8 +25,13 @@ class LogitTransform(FlowLayer):
 
     def __init__(self, alpha: float = 1e-6) -> None:
         super().__init__()
-        if not 0.0 <= alpha < 0.5:
-            raise ValueError(f"alpha must be in [0, 0.5), got {alpha}")
+        if not 0.0 < alpha < 0.5:
+            # alpha = 0: y = 0 (a dequantized 0 with noise 0) has logit -inf
+            raise ValueError(
+                f"logit_alpha (the logit transform's alpha) must be in (0, 0.5), got "
+                f"{alpha}: 0 maps the data's edge y = 0 to -inf (Residual Flows use 1e-6 "
+                "to 0.05)"
+            )
         self.alpha = alpha
 
     def forward(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:

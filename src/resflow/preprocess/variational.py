@@ -87,7 +87,10 @@ class VariationalDequantizer(Dequantizer):
         if self.base == "normal":
             eps = torch.randn_like(x)
             return eps, _sum(-0.5 * (eps.pow(2) + _LOG_2PI))
-        u0 = torch.rand_like(x)
+        # rand draws k * eps/2 in [0, 1); 0 (once per 2**24 float32 draws) would give
+        # eps = -inf: it stands for the first cell [0, eps/2), drawn at its midpoint
+        tiny = torch.finfo(x.dtype).eps / 4
+        u0 = torch.rand_like(x).clamp(tiny, 1.0 - 2 * tiny)
         eps = torch.log(u0) - torch.log1p(-u0)
         return eps, _sum(F.logsigmoid(eps) + F.logsigmoid(-eps))
 
@@ -96,6 +99,6 @@ class VariationalDequantizer(Dequantizer):
         h, logdet = self.flow(eps, self.features(x))
         log_dsigmoid = _sum(F.logsigmoid(h) + F.logsigmoid(-h))
         u = torch.sigmoid(h)
-        # keep x + u inside x's bin where sigmoid rounds to 1 (a change of measure zero)
+        # u < 1 where sigmoid rounds to 1 (x + u is kept in x's bin by Dequantizer.in_bin)
         u = u.clamp(max=1.0 - torch.finfo(u.dtype).eps / 2)
         return u, log_base - logdet - log_dsigmoid
