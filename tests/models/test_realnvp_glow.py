@@ -14,7 +14,8 @@ from resflow.layers.batchnorm import BatchNormFlow
 from resflow.layers.conv1x1 import InvertibleConv1x1
 from resflow.layers.coupling import ChannelMask, CheckerboardMask, Coupling
 from resflow.layers.multiscale import ConditionalPrior
-from resflow.models import build_model, get_preset
+from resflow.models import build_model, count_parameters, get_preset
+from resflow.models.registry import PRESETS
 from resflow.nets.glow import GlowNet
 from resflow.nets.realnvp import RealNVPResNet, weight_scales
 from resflow.training.objectives import Batch, MaximumLikelihood
@@ -24,8 +25,13 @@ def _couplings(model):
     return [m for m in model.modules() if isinstance(m, Coupling)]
 
 
+def _meta(name: str, **overrides):  # type: ignore[no-untyped-def]
+    with torch.device("meta"):
+        return build_model(get_preset(name, **overrides))
+
+
 def test_realnvp_scales_follow_the_paper():
-    model = build_model(get_preset("realnvp-imagenet32"))
+    model = _meta("realnvp-imagenet32")
     masks = [c.mask for c in _couplings(model)]
     kinds = "".join("k" if isinstance(m, CheckerboardMask) else "c" for m in masks)
     # 3 checkerboard, squeeze, 3 channel-wise, factor out -- three times -- then 4 checkerboard
@@ -38,14 +44,34 @@ def test_realnvp_scales_follow_the_paper():
     assert sum(isinstance(m, BatchNormFlow) for m in model.modules()) == len(masks)
     nets = [c.conditioner for c in _couplings(model)]
     assert all(isinstance(n, RealNVPResNet) and len(n.units) == 4 for n in nets)
-    assert nets[0].stem.out_channels == 32
+    # §3.6: the feature maps double as the resolution halves (the authors' code: the
+    # channel-wise couplings after a scale's squeeze already use the doubled width)
+    widths = [n.stem.out_channels for n in nets]
+    assert widths == [32] * 3 + [64] * 3 + [64] * 3 + [128] * 3 + [128] * 3 + [256] * 3 \
+        + [256] * 4  # fmt: skip
+
+
+def _count(name: str, **overrides) -> int:  # type: ignore[no-untyped-def]
+    return count_parameters(_meta(name, **overrides))
 
 
 def test_realnvp_cifar10_has_one_downscale_and_wider_nets():
-    model = build_model(get_preset("realnvp-cifar10"))
+    model = _meta("realnvp-cifar10")
     assert latent_parts(model) == [1536, 1536]
-    net = _couplings(model)[0].conditioner
-    assert len(net.units) == 8 and net.stem.out_channels == 64
+    nets = [c.conditioner for c in _couplings(model)]
+    assert all(len(n.units) == 8 for n in nets)
+    assert [n.stem.out_channels for n in nets] == [64] * 3 + [128] * 3 + [128] * 4
+    assert _count("realnvp-cifar10") == 19_552_739
+    assert _count("realnvp-cifar10", double_features=False) == 6_368_099  # 64 everywhere
+
+
+def test_realnvp_paper_presets_double_and_state_their_counts():
+    for name, count in [("realnvp-imagenet32", 46_052_973), ("realnvp-imagenet64", 95_574_053),
+                        ("realnvp-celeba", 95_574_053)]:  # fmt: skip
+        assert get_preset(name).double_features
+        assert _count(name) == count
+        assert f"{count:,} parameters" in PRESETS.get(name).description
+    assert not get_preset("realnvp-digits").double_features
 
 
 def test_glow_cifar10_is_k32_l3_with_512_channels():

@@ -3,7 +3,10 @@
 Registered as ``realnvp`` (images) and ``realnvp-vector`` (2-D and tabular data).
 Per scale (§3.6, §4.1): 3 checkerboard affine couplings (alternating masks) ->
 squeeze -> 3 channel-wise couplings (alternating) -> factor out half; the last scale
-has 4 checkerboard couplings. The couplings' ``s, t`` come from a residual conv net
+has 4 checkerboard couplings; with ``double_features`` (the paper presets) the nets'
+feature maps double at each downscale (§3.6), ``hidden * 2^i`` at scale ``i`` and
+twice that in the channel-wise couplings after its squeeze, as in the authors' code.
+The couplings' ``s, t`` come from a residual conv net
 with batch and weight normalization, ``s = scale * tanh(.)`` (:mod:`resflow.nets.realnvp`),
 and every coupling is followed by batch normalization as a flow layer
 (:class:`~resflow.layers.batchnorm.BatchNormFlow`, with the running averages of
@@ -44,6 +47,11 @@ class RealNVPConfig(Config):
     levels: int = param(256, ge=2, le=65536, help="quantization levels of the data")
     n_scales: int = param(4, ge=1, le=16, help="scales (at most: until 4x4)")
     hidden: int = param(32, ge=1, le=MAX_WIDTH, help="feature maps of the coupling nets")
+    double_features: bool = param(
+        False,
+        help="double the coupling nets' feature maps at each downscale (§3.6): hidden * 2^i "
+        "at scale i, twice that in its channel-wise couplings (the paper presets)",
+    )
     n_blocks: int = param(4, ge=1, le=64, help="residual units per coupling net")
     checkerboard: int = param(3, ge=1, le=64, help="checkerboard couplings per scale")
     channelwise: int = param(3, ge=0, le=64, help="channel-wise couplings after each squeeze")
@@ -71,13 +79,22 @@ class RealNVPVectorConfig(Config):
     bn_momentum: float = param(0.95, ge=0, lt=1, help="weight of the stored BN averages")
 
 
+def feature_maps(cfg: RealNVPConfig, scale: int, channelwise: bool = False) -> int:
+    """Feature maps of the coupling nets of scale ``scale`` (its channel-wise couplings,
+    after the squeeze, with ``channelwise``): ``hidden``, or with ``double_features``
+    ``hidden * 2^scale`` and ``hidden * 2^(scale + 1)`` (the authors' code)."""
+    if not cfg.double_features:
+        return cfg.hidden
+    return cfg.hidden * 2 ** (scale + int(channelwise))
+
+
 def build_realnvp(cfg: RealNVPConfig) -> Flow:
     ctx = cfg.n_classes
 
-    def coupling(shape: Shape, mask: Mask) -> list[FlowLayer]:
+    def coupling(shape: Shape, mask: Mask, hidden: int) -> list[FlowLayer]:
         subnet = partial(
             RealNVPResNet,
-            hidden=cfg.hidden,
+            hidden=hidden,
             n_blocks=cfg.n_blocks,
             context_channels=ctx,
             scale_l2=cfg.scale_l2,
@@ -87,11 +104,11 @@ def build_realnvp(cfg: RealNVPConfig) -> Flow:
             return [layer, BatchNormFlow(shape[0], cfg.bn_momentum)]
         return [layer]
 
-    def couplings(shape: Shape, n: int, checker: bool) -> list[FlowLayer]:
+    def couplings(shape: Shape, n: int, checker: bool, hidden: int) -> list[FlowLayer]:
         layers: list[FlowLayer] = []
         for j in range(n):
             mask: Mask = CheckerboardMask(j % 2 == 1) if checker else ChannelMask(j % 2 == 1)
-            layers += coupling(shape, mask)
+            layers += coupling(shape, mask, hidden)
         return layers
 
     n = count_scales(cfg.image_shape, cfg.n_scales)
@@ -99,7 +116,8 @@ def build_realnvp(cfg: RealNVPConfig) -> Flow:
         raise ValueError(f"image {cfg.image_shape[1:]} is too small for RealNVP (need >= 4x4)")
 
     def step(i: int, shape: Shape) -> list[FlowLayer]:
-        return couplings(shape, cfg.last_checkerboard if i == n - 1 else cfg.checkerboard, True)
+        k = cfg.last_checkerboard if i == n - 1 else cfg.checkerboard
+        return couplings(shape, k, True, feature_maps(cfg, i))
 
     def prior(i: int, half: Shape, kept: Shape) -> ConditionalPrior | None:
         if cfg.split_prior == "standard":
@@ -112,7 +130,9 @@ def build_realnvp(cfg: RealNVPConfig) -> Flow:
         cfg.image_shape,
         n,
         step,
-        after_squeeze=lambda i, shape: couplings(shape, cfg.channelwise, False),
+        after_squeeze=lambda i, shape: couplings(
+            shape, cfg.channelwise, False, feature_maps(cfg, i, channelwise=True)
+        ),
         factor_out=True,
         prior=prior,
     )
@@ -154,35 +174,63 @@ register_model(
 )
 
 # ---- presets: the paper (§4.1) ---------------------------------------------------------------
-_PAPER = "paper architecture (Dinh et al. 2017, §4.1)"
+_PAPER = (
+    "paper architecture (Dinh et al. 2017, §3.6, §4.1), feature maps doubling at each downscale"
+)
+# what still differs from the authors' code (tensorflow/models research/real_nvp)
+_DIFFERENCES = (
+    "; differences from the authors' code: the nets see the plain masked input (theirs: "
+    "batch-normed, doubled, concatenated ReLU [x, -x] and the mask as a channel), a 3x3 "
+    "zero-initialised output conv without weight norm and a per-channel tanh scale starting "
+    "at 1 (theirs: weight-normed 1x1 output, one scalar scale starting at 0), batch "
+    "normalization of every channel after a coupling (theirs: of the transformed part only)"
+)
 _ADAM = TrainConfig(lr=1e-3, batch_size=64, weight_decay=0.0, warmup=200, grad_clip=100.0)
 register_preset(
     "realnvp-cifar10",
     "realnvp",
-    RealNVPConfig(image_shape=(3, 32, 32), n_scales=2, hidden=64, n_blocks=8, horizontal_flip=True),
+    RealNVPConfig(
+        image_shape=(3, 32, 32),
+        n_scales=2,
+        hidden=64,
+        n_blocks=8,
+        double_features=True,
+        horizontal_flip=True,
+    ),  # fmt: skip
     train=_ADAM,
-    description=f"CIFAR-10 (8 residual blocks, 64 features, one downscale), {_PAPER}",
+    description="CIFAR-10 (8 residual blocks, 64 features at 32x32 and 128 after the one "
+    f"downscale; 19,552,739 parameters), {_PAPER}{_DIFFERENCES}",
 )
 register_preset(
     "realnvp-imagenet32",
     "realnvp",
-    RealNVPConfig(image_shape=(3, 32, 32), n_scales=4, hidden=32, n_blocks=4),
+    RealNVPConfig(image_shape=(3, 32, 32), n_scales=4, hidden=32, n_blocks=4, double_features=True),
     train=_ADAM,
-    description=f"ImageNet 32x32 (4 residual blocks, 32 features), {_PAPER}",
+    description="ImageNet 32x32 (4 residual blocks, 32 features doubling to 256; 46,052,973 "
+    f"parameters), {_PAPER}{_DIFFERENCES}",
 )
 register_preset(
     "realnvp-imagenet64",
     "realnvp",
-    RealNVPConfig(image_shape=(3, 64, 64), n_scales=5, hidden=32, n_blocks=2),
+    RealNVPConfig(image_shape=(3, 64, 64), n_scales=5, hidden=32, n_blocks=2, double_features=True),
     train=_ADAM,
-    description=f"ImageNet 64x64 (2 residual blocks, 32 features), {_PAPER}",
+    description="ImageNet 64x64 (2 residual blocks, 32 features doubling to 512; 95,574,053 "
+    f"parameters), {_PAPER}{_DIFFERENCES}",
 )
 register_preset(
     "realnvp-celeba",
     "realnvp",
-    RealNVPConfig(image_shape=(3, 64, 64), n_scales=5, hidden=32, n_blocks=2, horizontal_flip=True),
+    RealNVPConfig(
+        image_shape=(3, 64, 64),
+        n_scales=5,
+        hidden=32,
+        n_blocks=2,
+        double_features=True,
+        horizontal_flip=True,
+    ),  # fmt: skip
     train=_ADAM,
-    description=f"CelebA 64x64 (2 residual blocks, 32 features), {_PAPER}",
+    description="CelebA 64x64 (2 residual blocks, 32 features doubling to 512; 95,574,053 "
+    f"parameters), {_PAPER}{_DIFFERENCES}",
 )
 _SMALL = TrainConfig(lr=1e-3, batch_size=64, weight_decay=0.0, warmup=100, grad_clip=100.0)
 register_preset(
