@@ -10,8 +10,12 @@ data in ``[0, 1)`` and ``D`` the number of dimensions; a uniform model scores
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,7 @@ from resflow.flow import Flow
 from resflow.io import atomic_write
 from resflow.layers.base import Sequential, after_optimizer_step
 from resflow.layers.guidance import guidance as guidance_weight
+from resflow.layers.residual.block import ResidualBlock
 from resflow.preprocess.noise import GaussianNoise
 
 
@@ -37,7 +42,12 @@ def bits_per_dim(log_prob: Tensor, dim: int, levels: int = 256) -> Tensor:
 class EvalResult:
     """Mean and standard error over a data set; ``unit`` is ``"bits/dim"`` or ``"nats"``;
     ``note`` says what was measured when it is not the data's likelihood (e.g. that of
-    noise-augmented data, :func:`density_note`)."""
+    noise-augmented data, :func:`density_note`).
+
+    ``extra`` holds other figures of the same data, each under a label that says what it
+    is (e.g. a biased estimate that a paper reports), printed after the main one:
+    ``1.2000 +- 0.0100 bits/dim (n=64); biased (...): 1.1500 +- 0.0100 bits/dim``.
+    """
 
     mean: float
     stderr: float
@@ -46,12 +56,19 @@ class EvalResult:
     note: str = ""
     accuracy: float | None = None
     """Classification accuracy of a model with a classifier (hybrid models), else None."""
+    extra: dict[str, EvalResult] = field(default_factory=dict)
+    """Labelled second figures (label -> result), printed after the main one."""
+
+    def figure(self) -> str:
+        """``mean +- stderr unit``."""
+        err = f"{self.stderr:.4f}" if math.isfinite(self.stderr) else "n/a"
+        return f"{self.mean:.4f} +- {err} {self.unit}"
 
     def __str__(self) -> str:
-        err = f"{self.stderr:.4f}" if math.isfinite(self.stderr) else "n/a"
         note = f", {self.note}" if self.note else ""
         acc = "" if self.accuracy is None else f", accuracy {100 * self.accuracy:.2f}%"
-        return f"{self.mean:.4f} +- {err} {self.unit} (n={self.n}){acc}{note}"
+        extra = "".join(f"; {label}: {r.figure()}" for label, r in self.extra.items())
+        return f"{self.figure()} (n={self.n}){acc}{note}{extra}"
 
 
 def density_note(model: torch.nn.Module) -> str:
@@ -61,6 +78,47 @@ def density_note(model: torch.nn.Module) -> str:
         m.density_note() for m in model.modules() if callable(getattr(m, "density_note", None))
     ]
     return "; ".join(notes)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's parameters, else of its buffers, else the CPU (a flow
+    without parameters, e.g. a fixed preprocessing chain, is evaluated too)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def is_stochastic(model: torch.nn.Module) -> bool:
+    """Whether the model's log-density in eval mode is a random estimate: it has a
+    stochastic layer (dequantization, noise augmentation) or a residual block whose
+    evaluation logdet may be a power series (Hutchinson vectors, roulette)."""
+    return any(
+        getattr(m, "stochastic", False) is True
+        or (isinstance(m, ResidualBlock) and m.eval_estimator.method != "exact")
+        for m in model.modules()
+    )
+
+
+@contextmanager
+def hutchinson_vectors(model: torch.nn.Module, k: int) -> Iterator[None]:
+    """Inside the block, every residual block's evaluation logdet averages ``k``
+    Hutchinson vectors per example (the trace estimate's variance falls as ``1 / k``);
+    the blocks' own estimators are restored after it."""
+    if k < 1:
+        raise ValueError(f"the number of Hutchinson vectors must be >= 1, got {k}")
+    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+    if not blocks:
+        raise ValueError(
+            "--hutchinson: this model has no residual blocks (no Hutchinson trace estimate)"
+        )
+    saved = [b.eval_estimator for b in blocks]
+    try:
+        for b, est in zip(blocks, saved):
+            b.eval_estimator = dataclasses.replace(est, n_hutchinson=k)
+        yield
+    finally:
+        for b, est in zip(blocks, saved):
+            b.eval_estimator = est
 
 
 @torch.no_grad()
@@ -76,7 +134,27 @@ def per_example(
     in order (``float64 [N]``): what :func:`evaluate` averages and ``resflow score``
     writes. Same settings as :func:`evaluate` (eval mode, Lipschitz refresh; ``labels``
     are the context of a class-conditional model and ignored otherwise)."""
-    return _per_example(model, data, batch_size, progress, device, labels)[0]
+    return _per_example(model, data, batch_size, progress, device, labels)[0][:, 0]
+
+
+@torch.no_grad()
+def per_example_draws(
+    model: Flow,
+    data: Tensor,
+    repeats: int,
+    batch_size: int = 256,
+    progress: bool = False,
+    device: torch.device | str | None = None,
+    labels: Tensor | None = None,
+) -> Tensor:
+    """``float64 [N, repeats]``: ``repeats`` independent draws of :func:`per_example`'s
+    value of every example (fresh dequantization noise, Hutchinson vectors and roulette
+    per draw; each batch is passed ``repeats`` times). The first column is
+    :func:`per_example`'s values when ``repeats = 1``; a deterministic model repeats
+    itself."""
+    if repeats < 1:
+        raise ValueError(f"the number of draws per example must be >= 1, got {repeats}")
+    return _per_example(model, data, batch_size, progress, device, labels, repeats)[0]
 
 
 def _per_example(
@@ -86,9 +164,11 @@ def _per_example(
     progress: bool,
     device: torch.device | str | None,
     labels: Tensor | None,
+    repeats: int = 1,
 ) -> tuple[Tensor, Tensor | None]:
-    """``(values [N], predicted classes [N] or None)``; the classes for a model with a
-    classifier (``log_prob_and_logits``, e.g. a hybrid model) given the ``labels``."""
+    """``(values [N, repeats], predicted classes [N] or None)``; the classes (from the
+    first draw) for a model with a classifier (``log_prob_and_logits``, e.g. a hybrid
+    model) given the ``labels``."""
     if len(data) == 0:
         raise ValueError("nothing to evaluate: the data set is empty")
     if batch_size < 1:
@@ -100,26 +180,30 @@ def _per_example(
     classify = labels is not None and callable(getattr(model, "log_prob_and_logits", None))
     was_training = model.training
     model.eval()
-    after_optimizer_step(model)
-    device = device or next(model.parameters()).device
+    device = device or model_device(model)
     values, predicted = [], []
     scale = model.dim * math.log(2) if model.levels is not None else 1.0
     batches = range(0, len(data), batch_size)
     try:
+        after_optimizer_step(model)
         for i in tqdm(batches, desc="eval", disable=not progress, leave=False):
             x = data[i : i + batch_size].to(device)
             y = None if labels is None else labels[i : i + batch_size].to(device)
             context = y if model.n_classes is not None else None
-            if classify:
-                log_p, logits = model.log_prob_and_logits(x)  # type: ignore[operator]
-                predicted.append(logits.argmax(1).cpu())
-            else:
-                log_p = model.log_prob(x, context)
-            values.append((-log_p / scale).double().cpu())
+            draws = []
+            for r in range(repeats):
+                if classify:
+                    log_p, logits = model.log_prob_and_logits(x)  # type: ignore[operator]
+                    if r == 0:
+                        predicted.append(logits.argmax(1).cpu())
+                else:
+                    log_p = model.log_prob(x, context)
+                draws.append((-log_p / scale).double().cpu())
+            values.append(torch.stack(draws, 1))
     finally:
         model.train(was_training)
     v = torch.cat(values)
-    bad = int((~torch.isfinite(v)).sum())
+    bad = int((~torch.isfinite(v)).any(1).sum())
     if bad:
         raise FloatingPointError(
             f"the model gives a non-finite log-density for {bad} of {len(v)} examples; "
@@ -148,7 +232,7 @@ def evaluate(
     """
     v, predicted = _per_example(model, data, batch_size, progress, device, labels)
     unit = "bits/dim" if model.levels is not None else "nats"
-    result = _summary(v, unit, density_note(model))
+    result = _summary(v[:, 0], unit, density_note(model))
     if predicted is not None:
         assert labels is not None
         result.accuracy = float((predicted == labels.cpu()).double().mean())
@@ -210,22 +294,26 @@ def evaluate_bounds(
         raise ValueError("a class-conditional model is evaluated with one label per example")
     was_training = model.training
     model.eval()
-    after_optimizer_step(model)
-    device = device or next(model.parameters()).device
+    device = device or model_device(model)
     scale = model.dim * math.log(2) if model.levels is not None else 1.0
     per_chunk = max(1, batch_size // k)
     elbo, iw = [], []
-    for i in tqdm(range(0, len(data), per_chunk), desc="eval", disable=not progress, leave=False):
-        x = data[i : i + per_chunk].to(device).repeat_interleave(k, 0)
-        y = None if labels is None else labels[i : i + per_chunk].to(device).repeat_interleave(k, 0)
-        rows = [
-            model.log_prob(x[j : j + batch_size], None if y is None else y[j : j + batch_size])
-            for j in range(0, len(x), batch_size)
-        ]
-        logp = torch.cat(rows).double().cpu().view(-1, k)
-        elbo.append(-logp.mean(1) / scale)
-        iw.append(-(torch.logsumexp(logp, 1) - math.log(k)) / scale)
-    model.train(was_training)
+    chunks = range(0, len(data), per_chunk)
+    try:
+        after_optimizer_step(model)
+        for i in tqdm(chunks, desc="eval", disable=not progress, leave=False):
+            x = data[i : i + per_chunk].to(device).repeat_interleave(k, 0)
+            y = None if labels is None else labels[i : i + per_chunk].to(device)
+            y = None if y is None else y.repeat_interleave(k, 0)
+            rows = [
+                model.log_prob(x[j : j + batch_size], None if y is None else y[j : j + batch_size])
+                for j in range(0, len(x), batch_size)
+            ]
+            logp = torch.cat(rows).double().cpu().view(-1, k)
+            elbo.append(-logp.mean(1) / scale)
+            iw.append(-(torch.logsumexp(logp, 1) - math.log(k)) / scale)
+    finally:
+        model.train(was_training)
     e, w = torch.cat(elbo), torch.cat(iw)
     if not (torch.isfinite(e).all() and torch.isfinite(w).all()):
         raise FloatingPointError("the model gives a non-finite log-density for some examples")
