@@ -9,14 +9,16 @@ import pytest
 import torch
 
 from resflow.data.toy2d import sample_toy
+from resflow.distributions import StandardNormal
 from resflow.latent import latent_parts
 from resflow.layers.batchnorm import BatchNormFlow
 from resflow.layers.conv1x1 import InvertibleConv1x1
 from resflow.layers.coupling import ChannelMask, CheckerboardMask, Coupling
 from resflow.layers.multiscale import ConditionalPrior
 from resflow.models import build_model, count_parameters, get_preset
+from resflow.models.glow import GlowConfig, GlowTopPrior
 from resflow.models.registry import PRESETS
-from resflow.nets.glow import GlowNet
+from resflow.nets.glow import GlowNet, edge_pad
 from resflow.nets.realnvp import RealNVPResNet, weight_scales
 from resflow.training.objectives import Batch, MaximumLikelihood
 
@@ -75,8 +77,9 @@ def test_realnvp_paper_presets_double_and_state_their_counts():
 
 
 def test_glow_cifar10_is_k32_l3_with_512_channels():
-    model = build_model(get_preset("glow-cifar10"))
+    model = _meta("glow-cifar10")
     assert sum(isinstance(m, InvertibleConv1x1) for m in model.modules()) == 96
+    assert not any(m.lu for m in model.modules() if isinstance(m, InvertibleConv1x1))
     couplings = _couplings(model)
     assert len(couplings) == 96 and all(isinstance(c.mask, ChannelMask) for c in couplings)
     assert all(isinstance(c.conditioner, GlowNet) for c in couplings)
@@ -84,6 +87,69 @@ def test_glow_cifar10_is_k32_l3_with_512_channels():
     assert latent_parts(model) == [1536, 768, 768]  # split after levels 1 and 2
     priors = [m for m in model.modules() if isinstance(m, ConditionalPrior)]
     assert len(priors) == 2
+    # the learned prior is on the top latent (48 x 4 x 4) only: the base has no parameters
+    tops = [m for m in model.modules() if isinstance(m, GlowTopPrior)]
+    assert len(tops) == 1 and tops[0].shape == (48, 4, 4)
+    assert isinstance(model.base, StandardNormal) and not list(model.base.parameters())
+    # the authors' count, reckoned layer by layer from openai/glow (edge channels included)
+    assert count_parameters(model) == 44_603_604
+    assert _count("glow-imagenet32") == 66_861_588
+    assert _count("glow-imagenet64") == 112_377_540
+
+
+def test_glow_top_prior_is_per_channel_away_from_the_border():
+    torch.manual_seed(0)
+    prior = GlowTopPrior((2, 4, 4), learn=True, n_classes=3).double()
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    y = torch.nn.functional.one_hot(torch.tensor([0, 2, 2]), 3).double()
+    mu, log_sigma = prior.params(x, y)
+    # inside (no 3x3 window reaches the border) only the bias and the label act
+    conv = prior.conv
+    inner = conv.conv.bias * torch.exp(3 * conv.log_scale)  # type: ignore[union-attr]
+    label = prior.label(y) * torch.exp(3 * prior.label_log_scale)  # type: ignore[misc]
+    expect = (inner + label)[:, :, None, None].expand(3, 4, 2, 2)
+    torch.testing.assert_close(torch.cat([mu, log_sigma], 1)[:, :, 1:3, 1:3], expect)
+    # a corner sees the border: the edge channel's weights move it
+    assert float((mu[:, :, 0, 0] - mu[:, :, 1, 1]).abs().max().detach()) > 1e-3
+    assert torch.equal(mu[1], mu[2]) and not torch.equal(mu[0], mu[1])  # per label
+    eps, logdet = prior(x, y)
+    torch.testing.assert_close(eps, (x - mu) * torch.exp(-log_sigma))
+    torch.testing.assert_close(logdet, -log_sigma.flatten(1).sum(1))
+    torch.testing.assert_close(prior.inverse(eps, y), x)
+    with pytest.raises(ValueError, match="one-hot labels"):
+        prior(x)
+
+
+def test_glow_with_the_authors_priors_round_trips_and_samples():
+    torch.manual_seed(1)
+    cfg = GlowConfig(image_shape=(1, 4, 4), levels=17, n_levels=2, depth=1, hidden=8,
+                     n_classes=3, top_prior="authors", edge_bias=True, lu=False)  # fmt: skip
+    model = build_model(cfg).double()
+    x = torch.randint(0, 17, (4, 1, 4, 4)).double()
+    labels = torch.tensor([0, 1, 2, 1])
+    model(x, labels)  # data-dependent initialisation
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert torch.isfinite(model.log_prob(x, labels)).all()
+    samples = model.sample(4, context=labels)
+    assert samples.shape == (4, 1, 4, 4)
+    # no learned parameters outside the split priors and the top prior's: the base is N(0, I)
+    assert isinstance(model.base, StandardNormal)
+    assert sum(isinstance(m, GlowTopPrior) for m in model.modules()) == 1
+
+
+def test_edge_pad_marks_the_padding():
+    x = torch.randn(2, 3, 2, 3)
+    y = edge_pad(x)
+    assert y.shape == (2, 4, 4, 5)
+    torch.testing.assert_close(y[:, :3, 1:-1, 1:-1], x)
+    ring = torch.ones(4, 5)
+    ring[1:-1, 1:-1] = 0
+    assert torch.equal(y[0, 3], ring) and torch.equal(y[1, 3], ring)
 
 
 @pytest.mark.parametrize("kind", ["affine", "additive"])

@@ -5,9 +5,21 @@ is ``squeeze -> K steps -> split`` (no split after the last level), one step bei
 ``ActNorm -> invertible 1x1 convolution (LU or full) -> affine (scale
 sigmoid(h + 2)) or additive coupling`` whose network's last convolution starts at
 zero (:mod:`resflow.nets.glow`). The split's factored half has a Gaussian prior
-computed from the kept half by a zero-initialised convolution; the top prior is a
-learned diagonal Gaussian (class-conditional with ``n_classes``, when the coupling
-networks also see the one-hot label). Data: ``x / L - 1/2`` after uniform
+computed from the kept half by a zero-initialised convolution. The top prior:
+
+* ``top_prior="authors"`` (the paper presets; the authors' ``learntop`` and ``ycond``,
+  openai/glow): :class:`GlowTopPrior`, a Gaussian on the *top* latent only, its mean and
+  log-scale a zero-initialised convolution of zeros with the edge channel (so per
+  channel, varying only near the border) plus, with ``n_classes``, a zero-initialised
+  linear map of the one-hot label (per channel); the factored halves keep their split
+  priors and nothing else;
+* ``top_prior="whole-latent"`` (the default, so that runs saved before the field
+  existed reload unchanged): a learned diagonal Gaussian over every element of the flat
+  latent, factored halves included (class-conditional with ``n_classes``: a mean and
+  scale per class and element).
+
+With ``n_classes`` the coupling networks also see the one-hot label (the authors'
+code conditions only the top prior). Data: ``x / L - 1/2`` after uniform
 dequantization (no logit).
 """
 
@@ -17,17 +29,20 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
 
-from resflow.config import Config, param
-from resflow.distributions import make_base
+import torch
+from torch import Tensor, nn
+
+from resflow.config import Config, param, replace
+from resflow.distributions import StandardNormal, make_base
 from resflow.flow import Flow
 from resflow.layers.actnorm import ActNorm
 from resflow.layers.base import FlowLayer, Sequential, Shape
 from resflow.layers.conv1x1 import InvertibleConv1x1
 from resflow.layers.coupling import ChannelMask, Coupling
-from resflow.layers.multiscale import ConditionalPrior
+from resflow.layers.multiscale import ConditionalPrior, Flatten
 from resflow.layers.transformers import Additive, Affine, Transformer
 from resflow.models.dequantization import DequantizationConfig, build_dequantizer
-from resflow.models.multiscale import count_scales, multiscale
+from resflow.models.multiscale import count_scales, flatten_end, multiscale
 from resflow.models.registry import register_model, register_preset
 from resflow.nets.conditioners import MLP
 from resflow.nets.glow import GlowNet, ZeroConv2d
@@ -53,7 +68,15 @@ class GlowConfig(Config):
     hidden: int = param(512, ge=1, le=MAX_WIDTH, help="hidden channels of the coupling nets")
     coupling: Kind = param("affine", help="affine (sigmoid scale) or additive coupling")
     lu: bool = param(True, help="LU-parameterized 1x1 convolutions")
-    learn_top: bool = param(True, help="learned diagonal Gaussian top prior")
+    learn_top: bool = param(True, help="learned top prior")
+    top_prior: Literal["whole-latent", "authors"] = param(
+        "whole-latent",
+        help="what the learned (and class-conditional) prior covers: the top latent only, "
+        "per channel, as in the authors' code, or every element of the flat latent",
+    )
+    edge_bias: bool = param(
+        False, help="the 3x3 convolutions see an edge channel (the authors' code)"
+    )
     horizontal_flip: bool = param(False, help="random horizontal flips in training")
     n_classes: int = param(0, ge=0, le=100_000, help="classes (0: unconditional)")
     dequantization: DequantizationConfig = field(default_factory=DequantizationConfig)
@@ -77,12 +100,75 @@ def glow_step(shape: Shape, kind: Kind, lu: bool, net: partial) -> list[FlowLaye
     return [ActNorm(c), InvertibleConv1x1(c, lu), coupling]
 
 
+class GlowTopPrior(FlowLayer):
+    """The Glow authors' top prior as a flow on the top latent ``z`` of shape ``(C, H, W)``:
+    ``eps = (z - mu) exp(-log_sigma)`` into ``N(0, I)``, logdet ``-sum log_sigma``.
+
+    ``[mu, log_sigma]`` (``2C`` channels) is the sum of
+
+    * with ``learn``: ``ZeroConv2d(2C, 2C, edge_bias=True)`` applied to zeros, i.e. a
+      per-channel constant plus a learned function of where the 3x3 window meets the
+      border (only the edge channel's weights, the bias and the scale can move; the other
+      weights multiply zeros and are kept so that the count is the authors');
+    * with ``n_classes``: ``(W y + b) exp(3 s)`` for the one-hot label ``y`` (zero
+      initialised), per channel.
+
+    Both start at zero: the standard normal.
+    """
+
+    def __init__(self, shape: Shape, learn: bool = True, n_classes: int = 0) -> None:
+        super().__init__()
+        c, h, w = shape
+        self.shape = (c, h, w)
+        self.n_classes = n_classes
+        self.conv = ZeroConv2d(2 * c, 2 * c, edge_bias=True) if learn else None
+        self.label: nn.Linear | None = None
+        if n_classes:
+            self.label = nn.Linear(n_classes, 2 * c)
+            nn.init.zeros_(self.label.weight)
+            nn.init.zeros_(self.label.bias)
+            self.label_log_scale = nn.Parameter(torch.zeros(2 * c))
+
+    def params(self, like: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        c, h, w = self.shape
+        out = like.new_zeros(1, 2 * c, h, w)
+        if self.conv is not None:
+            out = self.conv(out)
+        if self.label is not None:
+            if context is None or context.shape != (like.shape[0], self.n_classes):
+                got = "none" if context is None else tuple(context.shape)
+                raise ValueError(
+                    f"the class-conditional top prior needs one-hot labels "
+                    f"[{like.shape[0]}, {self.n_classes}], got {got}"
+                )
+            y = self.label(context.to(like.dtype)) * torch.exp(3.0 * self.label_log_scale)
+            out = out + y.view(-1, 2 * c, 1, 1)
+        mu, log_sigma = out.chunk(2, 1)
+        return mu, log_sigma
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        mu, log_sigma = self.params(x, context)
+        eps = (x - mu) * torch.exp(-log_sigma)
+        return eps, -log_sigma.expand_as(x).flatten(1).sum(1)
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
+        mu, log_sigma = self.params(y, context)
+        return y * torch.exp(log_sigma) + mu
+
+    def inverse_and_logdet(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        mu, log_sigma = self.params(y, context)
+        return y * torch.exp(log_sigma) + mu, log_sigma.expand_as(y).flatten(1).sum(1)
+
+
 def build_glow(cfg: GlowConfig) -> Flow:
     _, h, w = cfg.image_shape
     if h % 2 or w % 2:
         raise ValueError(f"Glow squeezes first: it needs an even image size, got {h}x{w}")
     n = count_scales(cfg.image_shape, cfg.n_levels, squeeze_first=True, min_size=2)
-    net = partial(GlowNet, hidden=cfg.hidden, context_channels=cfg.n_classes)
+    net = partial(
+        GlowNet, hidden=cfg.hidden, context_channels=cfg.n_classes, edge_bias=cfg.edge_bias
+    )
+    authors_prior = cfg.top_prior == "authors"
 
     def step(i: int, shape: Shape) -> list[FlowLayer]:
         return [
@@ -90,7 +176,12 @@ def build_glow(cfg: GlowConfig) -> Flow:
         ]
 
     def prior(i: int, half: Shape, kept: Shape) -> ConditionalPrior:
-        return ConditionalPrior(ZeroConv2d(kept[0], 2 * half[0]))
+        return ConditionalPrior(ZeroConv2d(kept[0], 2 * half[0], edge_bias=cfg.edge_bias))
+
+    def final(shape: Shape) -> list[FlowLayer]:
+        if not authors_prior or not (cfg.learn_top or cfg.n_classes):
+            return flatten_end(shape)
+        return [GlowTopPrior(shape, cfg.learn_top, cfg.n_classes), Flatten(shape)]
 
     c = cfg.image_shape[0]
     layers = image_preprocessing(
@@ -108,13 +199,18 @@ def build_glow(cfg: GlowConfig) -> Flow:
         factor_out=True,
         split_first=True,
         prior=prior,
+        final=final,
     )
     body = Sequential(layers)
     latent = body.output_shape(cfg.image_shape)
+    if authors_prior:
+        base: nn.Module = StandardNormal(latent)
+    else:
+        base = make_base(latent, "diagonal" if cfg.learn_top else "standard", cfg.n_classes)
     return Flow(
         body,
         cfg.image_shape,
-        base=make_base(latent, "diagonal" if cfg.learn_top else "standard", cfg.n_classes),
+        base=base,
         levels=cfg.levels,
         n_classes=cfg.n_classes or None,
     )
@@ -146,13 +242,42 @@ register_model(
     description="Glow for vectors and 2-D data",
 )
 
-# ---- presets -------------------------------------------------------------------------------
+# ---- presets: the paper's models as the authors' code (openai/glow) builds them ---------------
+_DIFFERENCES = (
+    "; as the authors' code: full 1x1 convolutions (the paper's LU form: lu=true), split "
+    "priors from the kept half, the label (with --conditional) in the top prior; "
+    "differences: the factored half is the first half of the channels (theirs: the second), "
+    "means and log-scales are the first and second halves of the nets' outputs (theirs: "
+    "interleaved), with --conditional the coupling nets also see the label"
+)
+_GLOW = GlowConfig(lu=False, top_prior="authors", edge_bias=True)
 register_preset(
     "glow-cifar10",
     "glow",
-    GlowConfig(image_shape=(3, 32, 32), n_levels=3, depth=32, hidden=512, horizontal_flip=True),
+    replace(_GLOW, image_shape=(3, 32, 32), n_levels=3, depth=32, hidden=512, horizontal_flip=True),
     train=TrainConfig(lr=1e-3, batch_size=64, weight_decay=0.0, warmup=2000, grad_clip=50.0),
-    description="CIFAR-10, paper architecture (K=32, L=3, 512 channels, affine, LU)",
+    description="CIFAR-10, paper architecture (K=32, L=3, 512 channels, affine; 44,603,604 "
+    "parameters, the authors' count), learned prior on the top latent only, edge-aware convolutions"
+    + _DIFFERENCES,
+)
+_IMAGENET_TRAIN = TrainConfig(lr=1e-3, batch_size=64, weight_decay=0.0, warmup=2000, grad_clip=50.0)
+register_preset(
+    "glow-imagenet32",
+    "glow",
+    replace(_GLOW, image_shape=(3, 32, 32), n_levels=3, depth=48, hidden=512),
+    train=_IMAGENET_TRAIN,
+    description="ImageNet 32x32, the authors' command (K=48, L=3, 512 channels, affine; "
+    "66,861,588 parameters, the authors' count), learned prior on the top latent only"
+    + _DIFFERENCES,
+)
+register_preset(
+    "glow-imagenet64",
+    "glow",
+    replace(_GLOW, image_shape=(3, 64, 64), n_levels=4, depth=48, hidden=512),
+    train=_IMAGENET_TRAIN,
+    description="ImageNet 64x64, the authors' command (K=48, L=4, 512 channels, affine; "
+    "112,377,540 parameters, the authors' count), learned prior on the top latent only"
+    + _DIFFERENCES,
 )
 _SMALL = TrainConfig(lr=1e-3, batch_size=64, weight_decay=0.0, warmup=100, grad_clip=50.0)
 register_preset(
