@@ -20,6 +20,7 @@ from resflow.models import build_model, count_parameters, get_preset
 from resflow.models.tarflow import TarFlowConfig
 from resflow.nets.transformer import CausalTransformer
 from resflow.preprocess import GaussianNoise, Normalize, UniformDequantizer
+from resflow.preprocess.noise import QuantizedGaussianNoise
 
 TINY = dict(image_shape=(1, 4, 4), levels=17, patch_size=2, width=16, n_blocks=2, depth=1,
             heads=2)  # fmt: skip
@@ -137,3 +138,83 @@ def test_denoising_is_tweedies_formula_on_a_gaussian():
     optimum = s**2 * sigma**2 / (s**2 + sigma**2)  # the posterior variance
     assert float(before) == pytest.approx(sigma**2, rel=0.03)
     assert float(after) == pytest.approx(optimum, rel=0.03)
+
+
+def _meta(name: str) -> Flow:
+    with torch.device("meta"):
+        return build_model(get_preset(name))
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "patch", "width", "heads", "sigma", "classes", "count"),
+    [
+        ("tarflow-imagenet64-noise", (3, 64, 64), 2, 768, 12, 0.05, 0, 460_161_216),
+        ("tarflow-imagenet64-cond", (3, 64, 64), 2, 768, 12, 0.05, 1000, 466_311_360),
+        ("tarflow-afhq256", (3, 256, 256), 8, 768, 12, 0.07, 3, 463_506_432),
+        ("tarflow-imagenet128", (3, 128, 128), 4, 1024, 16, 0.15, 1000, 823_960_320),
+    ],
+)
+def test_sample_quality_presets_are_the_papers(
+    name, shape, patch, width, heads, sigma, classes, count
+):  # type: ignore[no-untyped-def]
+    cfg = get_preset(name)
+    assert (cfg.image_shape, cfg.patch_size, cfg.width, cfg.heads) == (shape, patch, width, heads)
+    assert (cfg.n_blocks, cfg.depth, cfg.noise_std, cfg.noise_mode) == (8, 8, sigma, "official")
+    assert cfg.n_classes == classes and cfg.horizontal_flip
+    assert width // heads == 64  # the authors' heads of 64 channels
+    if classes:
+        assert cfg.label_dropout == 0.1
+    model = _meta(name)
+    assert count_parameters(model) == count
+    first = model.layers.layers[0]
+    assert isinstance(first, QuantizedGaussianNoise) and first.std == pytest.approx(sigma / 2)
+    assert not any(isinstance(m, UniformDequantizer) for m in model.modules())
+    blocks = [m for m in model.modules() if isinstance(m, TarFlowBlock)]
+    tokens = (shape[1] // patch) ** 2
+    assert len(blocks) == 8 and blocks[0].net.position.shape == (tokens, width)
+
+
+def test_official_noise_mode_adds_no_uniform_noise():
+    layer = QuantizedGaussianNoise(17, 1e-7)
+    x = torch.randint(0, 17, (50, 1, 4, 4)).float()
+    y, logdet = layer(x)
+    # a tiny sigma leaves the levels on their grid: no uniform spread within the bins
+    assert float((y * 16 - x).abs().max()) < 1e-4
+    torch.testing.assert_close(logdet, torch.full((50,), -16 * math.log(16)))
+    torch.testing.assert_close(layer.inverse(y), x)
+    # the dequantized mode spreads the same data over whole bins
+    plain = UniformDequantizer(17)(x)[0] * 17 - x
+    assert float(plain.max()) > 0.5
+    with pytest.raises(ValueError, match="integer levels"):
+        layer(x + 0.5)
+
+
+def test_official_noise_mode_log_density_is_that_of_the_noisy_levels():
+    torch.manual_seed(0)
+    sigma, levels = 0.2, 17
+    model = build_model(TarFlowConfig(**TINY, noise_std=sigma, noise_mode="official")).eval()
+    kinds = [type(m) for m in model.layers.layers[:2]]
+    assert kinds == [QuantizedGaussianNoise, Normalize]
+    x = torch.randint(0, levels, (6, 1, 4, 4))
+    torch.manual_seed(1)
+    log_p = model.log_prob(x)  # zero-initialised blocks: the identity into N(0, I)
+    torch.manual_seed(1)
+    eps = torch.randn(x.shape)
+    z = 2 * (x / (levels - 1) + sigma / 2 * eps) - 1  # the authors' [-1, 1] data plus noise
+    d = 16
+    expect = -0.5 * (z**2).flatten(1).sum(1) - d / 2 * math.log(2 * math.pi)
+    expect = expect + d * math.log(2) - d * math.log(levels - 1)  # per unit of the levels
+    torch.testing.assert_close(log_p, expect)
+    assert "without uniform dequantization" in density_note(model)
+    # denoised decoding goes through the noise layer's own quantization
+    out = decode(_perturbed(model, 0.02), torch.randn(4, 16), denoise=True)
+    assert out.shape == (4, 1, 4, 4) and torch.equal(out, out.round())
+    assert float(out.min()) >= 0 and float(out.max()) <= levels - 1
+
+
+def test_official_noise_mode_config_errors():
+    from resflow.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs noise_std > 0"):
+        TarFlowConfig(noise_mode="official")
+    assert TarFlowConfig().noise_mode == "dequantized"  # runs saved before the field

@@ -12,12 +12,22 @@ one step of Tweedie's formula with the model's own score,
 which is ``E[x | y]`` when ``p`` is the density of the noisy data
 (:func:`resflow.evaluation.decode` with ``denoise=True``).
 
+Two ways to make the noisy data:
+
+* :class:`GaussianNoise` after a dequantizer: ``y = (x + u) / L + sigma eps`` (uniform
+  ``u``; resflow's first noise mode);
+* :class:`QuantizedGaussianNoise`, the TarFlow authors' ``noise_type=gaussian``: no
+  uniform dequantization, ``y = x / (L - 1) + sigma eps`` straight from the integer
+  levels (``[0, 1]``, both ends included, as ``ToTensor`` makes it).
+
 References:
     Zhai et al. (2025), Normalizing flows are capable generative models (TarFlow).
     Efron (2011), Tweedie's formula and selection bias.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -60,4 +70,62 @@ class GaussianNoise(FlowLayer):
         return (
             f"of the noisy data (Gaussian noise augmentation, std {self.std:g} on the "
             "dequantized [0, 1] scale): not comparable with likelihood-mode bits/dim"
+        )
+
+
+class QuantizedGaussianNoise(GaussianNoise):
+    """``y = x / (levels - 1) + std * eps`` from integer levels ``x``, *without* uniform
+    dequantization (the TarFlow authors' Gaussian noise mode).
+
+    Its logdet is ``-D log(levels - 1)``, the Jacobian of the scaling alone, so that the
+    model's log-density is that of the noisy data on the level scale,
+    ``v = x + (levels - 1) std eps`` (a continuous density, like a dequantized
+    model's, but of data that was never spread uniformly over its bins: not a bound
+    on a discrete likelihood). ``inverse`` rounds to the nearest level, clamped.
+    ``std`` is on the ``[0, 1]`` scale (a TarFlow ``noise_std`` on ``[-1, 1]`` halved).
+
+    Example:
+        >>> layer = QuantizedGaussianNoise(256, 0.025)
+        >>> x = torch.full((20000, 1), 128.0)
+        >>> y, logdet = layer(x)
+        >>> round(float(y.mean()), 2), round(float(y.std()), 3)
+        (0.5, 0.025)
+        >>> torch.equal(layer.inverse(x / 255), x)
+        True
+    """
+
+    def __init__(self, levels: int, std: float) -> None:
+        super().__init__(std)
+        if levels < 2:
+            raise ValueError(f"levels must be >= 2, got {levels}")
+        self.levels = levels
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, std={self.std:g}"
+
+    def _scale_logdet(self, y: Tensor) -> Tensor:
+        return y.new_full((y.shape[0],), -y[0].numel() * math.log(self.levels - 1))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        top = self.levels - 1
+        if bool((x < 0).any()) or bool((x > top).any()) or bool((x != torch.floor(x)).any()):
+            raise ValueError(
+                f"expected integer levels in [0, {top}], got values in "
+                f"[{float(x.min()):g}, {float(x.max()):g}] (pass the raw quantized data)"
+            )
+        y = x / top + self.std * torch.randn_like(x)
+        return y, self._scale_logdet(y)
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
+        return torch.round(y * (self.levels - 1)).clamp(0, self.levels - 1)
+
+    def inverse_and_logdet(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.inverse(y), -self._scale_logdet(y)
+
+    def density_note(self) -> str:
+        return (
+            f"of the noisy data (Gaussian noise of std {self.std:g} on the [0, 1] scale, "
+            f"{2 * self.std:g} on [-1, 1], added to the levels / {self.levels - 1} without "
+            "uniform dequantization), per unit of the level scale: not a discrete "
+            "likelihood, not comparable with likelihood-mode bits/dim"
         )
