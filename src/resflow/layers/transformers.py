@@ -65,31 +65,47 @@ class Affine(Transformer):
     References:
         Dinh, Sohl-Dickstein & Bengio (2017), Density estimation using Real NVP.
         Kingma & Dhariwal (2018), Glow: generative flow with invertible 1x1 convolutions.
+        Papamakarios, Pavlakou & Murray (2017), Masked autoregressive flow for density
+        estimation (``s = exp(h)``).
 
     Arguments:
         scale: how the unconstrained ``h`` becomes a positive scale:
-            ``"exp"``: ``s = exp(h)`` (RealNVP);
+            ``"exp"``: ``s = exp(h)`` (RealNVP, MAF), or ``s = exp(c tanh(h / c))``
+            with ``clamp = c``;
             ``"sigmoid"``: ``s = sigmoid(h + 2)`` (Glow; bounded in ``(0, 1)``);
             ``"softplus"``: ``s = softplus(h) + eps``;
             ``"tanh"``: ``s = exp(tanh(h))`` (Flow++'s affine coupling; in ``(1/e, e)``).
             Only ``"exp"`` and ``"tanh"`` are the identity at ``h = t = 0`` (a zero-initialised
             conditioner); the other two start at ``s = 0.88`` and ``0.69 + eps``.
         eps: lower bound of the softplus scale (unused by the others).
+        clamp: with ``"exp"`` only: soft-clamp the log-scale to ``(-clamp, clamp)``,
+            ``log s = clamp * tanh(h / clamp)`` (``h - h^3 / (3 clamp^2) + ...`` near 0).
+            A conditioner's ``h`` grows without bound far from its training data (an MLP
+            is asymptotically linear), so the plain ``exp`` overflows there: ``log p(x)``
+            becomes ``-inf`` and the inverse ``NaN`` a short way from the data. With the
+            clamp every layer's scale lies in ``(e^-clamp, e^clamp)``, so the map and its
+            inverse stay finite and Lipschitz for every finite input. ``None`` (default):
+            the unbounded ``exp``, for conditioners that bound ``h`` themselves (RealNVP's
+            ``scale * tanh``).
 
     The inverse is closed-form: ``x = (y - t) / s(h)``, ``log|dx/dy| = -log s(h)``.
 
     Example:
-        >>> T = Affine("exp")
+        >>> T = Affine("exp", clamp=3.0)
         >>> x = torch.randn(4, 3)
         >>> params = torch.zeros(4, 2, 3)
         >>> y, logdet = T(x, params)
         >>> bool(torch.equal(y, x)), float(logdet.abs().max())
         (True, 0.0)
+        >>> float(T.log_scale(torch.tensor(1e4)))  # at most clamp, never overflows
+        3.0
     """
 
     n_params = 2
 
-    def __init__(self, scale: ScaleKind = "exp", eps: float = 1e-3) -> None:
+    def __init__(
+        self, scale: ScaleKind = "exp", eps: float = 1e-3, clamp: float | None = None
+    ) -> None:
         super().__init__()
         if scale not in ("exp", "sigmoid", "softplus", "tanh"):
             raise ValueError(
@@ -97,16 +113,27 @@ class Affine(Transformer):
             )
         if scale == "softplus" and not eps > 0:
             raise ValueError(f"eps must be positive for the softplus scale, got {eps}")
+        if clamp is not None and (scale != "exp" or not clamp > 0):
+            raise ValueError(
+                f"clamp must be positive and goes with the 'exp' scale, got clamp={clamp} "
+                f"with scale={scale!r}"
+            )
         self.scale = scale
         self.eps = eps
+        self.clamp = clamp
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale!r}" + (f", eps={self.eps}" if self.scale == "softplus" else "")
+        out = f"scale={self.scale!r}"
+        if self.scale == "softplus":
+            out += f", eps={self.eps}"
+        if self.clamp is not None:
+            out += f", clamp={self.clamp}"
+        return out
 
     def log_scale(self, h: Tensor) -> Tensor:
         """``log s(h)``, computed stably for each scale kind."""
         if self.scale == "exp":
-            return h
+            return h if self.clamp is None else self.clamp * torch.tanh(h / self.clamp)
         if self.scale == "sigmoid":
             return F.logsigmoid(h + 2.0)
         if self.scale == "tanh":

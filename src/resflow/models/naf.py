@@ -6,10 +6,24 @@ Registered as ``maf`` and ``naf`` (vectors: 2-D and tabular data). Both stack
 (:class:`~resflow.nets.made.MADE`) feeding an elementwise transformer, with the order
 reversed from one layer to the next (:class:`~resflow.layers.permutation.Reverse`):
 
-* MAF: ``y_d = x_d * exp(h_d) + t_d`` (:class:`~resflow.layers.transformers.Affine`),
-  optionally with batch normalization between layers as in the MAF paper;
-* NAF: ``y_d = DDSF(x_d; theta_d)`` or ``DSF`` (:mod:`resflow.layers.sigmoidal`), a
-  monotone neural network whose parameters come from the MADE.
+* MAF: ``y_d = x_d * exp(c tanh(h_d / c)) + t_d``
+  (:class:`~resflow.layers.transformers.Affine` with a soft-clamped log-scale,
+  ``c = scale_clamp = 3``), optionally with batch normalization between layers as in the
+  MAF paper;
+* NAF: ``y_d = DDSF(x_d; theta_d) + slope_floor * x_d`` or the same with ``DSF``
+  (:mod:`resflow.layers.sigmoidal`), a monotone neural network whose parameters come
+  from the MADE, soft-clamped to ``(-param_bound, param_bound)``.
+
+Far from the data. A MADE is asymptotically linear in its input, so its outputs grow
+without bound away from the training data. The papers' maps then break down there:
+MAF's ``exp(h)`` overflows (``log p(x) = -inf`` and a ``NaN`` inverse at a few times the
+data's radius), and a sigmoidal flow with extreme parameters has plateaus whose slope
+underflows (``dy/dx ~ e^-80``: no float can invert it). Hence the two departures from
+the papers, each a no-op near zero: MAF soft-clamps its log-scale (each layer's scale in
+``(e^-3, e^3)``), NAF soft-clamps its conditioned parameters and adds a linear term, so
+that ``dy/dx >= slope_floor`` everywhere. Every finite input then has a finite
+log-density and a finite, accurate round trip (``tests/test_densities.py``). Setting
+``scale_clamp = 0`` or ``param_bound = slope_floor = 0`` gives the papers' maps.
 
 The conditioner's last layer starts at zero, so a MAF starts at the identity and a NAF
 at the fixed increasing map of zero parameters. Density evaluation is one pass per
@@ -44,8 +58,8 @@ SigmoidKind = Literal["ddsf", "dsf"]
 
 
 @dataclass
-class MAFConfig(Config):
-    """MAF: affine autoregressive layers (defaults: the MAF paper's 5 layers)."""
+class AutoregressiveConfig(Config):
+    """What MAF and NAF share: MADE conditioners in alternating (or random) orders."""
 
     dim: int = param(2, ge=1, le=100_000, help="data dimension")
     n_flows: int = param(5, ge=1, le=1024, help="autoregressive layers")
@@ -60,24 +74,41 @@ class MAFConfig(Config):
 
 
 @dataclass
-class NAFConfig(MAFConfig):
+class MAFConfig(AutoregressiveConfig):
+    """MAF: affine autoregressive layers (defaults: the MAF paper's 5 layers)."""
+
+    scale_clamp: float = param(
+        3.0, ge=0, le=50, help="log-scale soft clamp c: c tanh(h / c) (0: exp(h), the paper)"
+    )
+
+
+@dataclass
+class NAFConfig(AutoregressiveConfig):
     """NAF: sigmoidal autoregressive layers (defaults: NAF-DDSF(5), 16 sigmoid units)."""
 
     transformer: SigmoidKind = param("ddsf", help="dense (ddsf) or plain (dsf) sigmoidal flow")
     sigmoid_units: int = param(16, ge=1, le=4096, help="sigmoid units per sigmoidal layer")
     sigmoid_layers: int = param(2, ge=1, le=64, help="dense sigmoidal layers (ddsf)")
     activation: str = param("elu", help="MADE hidden activation")
+    param_bound: float = param(
+        8.0, ge=0, le=1000, help="soft clamp of the conditioned parameters (0: none, the paper)"
+    )
+    slope_floor: float = param(
+        0.1, ge=0, le=1, help="linear term: dy/dx >= slope_floor (0: none, the paper)"
+    )
 
 
-def _transformer(cfg: MAFConfig) -> Transformer:
-    if not isinstance(cfg, NAFConfig):
-        return Affine("exp")
+def _transformer(cfg: AutoregressiveConfig) -> Transformer:
+    if isinstance(cfg, MAFConfig):
+        return Affine("exp", clamp=cfg.scale_clamp or None)
+    assert isinstance(cfg, NAFConfig)
+    bound = cfg.param_bound or None
     if cfg.transformer == "dsf":
-        return DSF(cfg.sigmoid_units)
-    return DDSF(cfg.sigmoid_units, cfg.sigmoid_layers)
+        return DSF(cfg.sigmoid_units, bound=bound, slope_floor=cfg.slope_floor)
+    return DDSF(cfg.sigmoid_units, cfg.sigmoid_layers, bound=bound, slope_floor=cfg.slope_floor)
 
 
-def build_autoregressive_flow(cfg: MAFConfig) -> Flow:
+def build_autoregressive_flow(cfg: AutoregressiveConfig) -> Flow:
     """``n_flows`` x (MADE -> transformer [-> batch norm]), orders alternating."""
     if cfg.dim < 2 and cfg.order == "random":
         raise ValueError("a random order needs dim >= 2")
