@@ -3,6 +3,7 @@
     resflow train       [--data digits] [--model NAME | --preset NAME] [--set key=value]
     resflow eval        --run DIR [--set key=value]
     resflow score       --run DIR --input PATH|DATA [--input ...] [--out scores.csv] [--plot PNG]
+                        [--repeats R] [--hutchinson K]   per input: mean +- standard error
     resflow fid         --run DIR [--n 10000]  FID of samples (optional extra: resflow[fid])
     resflow sample      --run DIR [--n 64] [--temperature 1.0] [--label K] [--size HxW]
                         [--denoise] [--guidance W]
@@ -249,7 +250,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    """Bits/dim (or NLL) of every input: folders of images, arrays, or data sets' test splits."""
+    """Bits/dim (or NLL) of every input: folders of images, arrays, or data sets' test
+    splits; each input drawn ``--repeats`` times for its standard error."""
+    from resflow.evaluation import density_note
     from resflow.scoring import plot_score_histogram, score, unit_of, write_scores
 
     out = Path(args.out)
@@ -259,17 +262,17 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise ValueError(f"--plot {args.plot}: the histogram is a .png")
     model = _model(args)
     inputs = [_score_input(args, model, name) for name in args.input]
-    unit, values = unit_of(model), []
+    unit, scores, note = unit_of(model), [], density_note(model)
     for inp, labels in inputs:
         torch.manual_seed(args.seed)  # each input scored as `resflow eval` would score it
-        values.append(score(model, inp.data, args.batch_size, not args.no_progress, labels))
-        v = values[-1]
-        err = float(v.std() / len(v) ** 0.5) if len(v) > 1 else float("nan")
-        print(f"{inp.source}: {float(v.mean()):.4f} +- {err:.4f} {unit} (n={len(v)})")
-    write_scores(out, [i for i, _ in inputs], values, unit)
+        sc = score(model, inp.data, args.batch_size, not args.no_progress, labels,
+                   repeats=args.repeats, hutchinson=args.hutchinson)  # fmt: skip
+        scores.append(sc)
+        print(f"{inp.source}: {sc.summary(unit, note)}")
+    write_scores(out, [i for i, _ in inputs], scores, unit)
     print(f"scores: {out}")
     if args.plot is not None:
-        groups = {i.source: v for (i, _), v in zip(inputs, values)}
+        groups = {i.source: sc.values for (i, _), sc in zip(inputs, scores)}
         plot_score_histogram(groups, args.plot, unit, title=f"{unit} under {args.run}")
         print(f"histogram: {args.plot}")
     return 0
@@ -633,6 +636,22 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", default="scores.csv", help="scores file: .csv or .json")
     sc.add_argument("--plot", default=None, metavar="PNG", help="histogram of the scores")
     sc.add_argument("--max", type=_positive, default=None, help="score the first N of each input")
+    sc.add_argument(
+        "--repeats",
+        type=_positive,
+        default=None,
+        metavar="R",
+        help="independent draws per input (noise, Hutchinson vectors); its score is their "
+        "mean, with a standard error from them (default: 4 for a stochastic model, 1 else)",
+    )
+    sc.add_argument(
+        "--hutchinson",
+        type=_positive,
+        default=None,
+        metavar="K",
+        help="Hutchinson vectors per input in every residual block's logdet (default: the "
+        "model's, 1); more give a smaller standard error",
+    )
     sc.add_argument("--batch-size", type=_positive, default=256)
     sc.add_argument("--no-progress", action="store_true")
     sc.set_defaults(func=cmd_score)

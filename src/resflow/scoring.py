@@ -5,18 +5,34 @@ and a histogram comparing data sets -- the out-of-distribution use of density mo
 
     model = RunFolder("runs/mnist").load_model()
     inputs = load_inputs("my_images/", model)         # a folder, .npy or .csv
-    values = score(model, inputs.data)                # bits/dim per input, in order
-    write_scores("scores.csv", [inputs], [values], unit_of(model))
+    scores = score(model, inputs.data)                # bits/dim per input, in order
+    scores.values, scores.stderr                      # mean and standard error per input
+    write_scores("scores.csv", [inputs], [scores], unit_of(model))
 
-The numbers are exactly those :func:`resflow.evaluate` averages (the same code,
-:func:`resflow.evaluation.per_example`): with the same seed and batch size,
-``resflow score`` and ``resflow eval`` report the same bits/dim for the same inputs.
+**Standard errors.** The score of a stochastic model is a random estimate: fresh
+dequantization noise per evaluation and, for residual flows, Hutchinson vectors and a
+roulette-drawn number of series terms in each block's log-determinant. Each input is
+therefore scored ``repeats`` times with independent draws (default
+:data:`DEFAULT_REPEATS` for a stochastic model, 1 for a deterministic one, see
+:func:`resflow.evaluation.is_stochastic`): its value is the mean of the draws and its
+standard error their standard deviation over ``sqrt(repeats)``. A file's figure is the
+mean over its inputs, with the standard error across inputs (which holds the
+estimator's noise too) and, beside it, the part due to the estimator alone
+(``sqrt(sum se_i^2) / N``). ``hutchinson=K`` spends ``K`` Hutchinson vectors per block
+and example (:func:`resflow.evaluation.hutchinson_vectors`) for a smaller estimator
+noise.
+
+With ``repeats=1`` the numbers are exactly those :func:`resflow.evaluate` averages (the
+same code, :func:`resflow.evaluation.per_example`): with the same seed and batch size,
+``resflow score --repeats 1`` and ``resflow eval`` report the same bits/dim for the same
+inputs.
 
 Image inputs are 8-bit files (PNG, JPEG, ...); they are brought to the model's
 quantization levels ``L`` as the data loaders do: ``x >> (8 - b)`` when ``L = 2**b``
 (bit reduction, Glow), else ``round(x (L - 1) / 255)`` (e.g. the 17-level digits).
 Arrays (``.npy``) hold images already in ``0 .. L-1`` (``[N, H, W]``, ``[N, C, H, W]``
-or ``[N, H, W, C]``), or float vectors ``[N, D]`` for a vector model (also ``.csv``).
+or ``[N, H, W, C]``), or float vectors ``[N, D]`` for a vector model (also ``.csv``,
+with or without a header row of column names).
 """
 
 from __future__ import annotations
@@ -24,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +49,12 @@ import torch
 from torch import Tensor
 
 from resflow.data.images import IMAGE_EXTENSIONS, _list_images, _read_image_files
-from resflow.evaluation import per_example
+from resflow.evaluation import (
+    EvalResult,
+    hutchinson_vectors,
+    is_stochastic,
+    per_example_draws,
+)
 from resflow.flow import Flow
 from resflow.io import atomic_write_text
 from resflow.preprocess.bits import reduce_bits
@@ -41,16 +63,81 @@ from resflow.preprocess.bits import reduce_bits
 @dataclass
 class ScoreInput:
     """Inputs to score: ``data`` (as the model takes it) and a name per input (the
-    file's path relative to the folder, or the row index of an array)."""
+    file's path relative to the folder, or the row index of an array); ``columns``: the
+    header of a CSV file, if it had one."""
 
     source: str
     names: list[str]
     data: Tensor
+    columns: list[str] | None = None
+
+
+DEFAULT_REPEATS = 4
+"""Independent draws per input of a stochastic model's score, by default."""
+
+
+@dataclass
+class Scores:
+    """The scores of one set of inputs: ``draws[i, r]`` is the ``r``-th independent draw
+    of input ``i``'s bits/dim (or NLL in nats), ``float64 [N, R]``; ``exact``: the model
+    is deterministic (a single draw is the value, its standard error 0);
+    ``hutchinson``: the Hutchinson vectors per residual block and example, if set for
+    this scoring (``None``: the model's own)."""
+
+    draws: Tensor
+    exact: bool = False
+    hutchinson: int | None = None
+
+    @property
+    def repeats(self) -> int:
+        return int(self.draws.shape[1])
+
+    @property
+    def values(self) -> Tensor:
+        """Per input, the mean of its draws, ``[N]``."""
+        return self.draws.mean(1)
+
+    @property
+    def stderr(self) -> Tensor:
+        """Per input, the standard error of :attr:`values` over the draws, ``[N]`` (0 for
+        an exact model; NaN, unknown, for a stochastic one drawn once)."""
+        n = len(self.draws)
+        if self.exact:
+            return self.draws.new_zeros(n)
+        if self.repeats < 2:
+            return self.draws.new_full((n,), math.nan)
+        return self.draws.std(1) / math.sqrt(self.repeats)
+
+    def noise_stderr(self) -> float:
+        """The standard error of the mean over the inputs due to the estimator alone,
+        ``sqrt(sum_i se_i^2) / N`` (the inputs held fixed)."""
+        return float(self.stderr.pow(2).sum().sqrt() / len(self.draws))
+
+    def summary(self, unit: str, note: str = "") -> EvalResult:
+        """Mean over the inputs +- its standard error across inputs (which includes the
+        estimator's noise), with the draws and the estimator's own part in the note."""
+        v, n = self.values, len(self.draws)
+        stderr = float(v.std() / math.sqrt(n)) if n > 1 else math.nan
+        if self.exact:
+            how = "exact"
+        elif self.repeats < 2:
+            how = "1 draw per input (its estimator noise is not measured: use --repeats 2+)"
+        else:
+            how = (f"{self.repeats} draws per input; estimator noise +- "
+                   f"{self.noise_stderr():.4f}")  # fmt: skip
+        if self.hutchinson is not None:
+            how += f", {self.hutchinson} Hutchinson vectors"
+        return EvalResult(float(v.mean()), stderr, n, unit, "; ".join(filter(None, [how, note])))
 
 
 def unit_of(model: Flow) -> str:
     """``"bits/dim"`` for discrete data, ``"nats"`` (negative log-likelihood) otherwise."""
     return "bits/dim" if model.levels is not None else "nats"
+
+
+def default_repeats(model: Flow) -> int:
+    """:data:`DEFAULT_REPEATS` for a stochastic model, 1 for a deterministic one."""
+    return DEFAULT_REPEATS if is_stochastic(model) else 1
 
 
 def score(
@@ -59,10 +146,18 @@ def score(
     batch_size: int = 256,
     progress: bool = False,
     labels: Tensor | None = None,
-) -> Tensor:
-    """Bits/dim (or NLL in nats) of every input, ``float64 [N]`` in order; see
-    :func:`resflow.evaluation.per_example` (``labels``: class-conditional models)."""
-    return per_example(model, data, batch_size, progress, labels=labels)
+    repeats: int | None = None,
+    hutchinson: int | None = None,
+) -> Scores:
+    """Bits/dim (or NLL in nats) of every input, in order, each drawn ``repeats`` times
+    (default :func:`default_repeats`) by :func:`resflow.evaluation.per_example_draws`;
+    ``hutchinson``: Hutchinson vectors per residual block and example for this scoring
+    (default: the model's own); ``labels``: class-conditional models."""
+    repeats = default_repeats(model) if repeats is None else repeats
+    more = hutchinson_vectors(model, hutchinson) if hutchinson is not None else nullcontext()
+    with more:
+        draws = per_example_draws(model, data, repeats, batch_size, progress, labels=labels)
+    return Scores(draws, exact=not is_stochastic(model), hutchinson=hutchinson)
 
 
 def to_levels(images: Tensor, levels: int) -> Tensor:
@@ -89,13 +184,39 @@ def load_inputs(path: str | Path, model: Flow) -> ScoreInput:
     elif path.suffix.lower() in (".csv", ".txt"):
         if model.levels is not None:
             raise ValueError(f"{path}: an image model scores a folder of images or an .npy array")
-        data = _array(np.loadtxt(path, delimiter=",", ndmin=2), model, path)
+        arr, columns = read_csv(path)
+        data = _array(arr, model, path)
         names = [str(i) for i in range(len(data))]
     else:
         raise ValueError(f"{path}: expected a folder of images, an .npy array or a .csv file")
     if len(data) == 0:
         raise ValueError(f"{path}: no inputs to score")
-    return ScoreInput(str(path), names, data)
+    return ScoreInput(str(path), names, data, columns if path.suffix.lower() == ".csv" else None)
+
+
+def read_csv(path: str | Path) -> tuple[np.ndarray, list[str] | None]:
+    """``(rows [N, D] of numbers, column names or None)`` of a comma-separated file: a
+    first row that is not all numbers is its header (names, quotes removed); the rows
+    are numbered from 0 after it."""
+    lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    fields = [c.strip().strip('"').strip() for c in (lines[0] if lines else "").split(",")]
+    columns = None if all(_is_number(c) for c in fields) else fields
+    rows = lines if columns is None else lines[1:]
+    if not any(r.strip() for r in rows):
+        raise ValueError(f"{path}: no inputs to score")
+    arr = np.loadtxt(rows, delimiter=",", ndmin=2)
+    if columns is not None and arr.size and arr.shape[1] != len(columns):
+        raise ValueError(f"{path}: the header names {len(columns)} columns, the rows have "
+                         f"{arr.shape[1]}")  # fmt: skip
+    return arr, columns
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _folder(folder: Path, model: Flow) -> tuple[Tensor, list[str]]:
@@ -143,30 +264,51 @@ def _array(arr: np.ndarray, model: Flow, path: Path) -> Tensor:
 
 
 def write_scores(
-    path: str | Path, inputs: Sequence[ScoreInput], values: Sequence[Tensor], unit: str
+    path: str | Path, inputs: Sequence[ScoreInput], scores: Sequence[Scores], unit: str
 ) -> Path:
-    """``source,name,<unit>`` rows (``.csv``) or ``{"unit", "sources": [{"source",
-    "mean", "stderr", "scores": [{"name", "value"}]}]}`` (``.json``), written atomically."""
+    """``source,name,<unit>,stderr`` rows (``.csv``; the per-input standard error, empty
+    where unknown) or ``{"unit", "sources": [{"source", "n", "mean", "stderr",
+    "noise_stderr", "repeats", "hutchinson", "scores": [{"name", "value", "stderr"}]}]}``
+    (``.json``; ``stderr`` of a source: across its inputs; ``noise_stderr``: the
+    estimator's part; unknown values are null), written atomically."""
     path = Path(path)
     column = "bits_per_dim" if unit == "bits/dim" else "nll_nats"
     if path.suffix.lower() == ".csv":
-        lines = [f"source,name,{column}"]
-        for inp, v in zip(inputs, values):
-            lines += [
-                f"{_csv(inp.source)},{_csv(n)},{x:.8g}" for n, x in zip(inp.names, v.tolist())
-            ]
+        lines = [f"source,name,{column},stderr"]
+        for inp, sc in zip(inputs, scores):
+            rows = zip(inp.names, sc.values.tolist(), sc.stderr.tolist())
+            lines += [f"{_csv(inp.source)},{_csv(n)},{x:.8g},{_num(e)}" for n, x, e in rows]
         atomic_write_text(path, "\n".join(lines) + "\n")
     elif path.suffix.lower() == ".json":
         sources = []
-        for inp, v in zip(inputs, values):
-            stderr = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else None
-            sources.append({"source": inp.source, "n": len(v), "mean": float(v.mean()),
-                            "stderr": stderr, "scores": [{"name": n, "value": x}
-                            for n, x in zip(inp.names, v.tolist())]})  # fmt: skip
+        for inp, sc in zip(inputs, scores):
+            summary = sc.summary(unit)
+            rows = zip(inp.names, sc.values.tolist(), sc.stderr.tolist())
+            record: dict[str, object] = {
+                "source": inp.source,
+                "n": summary.n,
+                "mean": summary.mean,
+                "stderr": _finite(summary.stderr),
+                "noise_stderr": _finite(sc.noise_stderr()),
+                "repeats": sc.repeats,
+                "hutchinson": sc.hutchinson,
+                "scores": [{"name": n, "value": x, "stderr": _finite(e)} for n, x, e in rows],
+            }
+            if inp.columns is not None:
+                record["columns"] = inp.columns
+            sources.append(record)
         atomic_write_text(path, json.dumps({"unit": unit, "sources": sources}, indent=1))
     else:
         raise ValueError(f"--out {path}: scores are written as .csv or .json")
     return path
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _num(x: float) -> str:
+    return f"{x:.3g}" if math.isfinite(x) else ""
 
 
 def _csv(text: str) -> str:
