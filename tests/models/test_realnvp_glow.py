@@ -126,8 +126,12 @@ def test_glow_top_prior_is_per_channel_away_from_the_border():
 def test_glow_with_the_authors_priors_round_trips_and_samples():
     torch.manual_seed(1)
     cfg = GlowConfig(image_shape=(1, 4, 4), levels=17, n_levels=2, depth=1, hidden=8,
-                     n_classes=3, top_prior="authors", edge_bias=True, lu=False)  # fmt: skip
+                     n_classes=3, top_prior="authors", edge_bias=True, lu=False,
+                     label_in_couplings=False)  # fmt: skip
     model = build_model(cfg).double()
+    # the label reaches the top prior only (the authors' ycond)
+    assert all(c.conditioner.context_channels == 0 for c in _couplings(model))
+    assert get_preset("glow-cifar10").label_in_couplings is False
     x = torch.randint(0, 17, (4, 1, 4, 4)).double()
     labels = torch.tensor([0, 1, 2, 1])
     model(x, labels)  # data-dependent initialisation

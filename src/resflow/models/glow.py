@@ -18,8 +18,9 @@ computed from the kept half by a zero-initialised convolution. The top prior:
   latent, factored halves included (class-conditional with ``n_classes``: a mean and
   scale per class and element).
 
-With ``n_classes`` the coupling networks also see the one-hot label (the authors'
-code conditions only the top prior). Data: ``x / L - 1/2`` after uniform
+With ``n_classes`` the coupling networks also see the one-hot label unless
+``label_in_couplings`` is false (the paper presets: the authors' code conditions only
+the top prior). Data: ``x / L - 1/2`` after uniform
 dequantization (no logit).
 """
 
@@ -73,6 +74,11 @@ class GlowConfig(Config):
         "whole-latent",
         help="what the learned (and class-conditional) prior covers: the top latent only, "
         "per channel, as in the authors' code, or every element of the flat latent",
+    )
+    label_in_couplings: bool = param(
+        True,
+        help="class-conditional: the coupling nets also see the label (the authors' code: "
+        "only the top prior does)",
     )
     edge_bias: bool = param(
         False, help="the 3x3 convolutions see an edge channel (the authors' code)"
@@ -166,7 +172,10 @@ def build_glow(cfg: GlowConfig) -> Flow:
         raise ValueError(f"Glow squeezes first: it needs an even image size, got {h}x{w}")
     n = count_scales(cfg.image_shape, cfg.n_levels, squeeze_first=True, min_size=2)
     net = partial(
-        GlowNet, hidden=cfg.hidden, context_channels=cfg.n_classes, edge_bias=cfg.edge_bias
+        GlowNet,
+        hidden=cfg.hidden,
+        context_channels=cfg.n_classes if cfg.label_in_couplings else 0,
+        edge_bias=cfg.edge_bias,
     )
     authors_prior = cfg.top_prior == "authors"
 
@@ -245,10 +254,10 @@ register_model(
 # ---- presets: the paper's models as the authors' code (openai/glow) builds them ---------------
 _DIFFERENCES = (
     "; as the authors' code: full 1x1 convolutions (the paper's LU form: lu=true), split "
-    "priors from the kept half, the label (with --conditional) in the top prior; "
+    "priors from the kept half, the label (with --conditional) in the top prior only; "
     "differences: the factored half is the first half of the channels (theirs: the second), "
     "means and log-scales are the first and second halves of the nets' outputs (theirs: "
-    "interleaved), with --conditional the coupling nets also see the label; AdamW with "
+    "interleaved); AdamW with "
     "Polyak-style weight averaging as resflow's EMA (theirs: Adamax, Adam's second-moment "
     "decay and the averaging both 1 - 1/(steps per epoch), 10 warm-up epochs; their global "
     "batch: 8 processes x 64)"
@@ -266,7 +275,7 @@ def _authors_train(steps_per_epoch: int) -> TrainConfig:
     )  # fmt: skip
 
 
-_GLOW = GlowConfig(lu=False, top_prior="authors", edge_bias=True)
+_GLOW = GlowConfig(lu=False, top_prior="authors", edge_bias=True, label_in_couplings=False)
 register_preset(
     "glow-cifar10",
     "glow",
