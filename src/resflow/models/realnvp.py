@@ -180,10 +180,13 @@ _PAPER = (
 # what still differs from the authors' code (tensorflow/models research/real_nvp)
 _DIFFERENCES = (
     "; differences from the authors' code: the nets see the plain masked input (theirs: "
-    "batch-normed, doubled, concatenated ReLU [x, -x] and the mask as a channel), a 3x3 "
-    "zero-initialised output conv without weight norm and a per-channel tanh scale starting "
-    "at 1 (theirs: weight-normed 1x1 output, one scalar scale starting at 0), batch "
-    "normalization of every channel after a coupling (theirs: of the transformed part only)"
+    "batch-normed, concatenated ReLU [x, -x], and in the checkerboard couplings the mask as "
+    "a channel), a 3x3 zero-initialised output conv without weight norm and a per-channel "
+    "tanh scale starting at 1 (theirs: a weight-normed 1x1 output and one scalar scale per "
+    "coupling, starting at 0 in the checkerboard couplings and at 1 in the channel-wise "
+    "ones), batch normalization of every channel after a coupling (theirs: of the "
+    "transformed part only), the factored half chosen by resflow's squeeze order (theirs: "
+    "an ordered re-squeeze of the unsqueezed scale)"
 )
 # the authors' hyperparameters: Adam (0.9, 0.999) at 1e-3, batch 64, clipping at norm 100, no
 # warm-up, no weight averaging (the L2 of 5e-5 is the model's penalty, scale_l2)
