@@ -16,6 +16,7 @@ from resflow.layers.transformers import (
 
 CLOSED_FORM = {
     "affine-exp": lambda: Affine("exp"),
+    "affine-exp-clamped": lambda: Affine("exp", clamp=2.5),
     "affine-sigmoid": lambda: Affine("sigmoid"),
     "affine-softplus": lambda: Affine("softplus", eps=1e-2),
     "additive": Additive,
@@ -85,6 +86,32 @@ def test_bad_params_shape_and_scale():
         Affine()(torch.randn(4, 3), torch.randn(4, 3))
     with pytest.raises(ValueError, match="unknown scale"):
         Affine("cosh")  # type: ignore[arg-type]
+
+
+def test_clamped_exp_scale_is_soft_clamped_and_finite_for_any_h():
+    """``log s = c tanh(h / c)``: ~``h`` near 0, inside ``(-c, c)`` for every h, so the map,
+    its logdet and its inverse stay finite where the plain ``exp`` overflows."""
+    t = Affine("exp", clamp=3.0)
+    h = torch.tensor([-1e30, -1e4, -0.01, 0.0, 0.01, 1e4, 1e30])
+    torch.testing.assert_close(t.log_scale(h), 3.0 * torch.tanh(h / 3.0))
+    assert bool((t.log_scale(h).abs() <= 3.0).all())
+    assert t.log_scale(torch.tensor(0.01)).item() == pytest.approx(0.01, rel=1e-4)
+    x = torch.full((1, 7), 50.0)
+    params = torch.stack([h, torch.full_like(h, -7.0)])[None]
+    y, logdet = t(x, params)
+    x_rec, logdet_inv = t.inverse(y, params)
+    assert torch.isfinite(y).all() and torch.isfinite(logdet).all()
+    torch.testing.assert_close(x_rec, x)
+    torch.testing.assert_close(logdet_inv, -logdet)
+    plain_y, plain_logdet = Affine("exp")(x, params)
+    assert not torch.isfinite(plain_y).all()  # what the clamp prevents
+    assert "clamp=3.0" in repr(t) and "clamp" not in repr(Affine("exp"))
+
+
+def test_clamp_needs_the_exp_scale_and_a_positive_bound():
+    for scale, clamp in (("sigmoid", 3.0), ("tanh", 1.0), ("exp", 0.0), ("exp", -1.0)):
+        with pytest.raises(ValueError, match="clamp must be positive"):
+            Affine(scale, clamp=clamp)  # type: ignore[arg-type]
 
 
 # Rows of (a, b, c, t): flat and steep slopes, sharp large steps, large shifts.
