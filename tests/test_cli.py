@@ -139,29 +139,37 @@ def test_damaged_checkpoint_is_refused_with_a_clear_message(tmp_path):
     assert bad.returncode == 2 and "does not fit its model config" in bad.stderr
 
 
-def test_iresnet_trains_and_evaluates_with_either_estimator(tmp_path):
+def test_iresnet_prints_its_true_density_and_labels_the_papers_biased_figure(tmp_path):
     run = tmp_path / "ires"
     out = resflow("train", "--data", "digits", "--model", "iresnet", "--set", "n_blocks=[1,1]",
                   "--set", "hidden=8", "--steps", "3", "--batch-size", "32", "--eval-every", "3",
                   "--eval-max", "64", "--out", str(run), "--no-progress",
                   "--no-tensorboard").stdout  # fmt: skip
     assert "iresnet-digits (iresnet," in out and "bits/dim" in out
-    biased = resflow("eval", "--run", str(run), "--max", "64", "--no-progress").stdout
-    unbiased = resflow("eval", "--run", str(run), "--max", "64", "--no-progress", "--set",
-                       "estimator.eval_dist=poisson", "--set",
-                       "estimator.eval_exact_terms=20").stdout  # fmt: skip
+    both = resflow("eval", "--run", str(run), "--max", "64", "--no-progress").stdout
+    true = resflow("eval", "--run", str(run), "--max", "64", "--no-progress", "--set",
+                   "estimator.biased_eval_terms=0").stdout  # fmt: skip
+    assert "bits/dim (n=64)" in both and "bits/dim (n=64)" in true
+    assert "biased: series truncated after 5 terms" in both and "biased" not in true
+    assert both.split("bits/dim")[0] == true.split("bits/dim")[0]  # the true figure first
+    refused = resflow("eval", "--run", str(run), "--no-progress", "--set",
+                      "estimator.eval_dist=none", check=False)  # fmt: skip
+    assert refused.returncode == 2 and "biased" in refused.stderr
+    assert "Traceback" not in refused.stderr
 
-    assert "bits/dim (n=64)" in biased and "bits/dim (n=64)" in unbiased
     from resflow.layers import ResidualBlock
     from resflow.runs import RunFolder
 
-    def estimators(model):
-        return {m.eval_estimator for m in model.modules() if isinstance(m, ResidualBlock)}
-
-    own = estimators(RunFolder(run).load_model())
-    ours = estimators(RunFolder(run).load_model(overrides={"estimator.eval_dist": "poisson"}))
-    assert [(e.dist, e.n_exact_terms) for e in own] == [("none", 5)]  # i-ResNet: truncated
-    assert [(e.dist, e.n_exact_terms) for e in ours] == [("poisson", 5)]
+    blocks = [m for m in RunFolder(run).load_model().modules() if isinstance(m, ResidualBlock)]
+    assert {(b.train_estimator.dist, b.train_estimator.n_exact_terms) for b in blocks} == {
+        ("none", 5)
+    }  # trained on the paper's truncated series
+    assert {(b.eval_estimator.dist, b.eval_estimator.n_exact_terms) for b in blocks} == {
+        ("poisson", 20)
+    }  # evaluated without bias
+    assert {(b.biased_estimator.dist, b.biased_estimator.n_exact_terms) for b in blocks} == {
+        ("none", 5)
+    }
 
 
 def test_a_run_trained_from_python_is_evaluated_and_sampled_by_the_cli(tmp_path):

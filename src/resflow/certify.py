@@ -19,15 +19,17 @@ estimated log-density and the exact one (full Jacobians). Used by ``resflow chec
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from resflow.flow import Flow
-from resflow.layers.residual.block import InverseNotConvergedError, ResidualBlock
+from resflow.layers.residual.block import (
+    InverseNotConvergedError,
+    ResidualBlock,
+    evaluation_estimators,
+)
 from resflow.layers.residual.lipschitz import (
     LipschitzConv2d,
     LipschitzLayer,
@@ -150,19 +152,6 @@ def enforced_norm(m: LipschitzLayer) -> tuple[float, str]:
     return float(value), "bound (no closed form: interpolation / inclusion)" + at
 
 
-@contextmanager
-def _exact_logdets(model: nn.Module) -> Iterator[None]:
-    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
-    saved = [b.eval_estimator for b in blocks]
-    try:
-        for b in blocks:
-            b.eval_estimator = EXACT_ESTIMATOR
-        yield
-    finally:
-        for b, est in zip(blocks, saved):
-            b.eval_estimator = est
-
-
 def _block_inputs(model: Flow, x: Tensor, labels: Tensor | None) -> dict[str, Tensor]:
     inputs: dict[str, Tensor] = {}
     handles = []
@@ -230,7 +219,7 @@ def certify(
     with torch.no_grad():
         estimated = model.log_prob(x, y).double()
     torch.manual_seed(1)
-    with _exact_logdets(model), torch.no_grad():
+    with evaluation_estimators(model, lambda b: EXACT_ESTIMATOR), torch.no_grad():
         exact = model.log_prob(x, y).double()
     gap = estimated - exact
     se = float(gap.std() / math.sqrt(len(gap))) if len(gap) > 1 else 0.0

@@ -27,7 +27,7 @@ from resflow.flow import Flow
 from resflow.io import atomic_write
 from resflow.layers.base import Sequential, after_optimizer_step
 from resflow.layers.guidance import guidance as guidance_weight
-from resflow.layers.residual.block import ResidualBlock
+from resflow.layers.residual.block import ResidualBlock, biased_figure, evaluation_estimators
 from resflow.preprocess.noise import GaussianNoise
 
 
@@ -220,15 +220,20 @@ def evaluate(
     progress: bool = False,
     device: torch.device | str | None = None,
     labels: Tensor | None = None,
+    biased: bool = True,
 ) -> EvalResult:
     """Mean +- standard error of the per-sample bits/dim (discrete data,
     ``model.levels`` set) or NLL in nats (``-log p(x | y)`` of a class-conditional
     model, given the ``labels``); for a model with a classifier (a hybrid model) given
     the ``labels``, also its accuracy.
 
-    The model is put in eval mode (for residual flows: 20 exact terms + unbiased tail
-    by default) and its ``after_optimizer_step`` hooks run first (Lipschitz estimates
-    are refreshed); the caller's mode is restored.
+    The model is put in eval mode (for residual flows: the exact logdet for small
+    blocks, else 20 exact terms + an unbiased tail) and its ``after_optimizer_step``
+    hooks run first (Lipschitz estimates are refreshed); the caller's mode is restored.
+
+    A model whose paper reports a biased figure (i-ResNet's truncated series,
+    :func:`~resflow.layers.residual.block.biased_figure`) gets it in ``result.extra``,
+    under a label that says so, beside the true figure (``biased=False``: not computed).
     """
     v, predicted = _per_example(model, data, batch_size, progress, device, labels)
     unit = "bits/dim" if model.levels is not None else "nats"
@@ -236,6 +241,11 @@ def evaluate(
     if predicted is not None:
         assert labels is not None
         result.accuracy = float((predicted == labels.cpu()).double().mean())
+    label = biased_figure(model) if biased else None
+    if label is not None:
+        with evaluation_estimators(model, lambda b: b.biased_estimator or b.eval_estimator):
+            w, _ = _per_example(model, data, batch_size, progress, device, labels)
+        result.extra[label] = _summary(w[:, 0], unit)
     return result
 
 

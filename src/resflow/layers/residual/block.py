@@ -8,7 +8,8 @@ et al. 2019).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,8 +82,11 @@ class ResidualBlock(FlowLayer):
         g: the residual branch, e.g. :func:`resflow.models.nets.residual_mlp`.
         train_estimator: logdet estimator in training mode (default: 2 exact terms +
             Poisson(2) roulette, Neumann gradient, backward-in-forward).
-        eval_estimator: logdet estimator in eval mode (default: 20 exact terms +
-            unbiased tail).
+        eval_estimator: logdet estimator in eval mode (default: the exact logdet for
+            small blocks, else 20 exact terms + the unbiased tail).
+        biased_estimator: a biased estimator whose figure is reported *beside* the true
+            one (i-ResNet's truncated series, as its paper evaluates), never in its
+            place; see :func:`evaluation_estimators`.
         geom_p: success probability of the geometric roulette distribution.
         poisson_lambda: rate of the Poisson roulette distribution.
         inverse_atol, inverse_rtol, inverse_max_iter: stopping rule of the fixed-point
@@ -100,6 +104,7 @@ class ResidualBlock(FlowLayer):
         g: nn.Module,
         train_estimator: LogdetEstimator = TRAIN_ESTIMATOR,
         eval_estimator: LogdetEstimator = EVAL_ESTIMATOR,
+        biased_estimator: LogdetEstimator | None = None,
         geom_p: float = 0.5,
         poisson_lambda: float = 2.0,
         inverse_atol: float | None = None,
@@ -114,6 +119,7 @@ class ResidualBlock(FlowLayer):
         self.g = g
         self.train_estimator = train_estimator
         self.eval_estimator = eval_estimator
+        self.biased_estimator = biased_estimator
         self.geom_p = nn.Parameter(torch.tensor(geom_p), requires_grad=False)
         self.poisson_lambda = nn.Parameter(torch.tensor(poisson_lambda), requires_grad=False)
         self._roulette_key: tuple[int, ...] = ()
@@ -126,7 +132,14 @@ class ResidualBlock(FlowLayer):
     def from_config(cls, g: nn.Module, config: EstimatorConfig) -> ResidualBlock:
         """A block with the estimators and roulette parameters of ``config``."""
         train, ev = config.estimators()
-        return cls(g, train, ev, geom_p=config.geom_p, poisson_lambda=config.poisson_lambda)
+        return cls(
+            g,
+            train,
+            ev,
+            config.biased_estimator(),
+            geom_p=config.geom_p,
+            poisson_lambda=config.poisson_lambda,
+        )
 
     def roulette(self) -> tuple[float, float]:
         """``(geom_p, poisson_lambda)`` as Python numbers, read from the (frozen) parameters
@@ -141,21 +154,27 @@ class ResidualBlock(FlowLayer):
 
     @property
     def estimator(self) -> LogdetEstimator:
-        """The estimator of the current mode (train or eval)."""
+        """The estimator of the current mode (train or eval), as configured (``"auto"``
+        is resolved per input by :meth:`estimator_for`)."""
         return self.train_estimator if self.training else self.eval_estimator
+
+    def estimator_for(self, x: Tensor) -> LogdetEstimator:
+        """The estimator of the current mode for the input ``x`` (``"auto"`` resolved by
+        the dimension of one example)."""
+        return self.estimator.resolve(x[0].numel())
 
     def _run(self, x: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
         """``(g(x), logdet)``; graphs to ``x`` and the parameters when ``create_graph``."""
         gx, lin = linearize(self.g, x)
         p, lam = self.roulette()
         vjp = lin.vjp if lin is not None else None
-        return gx, estimate_logdet(gx, x, self.estimator, p, lam, create_graph, vjp)
+        return gx, estimate_logdet(gx, x, self.estimator_for(x), p, lam, create_graph, vjp)
 
     def _run_analytic(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
         """Backward-in-forward with the closed-form gradient (the default training path
         of both the series, with Neumann gradients, and the exact logdet); ``None`` when
         ``g`` has layers without known derivatives."""
-        est = self.estimator
+        est = self.estimator_for(x)
         if est.method == "exact":
             if fused.supported(self.g, x):
                 return fused.exact_branch(self.g, x)  # type: ignore[arg-type]
@@ -175,7 +194,7 @@ class ResidualBlock(FlowLayer):
         return self._forward(x)
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        est = self.estimator
+        est = self.estimator_for(x)
         wants_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.g.parameters())
         )
@@ -335,4 +354,38 @@ class ResidualBlock(FlowLayer):
         )
 
     def extra_repr(self) -> str:
-        return f"train={self.train_estimator}, eval={self.eval_estimator}"
+        biased = "" if self.biased_estimator is None else f", biased={self.biased_estimator}"
+        return f"train={self.train_estimator}, eval={self.eval_estimator}{biased}"
+
+
+@contextmanager
+def evaluation_estimators(
+    model: nn.Module, choose: Callable[[ResidualBlock], LogdetEstimator]
+) -> Iterator[list[ResidualBlock]]:
+    """Every residual block of ``model`` evaluates with ``choose(block)`` inside the
+    context (the exact logdet for a check, more Hutchinson vectors, the biased figure
+    reported beside the true one); the blocks' own estimators are restored after it.
+    Yields the blocks."""
+    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+    saved = [b.eval_estimator for b in blocks]
+    try:
+        for b in blocks:
+            b.eval_estimator = choose(b)
+        yield blocks
+    finally:
+        for b, est in zip(blocks, saved):
+            b.eval_estimator = est
+
+
+def biased_figure(model: nn.Module) -> str | None:
+    """A label for the biased figure ``model``'s residual blocks report beside the true
+    one (:attr:`ResidualBlock.biased_estimator`), or ``None`` when they report none."""
+    found = {
+        m.biased_estimator
+        for m in model.modules()
+        if isinstance(m, ResidualBlock) and m.biased_estimator is not None
+    }
+    if not found:
+        return None
+    terms = "/".join(str(e.n_exact_terms) for e in sorted(found, key=lambda e: e.n_exact_terms))
+    return f"biased: series truncated after {terms} terms, as the i-ResNet paper evaluates"

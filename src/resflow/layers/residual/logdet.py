@@ -21,6 +21,8 @@ forward pass and its graph freed at once (§3.2).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,8 +34,13 @@ from torch import Tensor, nn
 from resflow.config import Config, param
 from resflow.layers.residual.jacobian import VJP, Linearization
 
-Method = Literal["exact", "series"]
+Method = Literal["exact", "series", "auto"]
 Dist = Literal["geometric", "poisson", "none"]
+
+AUTO_EXACT_MAX_DIM = 16
+"""``method="auto"`` takes the exact log-determinant for blocks of at most this many
+dimensions per example (fewer Jacobian products than the 20-term evaluation series, and
+no estimation noise), the power series above it."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,9 @@ class LogdetEstimator:
     """How a residual block estimates its log-determinant (one per mode).
 
     Attributes:
-        method: ``"exact"`` (full Jacobian + slogdet) or ``"series"`` (power series).
+        method: ``"exact"`` (full Jacobian + slogdet), ``"series"`` (power series) or
+            ``"auto"`` (exact for at most :data:`AUTO_EXACT_MAX_DIM` dimensions, else the
+            series; see :meth:`resolve`).
         n_exact_terms: terms always computed (paper: 2 in training, 20 at evaluation).
         dist: distribution of the extra number of terms: ``"geometric"``,
             ``"poisson"`` (unbiased Russian roulette) or ``"none"`` (truncated after
@@ -62,8 +71,10 @@ class LogdetEstimator:
     grad_in_forward: bool = True
 
     def __post_init__(self) -> None:
-        if self.method not in ("exact", "series"):
-            raise ValueError(f"unknown logdet method {self.method!r}; use 'exact' or 'series'")
+        if self.method not in ("exact", "series", "auto"):
+            raise ValueError(
+                f"unknown logdet method {self.method!r}; use 'exact', 'series' or 'auto'"
+            )
         if self.dist not in ("geometric", "poisson", "none"):
             raise ValueError(
                 f"unknown roulette distribution {self.dist!r}; use 'geometric', 'poisson' or 'none'"
@@ -75,11 +86,31 @@ class LogdetEstimator:
         if self.n_hutchinson < 1:
             raise ValueError(f"n_hutchinson must be >= 1, got {self.n_hutchinson}")
 
+    @property
+    def biased(self) -> bool:
+        """Whether the estimate is biased: a series truncated without a roulette tail."""
+        return self.method == "series" and self.dist == "none"
+
+    def resolve(self, dim: int) -> LogdetEstimator:
+        """This estimator for blocks of ``dim`` dimensions per example: ``"auto"`` becomes
+        ``"exact"`` up to :data:`AUTO_EXACT_MAX_DIM` dimensions and ``"series"`` above."""
+        if self.method != "auto":
+            return self
+        return _resolved(self, "exact" if dim <= AUTO_EXACT_MAX_DIM else "series")
+
+
+@functools.lru_cache(maxsize=256)
+def _resolved(est: LogdetEstimator, method: Method) -> LogdetEstimator:
+    return dataclasses.replace(est, method=method)
+
 
 TRAIN_ESTIMATOR = LogdetEstimator()
 """Paper default for training: 2 exact terms + Poisson(2) roulette, Neumann, in-forward."""
-EVAL_ESTIMATOR = LogdetEstimator(n_exact_terms=20, neumann_grad=False, grad_in_forward=False)
-"""Paper default for evaluation: 20 exact terms + the unbiased roulette tail."""
+EVAL_ESTIMATOR = LogdetEstimator(
+    method="auto", n_exact_terms=20, neumann_grad=False, grad_in_forward=False
+)
+"""Default for evaluation: the exact logdet for small blocks, else the paper's 20 exact
+terms + the unbiased roulette tail."""
 EXACT_ESTIMATOR = LogdetEstimator(method="exact", neumann_grad=False, grad_in_forward=False)
 """Full Jacobian + slogdet (small dimensions only)."""
 
@@ -359,23 +390,41 @@ def grad_in_forward(
 class EstimatorConfig(Config):
     """Log-determinant estimation of every residual block of a model (paper defaults).
 
-    Training: ``n_exact_terms`` + roulette over ``dist``; evaluation:
-    ``eval_exact_terms`` + the tail over ``eval_dist`` (default: ``dist``; unbiased
-    unless ``"none"``). ``train_method`` / ``eval_method`` may be ``"exact"`` (full
-    Jacobian; small dimensions only).
+    Training: ``n_exact_terms`` + roulette over ``dist`` (``"none"``: the series truncated
+    after ``n_exact_terms``, i-ResNet's biased objective). Evaluation -- every figure
+    resflow prints, ``log_prob`` in eval mode, scores and sampling checks -- always
+    estimates the true log-density: ``eval_method="auto"`` takes the exact logdet for
+    blocks of at most :data:`AUTO_EXACT_MAX_DIM` dimensions, else ``eval_exact_terms`` +
+    an unbiased tail over ``eval_dist`` (default: ``dist``, or Poisson when training
+    truncates). ``biased_eval_terms > 0`` also reports a truncated series of that many
+    terms (i-ResNet's paper figure), labelled as biased beside the true one.
     """
 
-    train_method: Method = param("series", help="exact or series")
-    eval_method: Method = param("series", help="exact or series")
+    train_method: Method = param("series", help="exact, series or auto (exact for small blocks)")
+    eval_method: Method = param("auto", help="exact, series or auto (exact for small blocks)")
     n_exact_terms: int = param(2, ge=0, help="power-series terms always computed in training")
     eval_exact_terms: int = param(20, ge=0, help="power-series terms always computed at evaluation")
     dist: Dist = param("poisson", help="roulette distribution of the extra terms (none: truncate)")
-    eval_dist: Dist | None = param(None, help="roulette distribution at evaluation (null: dist)")
+    eval_dist: Dist | None = param(
+        None, help="roulette distribution at evaluation (null: dist, or poisson if dist is none)"
+    )
     geom_p: float = param(0.5, gt=0, lt=1, help="success probability of the geometric roulette")
     poisson_lambda: float = param(2.0, gt=0, help="rate of the Poisson roulette")
     n_hutchinson: int = param(1, ge=1, help="Hutchinson vectors per sample")
     neumann_grad: bool = param(True, help="Neumann-series gradients (constant memory in terms)")
     grad_in_forward: bool = param(True, help="logdet gradients inside the forward pass")
+    biased_eval_terms: int = param(
+        0, ge=0, help="also report a series truncated after this many terms (biased), 0: off"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.eval_dist == "none":
+            raise ValueError(
+                "estimator.eval_dist=none would print a biased figure (a truncated series) "
+                "as the log-likelihood; evaluation is always unbiased -- set "
+                "estimator.biased_eval_terms=N to report the truncated series beside it"
+            )
 
     def estimators(self) -> tuple[LogdetEstimator, LogdetEstimator]:
         """The ``(train, eval)`` estimators."""
@@ -387,12 +436,24 @@ class EstimatorConfig(Config):
             neumann_grad=self.neumann_grad,
             grad_in_forward=self.grad_in_forward,
         )
+        dist = self.eval_dist or (self.dist if self.dist != "none" else "poisson")
         ev = LogdetEstimator(
             method=self.eval_method,
             n_exact_terms=self.eval_exact_terms,
-            dist=self.dist if self.eval_dist is None else self.eval_dist,
+            dist=dist,
             n_hutchinson=self.n_hutchinson,
             neumann_grad=False,
             grad_in_forward=False,
         )
         return train, ev
+
+    def biased_estimator(self) -> LogdetEstimator | None:
+        """The truncated series reported beside the true figure, or ``None``."""
+        if self.biased_eval_terms == 0:
+            return None
+        return truncated_estimator(
+            self.biased_eval_terms,
+            n_hutchinson=self.n_hutchinson,
+            neumann_grad=False,
+            grad_in_forward=False,
+        )
