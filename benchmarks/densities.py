@@ -3,6 +3,10 @@ trained briefly on a 2-D data set, measured against the laws any density obeys.
 
     python benchmarks/densities.py --steps 300 --data 8gaussians checkerboard
     python benchmarks/densities.py --quick          # tiny models, a few steps
+    python benchmarks/densities.py --papers         # also MAF and NAF as their papers
+
+``--papers`` adds MAF with its paper's ``exp`` scale and NAF with its paper's DDSF (no
+soft clamp, no slope floor), to show what the bounds of :mod:`resflow.models.naf` fix.
 
 Per family (every registered model of kind ``vector``, with the preset the CLI picks for
 vector data):
@@ -53,6 +57,14 @@ SMALL: dict[str, dict[str, Any]] = {
 }
 
 
+#: ``--papers``: the maps as their papers give them, before the bounds that keep them finite
+#: far from the data (label, model, config changes).
+PAPER_MAPS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("maf, paper's exp scale", "maf", {"scale_clamp": 0.0}),
+    ("naf, paper's DDSF", "naf", {"param_bound": 0.0, "slope_floor": 0.0}),
+)
+
+
 def vector_families() -> Iterator[tuple[str, Preset]]:
     """Every registered vector model with the preset the CLI picks for vector data."""
     for name, entry in MODELS.items():
@@ -63,11 +75,18 @@ def vector_families() -> Iterator[tuple[str, Preset]]:
             yield name, preset
 
 
-def train(preset: Preset, data: DataSplit, steps: int, small: bool = False, seed: int = 0) -> Flow:
-    """``preset`` (shrunk by :data:`SMALL` if ``small``) trained ``steps`` steps by the
-    :class:`Trainer`; the EMA weights, in eval mode."""
+def train(
+    preset: Preset,
+    data: DataSplit,
+    steps: int,
+    small: bool = False,
+    seed: int = 0,
+    changes: dict[str, Any] | None = None,
+) -> Flow:
+    """``preset`` (shrunk by :data:`SMALL` if ``small``, then ``changes``) trained
+    ``steps`` steps by the :class:`Trainer`; the EMA weights, in eval mode."""
     overrides = SMALL.get(preset.model, {}) if small else {}
-    config = get_preset(preset.name, **overrides)
+    config = get_preset(preset.name, **(overrides | (changes or {})))
     train_cfg = replace(preset.train, steps=10**9, eval_every=10**9, checkpoint_every=10**9,
                         tensorboard=False, progress=False, seed=seed)  # fmt: skip
     with tempfile.TemporaryDirectory() as out:
@@ -215,7 +234,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['data']} | {r['model']} ({r['preset']}) | {r['steps']} | {r['integral']:.4f} "
+            f"| {r['data']} | {r['model']} (`{r['preset']}`) | {r['steps']} | {r['integral']:.4f} "
             f"| {r['finite_wide']:.4f} | {r['rt_data']:.1e} | {r['rt_wide']:.1e} "
             f"| {r['chi2']:.1f} / {r['chi2_dof']} | {r['chi2_p']:.3f} |"
         )
@@ -229,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--families", nargs="+", default=None, help="vector models (default: all)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="small models, 20 steps, coarse grids")
+    p.add_argument("--papers", action="store_true", help="also the papers' MAF and NAF maps")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = 20 if args.quick else args.steps
@@ -236,18 +256,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for data_name in args.data:
         data = load_data(data_name, n_train=20_000, n_test=5000)
-        for name, preset in vector_families():
+        presets = dict(vector_families())
+        runs = [(name, name, preset, {}) for name, preset in presets.items()]
+        if args.papers:
+            runs += [(label, m, presets[m], changes) for label, m, changes in PAPER_MAPS]
+        for label, name, preset, changes in runs:
             if args.families and name not in args.families:
                 continue
             t0 = time.perf_counter()
-            model = train(preset, data, steps, small=args.quick)
+            model = train(preset, data, steps, small=args.quick, changes=changes)
             t1 = time.perf_counter()
-            row = {"data": data_name, "model": name, "preset": preset.name, "steps": steps}
+            row = {"data": data_name, "model": label, "preset": preset.name, "steps": steps}
             row |= measure(model, data, **grids)
             row |= {"train_s": t1 - t0, "measure_s": time.perf_counter() - t1}
             rows.append(row)
             print(
-                f"{data_name:12s} {name:22s} integral {row['integral']:.4f}  finite "
+                f"{data_name:12s} {label:22s} integral {row['integral']:.4f}  finite "
                 f"{row['finite_wide']:.4f}  rt {row['rt_data']:.1e} / {row['rt_wide']:.1e}  "
                 f"chi2 {row['chi2']:.1f}/{row['chi2_dof']} (p {row['chi2_p']:.3f})  "
                 f"[{row['train_s']:.0f} + {row['measure_s']:.0f} s]",
