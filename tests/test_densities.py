@@ -122,3 +122,10 @@ def test_chi_square_rejects_samples_of_another_density():
     untrained = densities.train(preset, _data(), 0, small=True)  # type: ignore[arg-type]
     chi = densities.chi_square(untrained, _masses("maf"), FINE, n_samples=4000)
     assert chi.p_value < 1e-6
+
+
+def test_benchmark_quick_mode():
+    out = densities.main(["--quick", "--data", "8gaussians", "--families", "maf", "--papers"])
+    rows = {r["model"]: r for r in out["rows"]}
+    assert set(rows) == {"maf", "maf, paper's exp scale"} and out["steps"] == 20
+    assert abs(rows["maf"]["integral"] - 1) < 0.02 and rows["maf"]["finite_wide"] == 1.0
