@@ -106,19 +106,14 @@ def hutchinson_vectors(model: torch.nn.Module, k: int) -> Iterator[None]:
     the blocks' own estimators are restored after it."""
     if k < 1:
         raise ValueError(f"the number of Hutchinson vectors must be >= 1, got {k}")
-    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
-    if not blocks:
+    if not any(isinstance(m, ResidualBlock) for m in model.modules()):
         raise ValueError(
             "--hutchinson: this model has no residual blocks (no Hutchinson trace estimate)"
         )
-    saved = [b.eval_estimator for b in blocks]
-    try:
-        for b, est in zip(blocks, saved):
-            b.eval_estimator = dataclasses.replace(est, n_hutchinson=k)
+    with evaluation_estimators(
+        model, lambda b: dataclasses.replace(b.eval_estimator, n_hutchinson=k)
+    ):
         yield
-    finally:
-        for b, est in zip(blocks, saved):
-            b.eval_estimator = est
 
 
 @torch.no_grad()
