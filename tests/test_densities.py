@@ -34,23 +34,10 @@ STEPS = 150
 FINE = densities.Grid(8.0, 160)  # cells of 0.1: the modes' std is 0.35
 WIDE = densities.Grid(100.0, 201)
 RT_WIDE = densities.Grid(100.0, 21)
-#: cases that fail for a reason tracked elsewhere (checks named, reason)
-KNOWN = {
-    # placeholder: until the i-ResNet evaluation estimator is fixed
-    "iresnet-vector": (
-        ("integral", "chi_square"),
-        "i-ResNet evaluates log p with its biased truncated series (integral ~8)",
-    ),
-}
 
 
-def _cases(check: str) -> list[object]:
-    out: list[object] = []
-    for name, _ in densities.vector_families():
-        checks, reason = KNOWN.get(name, ((), ""))
-        marks = [pytest.mark.xfail(strict=False, reason=reason)] if check in checks else []
-        out.append(pytest.param(name, id=name, marks=marks))
-    return out
+def _cases() -> list[object]:
+    return [pytest.param(name, id=name) for name, _ in densities.vector_families()]
 
 
 @functools.cache
@@ -81,15 +68,14 @@ def test_every_vector_model_is_checked():
     assert {"maf", "naf", "realnvp-vector", "glow-vector", "residual-flow-vector"} <= names
 
 
-@pytest.mark.parametrize("name", _cases("integral"))
-def test_density_integrates_to_one(name):
-    total = float(_masses(name).sum())
-    assert abs(total - 1) < 0.02, f"{name}: exp(log p) integrates to {total:.4f} on [-10, 10]^2"
-
-
-@pytest.mark.parametrize("name", _cases("finite"))
-def test_log_density_is_finite_far_from_the_data(name):
+@pytest.mark.parametrize("name", _cases())
+def test_density_is_normalised_finite_self_consistent_and_invertible(name):
+    """(a)-(d) in one test per family, so that each family is trained once per process."""
     model = _trained(name)
+    # (a) the density integrates to 1
+    total = float(_masses(name).sum())
+    assert abs(total - 1) < 0.02, f"{name}: exp(log p) integrates to {total:.4f} on [-8, 8]^2"
+    # (b) finite far from the data, in float32
     x = WIDE.points()
     lp = densities.log_prob(model, x)
     bad = ~torch.isfinite(lp)
@@ -98,17 +84,10 @@ def test_log_density_is_finite_far_from_the_data(name):
         f"{name}: log p not finite at {int(bad.sum())} of {len(x)} points of "
         f"[-100, 100]^2, the nearest at radius {radius:.1f}"
     )
-
-
-@pytest.mark.parametrize("name", _cases("chi_square"))
-def test_samples_follow_the_models_own_density(name):
-    chi = densities.chi_square(_trained(name), _masses(name), FINE, n_samples=4000)
+    # (c) the samples follow the model's own density
+    chi = densities.chi_square(model, _masses(name), FINE, n_samples=4000)
     assert chi.p_value > 1e-3, f"{name}: chi2 {chi.statistic:.1f} on {chi.dof} dof"
-
-
-@pytest.mark.parametrize("name", _cases("round_trip"))
-def test_round_trip_on_data_and_far_from_it(name):
-    model = _trained(name)
+    # (d) the round trip, on the data and far from it
     on_data = densities.round_trip(model, _data().test[:500])  # type: ignore[attr-defined]
     wide = densities.round_trip(model, RT_WIDE.points())
     assert on_data < 1e-4, f"{name}: relative round-trip error {on_data:.2g} on the data"

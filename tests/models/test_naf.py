@@ -139,3 +139,23 @@ def test_sigmoidal_logdet_with_bound_and_slope_floor_is_the_log_derivative():
         DSF(4, bound=0.0)
     with pytest.raises(ValueError, match="slope_floor must be >= 0"):
         DDSF(4, 2, slope_floor=-0.1)
+
+
+@pytest.mark.parametrize(
+    ("preset", "fields", "paper"),
+    [
+        ("maf-toy2d", ("scale_clamp",), (0.0,)),
+        ("naf-toy2d", ("param_bound", "slope_floor"), (0.0, 0.0)),
+    ],
+)
+def test_checkpoints_written_before_the_bounds_reload_with_the_papers_maps(preset, fields, paper):
+    from resflow.models import get_preset
+    from resflow.models.registry import config_from_dict, config_to_dict
+
+    saved = config_to_dict(get_preset(preset))
+    now = config_from_dict(saved)
+    assert all(getattr(now, f) > 0 for f in fields)  # written with the bounds: kept
+    for f in fields:
+        del saved["config"][f]  # an older checkpoint's config
+    old = config_from_dict(saved)
+    assert tuple(getattr(old, f) for f in fields) == paper

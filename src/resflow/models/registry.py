@@ -191,4 +191,13 @@ def config_from_dict(data: dict[str, Any]) -> Any:
             f"the checkpoint's model {name!r} is not registered in this resflow "
             f"(known: {', '.join(MODELS.names())}); is it from a newer version?"
         )
-    return from_dict(MODELS.get(name).config, body)
+    return from_dict(MODELS.get(name).config, {**_ABSENT_MEANS.get(name, {}), **body})
+
+
+_ABSENT_MEANS: dict[str, dict[str, Any]] = {
+    "maf": {"scale_clamp": 0.0},
+    "naf": {"param_bound": 0.0, "slope_floor": 0.0},
+}
+"""Fields whose default changed after checkpoints without them were written: such a
+checkpoint was trained with this value (the papers' unbounded maps), so it reloads with
+it and gives the density it was trained with."""
