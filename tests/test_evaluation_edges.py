@@ -118,6 +118,8 @@ def test_more_hutchinson_vectors_give_less_noisy_draws():
 def test_draws_per_example_and_stochastic_models():
     exact = _residual_flow(6, EXACT_ESTIMATOR)
     assert not is_stochastic(exact) and is_stochastic(_residual_flow(6))
+    auto = LogdetEstimator(method="auto", n_exact_terms=20)  # exact up to 16 dimensions
+    assert not is_stochastic(_residual_flow(6, auto)) and is_stochastic(_residual_flow(24, auto))
     assert is_stochastic(_fixed_flow())  # dequantization noise
     x = torch.randn(5, 6)
     draws = per_example_draws(exact, x, 3)

@@ -91,10 +91,17 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def is_stochastic(model: torch.nn.Module) -> bool:
     """Whether the model's log-density in eval mode is a random estimate: it has a
     stochastic layer (dequantization, noise augmentation) or a residual block whose
-    evaluation logdet may be a power series (Hutchinson vectors, roulette)."""
+    evaluation logdet may be a power series (Hutchinson vectors, roulette). The blocks
+    of a vector flow see the data's dimension, which resolves ``"auto"``; elsewhere an
+    ``"auto"`` block counts as random."""
+    dim = model.dim if isinstance(model, Flow) and len(model.shape) == 1 else None
+
+    def series(block: ResidualBlock) -> bool:
+        est = block.eval_estimator
+        return (est.resolve(dim) if dim is not None else est).method != "exact"
+
     return any(
-        getattr(m, "stochastic", False) is True
-        or (isinstance(m, ResidualBlock) and m.eval_estimator.method != "exact")
+        getattr(m, "stochastic", False) is True or (isinstance(m, ResidualBlock) and series(m))
         for m in model.modules()
     )
 
