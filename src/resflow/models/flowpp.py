@@ -69,7 +69,7 @@ class FlowppConfig(Config):
     heads: int = param(4, ge=1, le=64, help="attention heads")
     attention: bool = param(True, help="self-attention in the coupling nets")
     dropout: float = param(0.2, ge=0, lt=1, help="dropout in the coupling nets")
-    logit_alpha: float = param(0.05, ge=0, lt=0.5, help="alpha of the logit transform")
+    logit_alpha: float = param(0.05, gt=0, lt=0.5, help="alpha of the logit transform")
     horizontal_flip: bool = param(False, help="random horizontal flips in training")
     n_classes: int = param(0, ge=0, le=100_000, help="classes (0: unconditional)")
     dequantization: DequantizationConfig = field(default_factory=_paper_dequantizer)

@@ -56,7 +56,7 @@ class IResNetConfig(ImageFlowConfig):
     image_shape: tuple[int, int, int] = param((3, 32, 32), ge=1, help="(C, H, W)")
     coeff: float = param(0.9, gt=0, lt=1, help="Lipschitz coefficient of every layer (< 1)")
     activation: Activation = param("elu", help="1-Lipschitz activation")
-    logit_alpha: float = param(0.05, ge=0, lt=0.5, help="alpha of the logit transform")
+    logit_alpha: float = param(0.05, gt=0, lt=0.5, help="alpha of the logit transform")
     squeeze_first: bool = param(True, help="squeeze before the first scale")
     factor_out: bool = param(True, help="factor out half the channels after each squeeze")
     actnorm_position: Literal["after", "before"] = param("before", help="ActNorm placement")

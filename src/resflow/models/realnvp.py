@@ -61,7 +61,7 @@ class RealNVPConfig(Config):
     split_prior: Literal["standard", "conditional"] = param(
         "standard", help="prior of the factored halves"
     )
-    logit_alpha: float = param(0.05, ge=0, lt=0.5, help="alpha of the logit transform")
+    logit_alpha: float = param(0.05, gt=0, lt=0.5, help="alpha of the logit transform")
     horizontal_flip: bool = param(False, help="random horizontal flips in training")
     scale_l2: float = param(5e-5, ge=0, help="L2 penalty on the weight-norm scales")
     n_classes: int = param(0, ge=0, le=100_000, help="classes (0: unconditional)")

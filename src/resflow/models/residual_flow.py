@@ -87,7 +87,7 @@ class ImageFlowConfig(Config):
     kernels: tuple[int, ...] = param((3, 1, 3), ge=1, le=15, help="kernel sizes of each branch")
     coeff: float = param(0.98, gt=0, lt=1, help="Lipschitz coefficient of every layer (< 1)")
     activation: Activation = param("lipswish", help="1-Lipschitz activation")
-    logit_alpha: float = param(1e-6, ge=0, lt=0.5, help="alpha of the logit transform")
+    logit_alpha: float = param(1e-6, gt=0, lt=0.5, help="alpha of the logit transform")
     horizontal_flip: bool = param(False, help="random horizontal flips in training")
     squeeze_first: bool = param(False, help="squeeze before the first scale")
     factor_out: bool = param(False, help="factor out half the channels after each squeeze")
