@@ -23,3 +23,4 @@ $PY bias.py | tee out/bias.log
 $PY activations.py --steps 300 | tee out/activations.log
 $PY norms.py --data checkerboard --steps 400 | tee out/norms_checkerboard.log
 $PY hybrid.py --steps 300 | tee out/hybrid.log
+$PY densities.py --steps 300 --data 8gaussians checkerboard --papers | tee out/densities.log
