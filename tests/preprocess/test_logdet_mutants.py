@@ -201,3 +201,25 @@ def test_reduced_bits_decode_to_the_centre_of_their_8_bit_bin():
         x = layer.inverse(y)
         assert torch.equal(reduce_bits(x, bits), y)
         assert (((x - y * s) - (s - 1) / 2).abs() <= 0.5).all()
+
+
+def test_quantized_noise_is_a_density_of_the_noisy_levels():
+    """TarFlow's official mode: ``y = x / (L - 1) + std eps`` from the levels, and the
+    logdet of the map from the noisy levels ``v = (L - 1) y`` to ``y`` (so ``L - 1``,
+    not ``L``), its inverse the negative."""
+    from resflow.preprocess.noise import QuantizedGaussianNoise
+
+    levels, std = 9, 0.03
+    layer = QuantizedGaussianNoise(levels, std).double().eval()
+    x = torch.tensor([0.0, 3.0, 8.0, 5.0], dtype=torch.float64).repeat(5000, 1)
+    y, logdet = layer(x)
+    err = y - x / (levels - 1)
+    assert float(err.mean().abs()) < 1e-3
+    assert float(err.std()) == pytest.approx(std, rel=0.02)
+    v = y[:3] * (levels - 1)
+    brute = _jacobian_logdet(lambda t: t / (levels - 1), v)
+    torch.testing.assert_close(logdet[:3], brute, rtol=1e-12, atol=1e-12)
+    assert float(logdet[0]) == pytest.approx(-4 * math.log(levels - 1))
+    back, inverse_logdet = layer.inverse_and_logdet(x / (levels - 1))  # noise-free
+    assert torch.equal(back, x)
+    torch.testing.assert_close(inverse_logdet, -logdet)
