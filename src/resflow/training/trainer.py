@@ -444,6 +444,8 @@ class Trainer:
                 if evaluated:
                     res = self.evaluate(cfg.eval_max)
                     rec.update(test=res.mean, test_stderr=res.stderr)
+                    if res.extra:  # labelled second figures (i-ResNet's biased one)
+                        rec["test_extra"] = {k: [r.mean, r.stderr] for k, r in res.extra.items()}
                     if res.accuracy is not None:
                         rec["test_accuracy"] = res.accuracy
                     line = f"step {self.step}: test {res}"
@@ -504,6 +506,8 @@ class Trainer:
             unit, note = _eval_unit(self.model), density_note(self.model)
             result = EvalResult(final["test"], final["test_stderr"], n, unit, note,
                                 final.get("test_accuracy"))  # fmt: skip
+            for label, (mean, stderr) in final.get("test_extra", {}).items():
+                result.extra[label] = EvalResult(mean, stderr, n, unit)
         return TrainResult(self.model, self.ema, self.step, self.history, result)
 
     def _restore_best(self) -> None:
