@@ -218,7 +218,7 @@ LAYERS = {
     "quantized-noise": (lambda: QuantizedGaussianNoise(17, 1e-3), (2, 2, 2), None),
     "glow-top-prior": (lambda: GlowTopPrior((2, 4, 4)), (2, 4, 4), None),
     "glow-top-prior-labels": (lambda: GlowTopPrior((2, 2, 2), n_classes=3), (2, 2, 2), (3,)),
-    "normalize": (lambda: Normalize((0.5, 0.2), (2.0, 0.5)), (2, 2, 2), None),
+    "normalize": (lambda: Normalize((0.5, 0.2), (2.0, 0.7)), (2, 2, 2), None),  # prod != 1
     "squeeze": (lambda: Squeeze(2), (1, 4, 4), None),
     "flatten": (lambda: Flatten((2, 2, 2)), (2, 2, 2), None),
     "factor-out-standard": (lambda: _factor("standard"), (4, 2, 2), None),
