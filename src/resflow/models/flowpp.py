@@ -138,19 +138,26 @@ register_model(
 _PAPER_TRAIN = TrainConfig(
     lr=3e-4, batch_size=64, weight_decay=0.0, warmup=2000, grad_clip=1.0, ema_decay=0.999
 )
+_FLOWPP_DIFFERENCES = (
+    "; differs from the authors' code (aravindsrinivas/flowpp): AdamW (0.9, 0.99) with no "
+    "decay (theirs: Adam (0.9, 0.999)), EMA decay ramped up to 0.999 (theirs: 0.999 from the "
+    "start), PyTorch's default initialisation with zero output convolutions (theirs: every "
+    "convolution initialised from a batch of 128 images, gates and outputs at scale 0.1)"
+)
 register_preset(
     "flowpp-cifar10",
     "flowpp",
     FlowppConfig(),
     train=_PAPER_TRAIN,
-    description="CIFAR-10, the authors' architecture (31,443,440 parameters)",
+    description="CIFAR-10, the authors' architecture (31,443,440 parameters)" + _FLOWPP_DIFFERENCES,
 )
 register_preset(
     "flowpp-cifar10-uniform",
     "flowpp",
     FlowppConfig(hidden=104, dequantization=DequantizationConfig(kind="uniform")),
     train=_PAPER_TRAIN,
-    description="ablation: uniform dequantization (104 channels, 32,324,408 parameters)",
+    description="ablation: uniform dequantization (104 channels, 32,324,408 parameters)"
+    + _FLOWPP_DIFFERENCES,
 )
 register_preset(
     "flowpp-cifar10-affine",
@@ -163,7 +170,8 @@ register_preset(
         ),
     ),
     train=_PAPER_TRAIN,
-    description="ablation: affine instead of logistic-mixture couplings (108 channels)",
+    description="ablation: affine instead of logistic-mixture couplings (108 channels, "
+    "32,045,708 parameters)" + _FLOWPP_DIFFERENCES,
 )
 register_preset(
     "flowpp-cifar10-noattn",
@@ -175,7 +183,8 @@ register_preset(
         ),
     ),
     train=_PAPER_TRAIN,
-    description="ablation: no self-attention (a pointwise gate, same parameter count)",
+    description="ablation: no self-attention (a pointwise gate, same parameter count)"
+    + _FLOWPP_DIFFERENCES,
 )
 
 # ---- small presets that train in minutes on CPU ----------------------------------------------
