@@ -146,6 +146,8 @@ def test_iresnet_prints_its_true_density_and_labels_the_papers_biased_figure(tmp
                   "--eval-max", "64", "--out", str(run), "--no-progress",
                   "--no-tensorboard").stdout  # fmt: skip
     assert "iresnet-digits (iresnet," in out and "bits/dim" in out
+    final = [line for line in out.splitlines() if line.startswith("test ")][-1]
+    assert "biased: series truncated after 5 terms" in final  # kept in the final result
     both = resflow("eval", "--run", str(run), "--max", "64", "--no-progress").stdout
     true = resflow("eval", "--run", str(run), "--max", "64", "--no-progress", "--set",
                    "estimator.biased_eval_terms=0").stdout  # fmt: skip
