@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from resflow import DataConfig, TrainConfig, Trainer, build_model, get_preset
-from resflow.checkpoint import CheckpointError
+from resflow.checkpoint import CheckpointError, save_checkpoint
 from resflow.cli import main
 from resflow.runs import RunExistsError, RunFolder, RunLockedError
 from resflow.training.objectives import MaximumLikelihood
@@ -175,9 +175,9 @@ def test_eval_of_a_broken_model_is_an_error_not_nan(trained, tmp_path, capsys):
     state = torch.load(run / "best.pt", weights_only=True)
     for k, v in state["ema"]["shadow"].items():
         state["ema"]["shadow"][k] = torch.full_like(v, math.nan)
-    torch.save(state, run / "best.pt")
+    save_checkpoint(state, run / "best.pt")  # with the checksum of these weights
     code, out, err = run_cli(capsys, "eval", "--run", str(run), "--no-progress")
-    assert_one_line_error(code, err, "non-finite log-density")
+    assert_one_line_error(code, err, "non-finite weights")
     assert "nan" not in out
 
 
@@ -362,7 +362,7 @@ def _fooled_run(trained, tmp_path):
     state["model"][f"{key}.weight"] = w
     state["ema"]["shadow"][f"{key}.weight"] = w
     state["model"][f"{key}.v"] = torch.tensor([[0.0, 1.0]])  # W^T W v = v: estimate 1
-    torch.save(state, run / "best.pt")
+    save_checkpoint(state, run / "best.pt")  # with the checksum of these weights
     return run
 
 
@@ -470,3 +470,254 @@ def test_data_problems_are_found_before_the_first_step(tmp_path):
     with pytest.raises(ValueError, match="the test set is empty"):
         Trainer(cfg, empty, train, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ---- every command checks what it is given (issue 32, part A) ---------------------------
+IMAGE_PRESETS = ["digits-small", "iresnet-digits", "glow-digits", "realnvp-digits",
+                 "flowpp-digits", "denseflow-digits", "hybrid-digits"]  # fmt: skip
+VECTOR_PRESETS = ["toy2d", "iresnet-toy2d", "glow-toy2d", "realnvp-toy2d", "maf-toy2d",
+                  "naf-toy2d"]  # fmt: skip
+
+
+def _made_run(folder: Path, preset: str, nan: bool = False) -> Path:
+    """A run folder of ``preset`` with untrained weights (a config.yaml and a best.pt, as
+    `resflow train` writes them); ``nan``: its first weight tensor is NaN."""
+    from resflow.checkpoint import save_checkpoint
+    from resflow.data import load_data
+    from resflow.models import MODELS, PRESETS, config_to_dict
+    from resflow.runs import RunConfig
+
+    p = PRESETS.get(preset)
+    data_cfg = (DataConfig(name="digits") if preset in IMAGE_PRESETS
+                else DataConfig(name="8gaussians", n_train=64, n_test=32))  # fmt: skip
+    data = load_data(data_cfg)
+    cfg = MODELS.get(p.model).adapt(p.config, data.shape, data.levels)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if nan:
+        first = next(n for n, _ in model.named_parameters())
+        state[first].fill_(math.nan)
+    folder.mkdir(parents=True)
+    RunFolder(folder).write_config(RunConfig(cfg, data_cfg, TrainConfig()))
+    save_checkpoint({"model": state, "model_config": config_to_dict(cfg), "step": 0},
+                    folder / "best.pt")  # fmt: skip
+    return folder
+
+
+def _command_args(command: str, run: Path, out: Path, image: bool) -> list[str]:
+    args = [command, "--run", str(run)]
+    if command == "sample":
+        args += ["--n", "4", "--out", str(out / ("s.png" if image else "s.npy"))]
+    elif command in ("interpolate", "compress"):
+        args += ["--out", str(out / f"{command}.png")]
+    elif command == "score":
+        args += ["--input", "digits" if image else str(out.parent / "x.npy"), "--max", "4",
+                 "--out", str(out / "scores.csv"), "--no-progress"]  # fmt: skip
+        if not image:
+            np.save(out.parent / "x.npy", np.zeros((4, 2)))
+    elif command == "eval":
+        args += ["--no-progress", "--max", "8"]
+    elif command == "check":
+        args += ["--n", "4"]
+    return args
+
+
+RUN_COMMANDS = ["eval", "score", "sample", "interpolate", "compress", "check"]
+
+
+@pytest.mark.parametrize("preset", IMAGE_PRESETS + VECTOR_PRESETS)
+def test_a_model_with_non_finite_weights_is_refused_by_every_command(tmp_path, capsys, preset):
+    """Every command refuses it in one line (exit 2), before any output; `check` reports
+    it as a failed certificate (exit 1), whatever the family."""
+    run = _made_run(tmp_path / "run", preset, nan=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    before = snapshot(run)
+    image = preset in IMAGE_PRESETS
+    for command in RUN_COMMANDS:
+        listing = snapshot(out)
+        code, stdout, err = run_cli(capsys, *_command_args(command, run, out, image))
+        if command == "check":
+            assert code == 1, err
+            assert "FAIL weights: 1 tensor(s) hold NaN or inf" in stdout
+            assert "certificate: FAILED" in stdout and "Traceback" not in err
+        else:
+            assert_one_line_error(code, err, "the model has non-finite weights")
+        assert snapshot(out) == listing, command
+        assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("preset", ["glow-digits", "digits-small", "maf-toy2d", "toy2d"])
+def test_a_finite_model_of_every_kind_still_passes_the_shared_checks(tmp_path, capsys, preset):
+    run = _made_run(tmp_path / "run", preset)
+    out = tmp_path / "out"
+    out.mkdir()
+    image = preset in IMAGE_PRESETS
+    code, stdout, err = run_cli(capsys, *_command_args("sample", run, out, image))
+    assert code == 0, err
+    code, stdout, err = run_cli(capsys, *_command_args("eval", run, out, image))
+    assert code == 0 and "test" in stdout, err
+
+
+@pytest.mark.parametrize("command", RUN_COMMANDS)
+def test_a_run_record_copied_from_another_run_is_refused(trained, tmp_path, capsys, command):
+    """config.yaml of an image run beside a 2-D model's checkpoint (sample used to end in
+    an IndexError from the scatter plot, eval in a shape error)."""
+    run = tmp_path / "mixed"
+    shutil.copytree(trained, run)
+    shutil.copy(FIXTURES / "img" / "config.yaml", run / "config.yaml")
+    (run / "data.yaml").unlink(missing_ok=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, *_command_args(command, run, out, False))
+    assert_one_line_error(code, err, "is the record copied from another run?")
+    assert snapshot(run) == before
+    assert snapshot(out) == {}
+
+
+def test_a_run_record_with_data_of_another_shape_is_refused(trained, tmp_path, capsys):
+    """The model config matches, but the recorded data are 3-D: no command mixes them."""
+    import yaml
+
+    run = tmp_path / "mixed"
+    shutil.copytree(trained, run)
+    np.save(tmp_path / "x3.npy", np.random.default_rng(0).normal(size=(300, 3)))
+    doc = yaml.safe_load((run / "config.yaml").read_text())
+    doc["data"]["name"] = str(tmp_path / "x3.npy")
+    doc.pop("data_sha256", None)
+    (run / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    before = snapshot(run)
+    for command in ("eval", "sample", "check"):
+        code, _, err = run_cli(capsys, *_command_args(command, run, tmp_path, False))
+        assert_one_line_error(code, err, "do not fit its model (2,)")
+    assert snapshot(run) == before and not (tmp_path / "s.npy").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sample", "--temperature", "inf"], "--temperature must be >= 0 and finite, got inf"),
+        (["sample", "--temperature", "nan"], "--temperature must be >= 0 and finite, got nan"),
+        (["sample", "--guidance", "inf"], "--guidance must be finite, got inf"),
+        (["compress", "--temperature", "inf"], "--temperature must be >= 0 and finite"),
+        (["fid", "--temperature=-inf"], "--temperature must be >= 0 and finite"),
+        (["eval", "--threads", "100000"], "--threads 100000: this machine has"),
+        (["check", "--threads", "100000"], "--threads 100000: this machine has"),
+        (["score", "--threads", "100000", "--input", "digits"], "--threads 100000"),
+        (["sample", "--n", "100000000000"], "needs about"),
+        (["interpolate", "--steps", "10000000"], "--steps 10000000 with --pairs 4 needs about"),
+        (["interpolate", "--steps", "100000", "--manifold"], "--steps 100000 needs about"),
+        (["fid", "--n", "100000000000"], "--n 100000000000 needs about"),
+    ],
+)
+def test_values_no_command_can_use_are_refused_at_once(capsys, tmp_path, args, message):
+    run = tmp_path / "img"
+    shutil.copytree(FIXTURES / "img", run)
+    before = snapshot(run)
+    out = (
+        ["--out", str(tmp_path / "o.png")]
+        if args[0] in ("sample", "interpolate", "compress")
+        else []
+    )
+    if args[0] == "score":
+        out = ["--out", str(tmp_path / "o.csv")]
+    code, _, err = run_cli(capsys, *args, "--run", str(run), *out)
+    assert_one_line_error(code, err, message)
+    assert snapshot(run) == before
+    assert not list(tmp_path.glob("o.*"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "inf"], "--temperature must be >= 0 and finite, got inf"),
+        (["--n", "100000000000", "--out", "s.npy"], "--n 100000000000 needs about"),
+        (["--n", "100000000000", "--out", "s.csv"], "lower --n"),
+        (["--threads", "100000"], "--threads 100000"),
+    ],
+)
+def test_vector_sampling_refuses_values_at_once(trained, tmp_path, capsys, monkeypatch, args,
+                                                message):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(trained)
+    code, _, err = run_cli(capsys, "sample", "--run", str(trained), *args)
+    assert_one_line_error(code, err, message)
+    assert snapshot(trained) == before and not list(tmp_path.glob("s.*"))
+
+
+def test_train_and_vi_refuse_thread_counts_at_once(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", *TINY_VEC, "--out", str(tmp_path / "r"),
+                           "--threads", "100000")  # fmt: skip
+    assert_one_line_error(code, err, "--threads 100000")
+    assert not (tmp_path / "r").exists()
+    code, _, err = run_cli(capsys, "vi", "--target", "banana", "--out", str(tmp_path / "v"),
+                           "--threads", "100000", "--no-progress")  # fmt: skip
+    assert_one_line_error(code, err, "--threads 100000")
+    assert not (tmp_path / "v").exists()
+    code, _, err = run_cli(capsys, "train", *TINY_VEC, "--out", str(tmp_path / "r"),
+                           "--temperature", "inf")  # fmt: skip
+    assert_one_line_error(code, err, "--temperature must be >= 0 and finite")
+    assert not (tmp_path / "r").exists()
+
+
+def _write_image(path: Path, mode: str) -> None:
+    from PIL import Image
+
+    if mode == "I;16":
+        Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(path)
+    elif mode == "F":
+        Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(path)
+    elif mode == "I":
+        Image.fromarray(np.full((8, 8), 7, dtype=np.int32)).save(path)
+
+
+@pytest.mark.parametrize(
+    "name, mode, message",
+    [
+        ("a.png", "I;16", "a 16-bit image; resflow reads 8-bit images"),
+        ("a.tiff", "F", "a 32-bit (F) image"),
+        ("a.tiff", "I", "a 32-bit (I) image"),
+    ],
+)
+def test_score_refuses_images_that_are_not_8_bit(tmp_path, capsys, name, mode, message):
+    """A 16-bit PNG used to be read as an all-white image and scored."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _write_image(folder / name, mode)
+    out = tmp_path / "scores.csv"
+    code, _, err = run_cli(capsys, "score", "--run", str(FIXTURES / "img"), "--input",
+                           str(folder), "--out", str(out), "--no-progress")  # fmt: skip
+    assert_one_line_error(code, err, message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "write, message",
+    [
+        (lambda p: np.save(p.with_suffix(".npy"), np.array([[0.0, np.nan], [1.0, 2.0]])),
+         "1 value(s) are NaN or infinite (first in row 0)"),
+        (lambda p: np.save(p.with_suffix(".npy"), np.zeros((2, 2), dtype=complex)),
+         "expected real numbers, got complex128"),
+        (lambda p: p.with_suffix(".csv").write_text("x,y\n1,2\ninf,3\n"),
+         "1 value(s) are NaN or infinite (first in row 1)"),
+    ],
+)  # fmt: skip
+def test_score_refuses_vectors_a_density_cannot_score(trained, tmp_path, capsys, write, message):
+    write(tmp_path / "x")
+    path = next(tmp_path.glob("x.*"))
+    out = tmp_path / "scores.csv"
+    code, _, err = run_cli(capsys, "score", "--run", str(trained), "--input", str(path),
+                           "--out", str(out), "--no-progress")  # fmt: skip
+    assert_one_line_error(code, err, message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("preset", ["glow-digits", "realnvp-toy2d", "toy2d"])
+def test_the_api_refuses_an_infinite_temperature(preset):
+    """Coupling image models used to return non-finite samples (and the CLI a grid)."""
+    model = build_model(get_preset(preset))
+    for t in (math.inf, math.nan):
+        with pytest.raises(ValueError, match="temperature must be >= 0 and finite"):
+            model.sample(2, temperature=t)

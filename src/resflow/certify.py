@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from resflow.flow import Flow
+from resflow.flow import Flow, non_finite_weights
 from resflow.layers.residual.block import (
     InverseNotConvergedError,
     ResidualBlock,
@@ -79,6 +79,7 @@ class Certificate:
     density_note: str = ""
     round_trip: float | None = None  # worst |f(f^-1(z)) - z| of the whole model
     round_trip_formula: str = "|f(f^-1(z)) - z|"  # or |f^-1(f(x)) - x| (noise augmentation)
+    non_finite: list[str] = field(default_factory=list)  # weights holding NaN or inf
 
     @property
     def round_trip_ok(self) -> bool:
@@ -95,9 +96,18 @@ class Certificate:
 
     @property
     def passed(self) -> bool:
+        if self.non_finite:
+            return False
         return all(b.ok for b in self.blocks) and self.density_ok and self.round_trip_ok
 
     def lines(self) -> list[str]:
+        if self.non_finite:
+            out = [f"FAIL weights: {len(self.non_finite)} tensor(s) hold NaN or inf values, "
+                   "so no check can run"]  # fmt: skip
+            out += [f"       {name}" for name in self.non_finite[:10]]
+            if len(self.non_finite) > 10:
+                out.append(f"       ... and {len(self.non_finite) - 10} more")
+            return [*out, "certificate: FAILED"]
         out = [f"{len(self.blocks)} residual block(s), inverse checked on {self.n_examples} "
                "test example(s)"]  # fmt: skip
         for b in self.blocks:
@@ -177,6 +187,9 @@ def certify(
     """Certify the Lipschitz layers of ``model`` (eval mode) and check it on up to
     ``n_examples`` of ``data`` (with their ``labels`` for a class-conditional model)."""
     model.eval()
+    bad = non_finite_weights(model)
+    if bad:  # a diverged or damaged model: a failed certificate, whatever its family
+        return Certificate([], 0, non_finite=bad)
     refresh_lipschitz(model)
     x = data[:n_examples]
     y = None if labels is None or model.n_classes is None else labels[:n_examples]

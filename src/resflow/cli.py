@@ -42,6 +42,7 @@ from resflow.evaluation import (
     save_image_grid,
     save_temperature_grids,
 )
+from resflow.flow import check_finite_weights
 from resflow.latent import conceptual_compression, manifold_interpolation
 from resflow.layers.residual.block import InverseNotConvergedError
 from resflow.layers.transformers import BracketNotFoundError
@@ -56,13 +57,14 @@ from resflow.models import (
     resolve_model,
 )
 from resflow.preprocess.noise import GaussianNoise
-from resflow.runs import RunExistsError, RunFolder, RunLockedError
+from resflow.runs import RunExistsError, RunFolder, RunLockedError, check_run_record
 from resflow.train_config import TrainConfig
 from resflow.training import Trainer
 from resflow.training.distributed import (
     PeerError,
     launched_by_torchrun,
     load_shared,
+    peer_failure,
     setup,
     shutdown,
 )
@@ -119,7 +121,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         train_cfg = replace(recorded.train, **train_flags)
         model_cfg = override(recorded.model, sets)
         if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks
-            print(f"resflow: resuming {out} with its recorded model, data and settings")
+            if run.stopped_before_first_checkpoint():
+                print(f"resflow: {out} was stopped before its first checkpoint; starting it "
+                      "again from step 0 with its recorded model, data and settings")  # fmt: skip
+            else:
+                print(f"resflow: resuming {out} with its recorded model, data and settings")
 
     if launched_by_torchrun():  # one copy of the data per machine, not per process
         data = load_shared(data_cfg, setup(_torch_device(train_cfg.device)))
@@ -135,6 +141,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if final is None or final.n != len(data.test):
             trainer.evaluate()
         return 0
+    if trainer.restarted and not resumed:
+        print(f"resflow: {out} was stopped before its first checkpoint; starting it again "
+              "with the same settings")  # fmt: skip
     n_params = count_parameters(trainer.model)
     world = trainer.dist.world_size
     print(
@@ -226,13 +235,31 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _model(args: argparse.Namespace) -> Any:
-    return RunFolder(args.run).load_model(args.which, overrides=parse_sets(args.set) or None)
+    """The run's model, after the checks every command shares: the run's record describes
+    its checkpoint, and (except for `check`, which reports it as a failed certificate)
+    the weights are finite."""
+    run = RunFolder(args.run)
+    model = run.load_model(args.which, overrides=parse_sets(args.set) or None)
+    check_run_record(run, args.which)
+    if args.command != "check":
+        check_finite_weights(model)
+    return model
+
+
+def _run_data(args: argparse.Namespace, model: Any) -> Any:
+    """The run's recorded data, checked against the model it is used with."""
+    data = RunFolder(args.run).load_data(args.data_dir)
+    if tuple(data.test.shape[1:]) != tuple(model.shape) and getattr(args, "size", None) is None:
+        raise ValueError(
+            f"{args.run}: its data {data.name} {tuple(data.test.shape[1:])} do not fit its "
+            f"model {tuple(model.shape)}; is config.yaml copied from another run?"
+        )
+    return data
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    run = RunFolder(args.run)
     model = _model(args)
-    data = run.load_data(args.data_dir)
+    data = _run_data(args, model)
     test = data.test if args.max is None else data.test[: args.max]
     labels = None if data.test_labels is None else data.test_labels[: len(test)]
     torch.manual_seed(args.seed)
@@ -316,8 +343,9 @@ def cmd_fid(args: argparse.Namespace) -> int:
     model = _model(args)
     if model.levels is None:
         raise ValueError("fid compares images; this run models vectors")
+    _check_memory(f"--n {args.n}", args.n * model.dim * 8, "lower --n")
     net = inception_network(args.device)  # a clear error before any sampling
-    data = RunFolder(args.run).load_data(args.data_dir)
+    data = _run_data(args, model)
     reference = data.train if args.reference == "train" else data.test
     torch.manual_seed(args.seed)
     labels = _labels(model, None, args.n)
@@ -358,6 +386,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out}: a vector run writes .npy, .csv or (2-D) .png")
     if model.levels is None and suffix == ".png" and model.shape != (2,):
         raise ValueError(f"--out {out}: a PNG of samples needs 2-D data; use .npy or .csv")
+    if model.levels is not None:  # the samples, and the grid at its scale
+        per_sample = model.dim * (4 + 2 * max(1, 128 // model.shape[-1]) ** 2)
+    else:  # the samples, their float64 copy and (.csv) their text
+        per_sample = model.dim * (4 + 8 + (16 if suffix == ".csv" else 0))
+    _check_memory(f"--n {args.n}", args.n * per_sample, "lower --n")
+    scatter = model.levels is None and model.shape == (2,)
+    data = _run_data(args, model) if scatter else None  # checked before any file is written
     torch.manual_seed(args.seed)
     chunks, errors = [], []
     labels = _labels(model, args.label, args.n)
@@ -374,10 +409,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         save_image_grid(samples, out, model.levels, scale=scale)
     else:
         _write_array(samples, out)
-        if model.shape == (2,):
+        if scatter:
             from resflow.plots import plot_samples_2d
 
-            data = RunFolder(args.run).load_data(args.data_dir)
+            assert data is not None
             png = out if suffix == ".png" else out.with_suffix(".png")
             plot_samples_2d(samples, data.test, png)
             print(f"scatter of the samples beside the test data: {png}")
@@ -419,13 +454,15 @@ def _write_array(samples: torch.Tensor, out: Path) -> None:
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
-    run = RunFolder(args.run)
     model = _model(args)
     if model.levels is None:
         raise ValueError("interpolate writes image grids; this run models vectors")
-    data = run.load_data(args.data_dir)
-    torch.manual_seed(args.seed)
     scale = max(1, 96 // model.shape[-1])
+    n_images = args.steps**2 if args.manifold else args.pairs * args.steps
+    what = f"--steps {args.steps}" + ("" if args.manifold else f" with --pairs {args.pairs}")
+    _check_memory(what, n_images * model.dim * (8 + 2 * scale**2), "lower --steps")
+    data = _run_data(args, model)
+    torch.manual_seed(args.seed)
     if args.manifold:
         if len(data.test) < 4:
             raise ValueError("--manifold needs 4 test images")
@@ -455,11 +492,10 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    run = RunFolder(args.run)
     model = _model(args)
     if model.levels is None:
         raise ValueError("compress writes image grids; this run models vectors")
-    data = run.load_data(args.data_dir)
+    data = _run_data(args, model)
     if args.n > len(data.test):
         raise ValueError(f"--n {args.n}: there are {len(data.test)} test images")
     torch.manual_seed(args.seed)
@@ -480,9 +516,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    run = RunFolder(args.run)
     model = _model(args)
-    data = run.load_data(args.data_dir)
+    data = _run_data(args, model)
     cert = certify(model, data.test, args.n, data.test_labels)
     for line in cert.lines():
         print(line)
@@ -508,6 +543,14 @@ def cmd_vi(args: argparse.Namespace) -> int:
     if entry.kind != "vector":
         raise ValueError(f"--model {entry.name} models images; reverse KL needs a vector model")
     cfg = override(entry.adapt(cfg, (target.dim,), None), parse_sets(args.set))
+    out = Path(args.out or f"runs/vi-{target.name}-{entry.name}")
+    check_output(out, "--out", args.overwrite, what="folder")  # before any training
+    earlier = [out / name for name in ("result.json", "fit.png") if (out / name).exists()]
+    if earlier and not args.overwrite:
+        raise ValueError(
+            f"--out {out} already holds a fit ({earlier[0].name}); pass --overwrite to "
+            "replace it (or choose another --out)"
+        )
     torch.manual_seed(args.seed)
     q = sampling_direction(entry.build(cfg))
     print(f"resflow: fitting {entry.name} ({count_parameters(q):,} parameters) to "
@@ -517,7 +560,6 @@ def cmd_vi(args: argparse.Namespace) -> int:
                              anneal=args.anneal, beta0=0.05)  # fmt: skip
     est = estimate_kl(q, target, args.n_eval)
     print(est)
-    out = Path(args.out or f"runs/vi-{target.name}-{entry.name}")
     out.mkdir(parents=True, exist_ok=True)
     record = {"target": target.name, "dim": target.dim, "model": entry.name,
               "steps": args.steps, "kl": est.kl, "stderr": est.stderr, "ess": est.ess,
@@ -532,6 +574,54 @@ def cmd_vi(args: argparse.Namespace) -> int:
         print(f"target and samples: {out / 'fit.png'}")
     print(f"record: {out / 'result.json'}")
     return 0
+
+
+def check_output(path: Path, flag: str, overwrite: bool, what: str = "file") -> None:
+    """Refuse, before any work, an output location that cannot be written or that holds
+    an earlier result (unless ``--overwrite``)."""
+    if what == "file" and path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+    if what == "folder" and path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file; give a folder")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK):
+                raise ValueError(f"{flag} {path}: {parent} is not writable")
+            break
+    if what == "file" and path.exists() and not overwrite:
+        raise ValueError(
+            f"{flag} {path} already exists; pass --overwrite to replace it (or choose "
+            f"another {flag})"
+        )
+
+
+def _outputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """The files a command (sample, score, interpolate, compress) will write."""
+    out = Path(args.out)
+    outputs = [("--out", out)]
+    if args.command == "score" and args.plot is not None:
+        outputs.append(("--plot", Path(args.plot)))
+    if args.command == "sample" and out.suffix.lower() in (".npy", ".csv"):
+        try:  # a 2-D vector run also writes a scatter .png beside the samples
+            model = RunFolder(args.run).read_config().model
+        except CheckpointError:
+            model = None  # the command says what is wrong with the run
+        if getattr(model, "dim", None) == 2 and getattr(model, "image_shape", None) is None:
+            outputs.append(("--out", out.with_suffix(".png")))
+    return outputs
+
+
+def _checking_outputs(command: Any) -> Any:
+    """``command`` preceded by :func:`check_output` on each of its outputs."""
+
+    def checked(args: argparse.Namespace) -> int:
+        for flag, path in _outputs(args):
+            check_output(path, flag, args.overwrite)
+        return int(command(args))
+
+    return checked
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -777,6 +867,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads")
     v.set_defaults(func=cmd_vi)
 
+    for q in (sc, s, i, k, v):  # the commands that write files: nothing replaced unasked
+        q.add_argument(
+            "--overwrite", action="store_true", help="replace the output files if they exist"
+        )
+    for q in (sc, s, i, k):
+        q.set_defaults(func=_checking_outputs(q.get_default("func")))
+
     pr = sub.add_parser("presets", help="list model presets by family")
     pr.add_argument("--count", action="store_true", help="build each and count parameters")
     pr.set_defaults(func=cmd_presets)
@@ -802,6 +899,57 @@ EXPECTED = (
 """Failures a user can cause or meet: one line and exit code 2, no traceback."""
 
 
+MAX_THREADS_PER_CORE = 4
+"""``--threads`` beyond this many per core is refused (far more threads than cores only
+slow a run down, and torch's thread pool crashes at some tens of thousands)."""
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """The options whose values no command can use, refused in one line before any work."""
+    import math
+
+    temperature = getattr(args, "temperature", None)
+    if temperature is not None and not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"--temperature must be >= 0 and finite, got {temperature}")
+    guidance = getattr(args, "guidance", None)
+    if guidance is not None and not math.isfinite(guidance):
+        raise ValueError(f"--guidance must be finite, got {guidance}")
+    threads = getattr(args, "threads", None)
+    cores = os.cpu_count() or 1
+    if threads is not None and threads > MAX_THREADS_PER_CORE * cores:
+        raise ValueError(
+            f"--threads {threads}: this machine has {cores} core(s); use at most "
+            f"{MAX_THREADS_PER_CORE * cores} (one per core is usually fastest)"
+        )
+
+
+def available_memory() -> int:
+    """Bytes of memory this process may still use (MemAvailable, or the physical
+    memory where /proc/meminfo is missing)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def _check_memory(what: str, nbytes: float, hint: str) -> None:
+    """Refuse at once an output that cannot fit in memory (instead of minutes of work
+    ending in a crash)."""
+    free = available_memory()
+    if nbytes > free:
+        raise ValueError(
+            f"{what} needs about {nbytes / 2**30:,.1f} GiB of memory; "
+            f"{free / 2**30:,.1f} GiB are available: {hint}"
+        )
+
+
 def _message(e: BaseException) -> str:
     if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
         return "out of memory; lower --batch-size (or --eval-batch-size)"
@@ -814,14 +962,21 @@ def _message(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # large tensors reused, not faulted in anew (resflow.allocator)
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
     try:
+        _check_args(args)  # values every command shares, refused before any work
+        if getattr(args, "threads", None):
+            torch.set_num_threads(args.threads)
         return int(args.func(args))
     except EXPECTED as e:
         if args.debug:
             raise
         print(f"resflow {args.command}: error: {_message(e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # a collective of a torchrun launch whose peer stopped
+        peer = peer_failure(e)
+        if peer is None or args.debug:
+            raise
+        print(f"resflow {args.command}: error: {peer}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted; resume with --resume (last.pt is kept)", file=sys.stderr)

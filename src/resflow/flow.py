@@ -155,8 +155,8 @@ class Flow(nn.Module):
     def _latent(self, n: int, temperature: float, context: Tensor | None = None) -> Tensor:
         if n < 1:
             raise ValueError(f"the number of samples must be >= 1, got {n}")
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not (temperature >= 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be >= 0 and finite, got {temperature}")
         return self.base.sample(n, temperature, self.condition(context, n))
 
     def sample_latent(
@@ -216,3 +216,22 @@ class Flow(nn.Module):
         with shared_scope(self):
             x, logdet_inv = self.layers.inverse_and_logdet(z, ctx)
         return x, self.base.log_prob(z, ctx) - logdet_inv
+
+
+def non_finite_weights(model: nn.Module) -> list[str]:
+    """The names of ``model``'s parameters and floating-point buffers that hold NaN or
+    infinite values (a diverged or damaged model)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [n for n, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model with non-finite weights: it cannot give finite samples or
+    densities. A ``FloatingPointError`` naming the first such tensor."""
+    bad = non_finite_weights(model)
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise FloatingPointError(
+            f"the model has non-finite weights ({bad[0]}{more}): it cannot produce finite "
+            "output; use another checkpoint (--which last) or retrain"
+        )

@@ -29,7 +29,7 @@ from resflow.checkpoint import CheckpointError, load_checkpoint
 from resflow.config import from_dict, override, to_dict
 from resflow.data import DataConfig, DataSplit, load_data
 from resflow.data.config import is_file_name
-from resflow.flow import Flow
+from resflow.flow import Flow, non_finite_weights
 from resflow.io import atomic_write_text
 from resflow.layers.base import after_optimizer_step
 from resflow.models import build_model, config_from_dict, config_to_dict
@@ -99,6 +99,12 @@ class RunFolder:
         """Whether a run has been written here (a config or a checkpoint)."""
         return self.config_file.exists() or self.last.exists() or self.best.exists()
 
+    def stopped_before_first_checkpoint(self) -> bool:
+        """Whether a run was started here and stopped (killed, interrupted, failed) before
+        it wrote its first checkpoint: a ``config.yaml`` and no ``last.pt`` / ``best.pt``.
+        Nothing of it can be lost: it is started again in place."""
+        return self.config_file.exists() and not self.last.exists() and not self.best.exists()
+
     # ---- safety ---------------------------------------------------------------------------
     def lock(self) -> None:
         """Take an exclusive lock on the folder (``.lock``) for this process; a second
@@ -142,10 +148,11 @@ class RunFolder:
                     removed.append(tmp)
         return removed
 
-    def clear(self) -> None:
-        """Remove a previous run's files (for an explicit overwrite)."""
+    def clear(self, keep: tuple[str, ...] = ()) -> None:
+        """Remove a previous run's files (for an explicit overwrite), but those in ``keep``."""
         for name in RUN_FILES:
-            (self.path / name).unlink(missing_ok=True)
+            if name not in keep:
+                (self.path / name).unlink(missing_ok=True)
         for name in RUN_DIRS:
             if (self.path / name).is_dir():
                 shutil.rmtree(self.path / name)
@@ -284,5 +291,32 @@ def load_model(
                 if name in state["ema"]["shadow"]:
                     p.copy_(state["ema"]["shadow"][name])
     model.eval()
-    after_optimizer_step(model)
+    if not non_finite_weights(model):  # else the caller refuses it (no norms of NaN weights)
+        after_optimizer_step(model)
     return model
+
+
+def check_run_record(folder: RunFolder, which: str = "best") -> None:
+    """Refuse a run folder whose ``config.yaml`` does not describe its checkpoint (a
+    record copied from another run): its data and model would not fit each other. A
+    ``CheckpointError`` saying what differs."""
+    path = folder.checkpoint(which)
+    if which not in ("best", "last") or not folder.config_file.exists():
+        return  # a checkpoint named by path, or a folder without records: nothing to match
+    recorded = folder.read_config()
+    state = load_checkpoint(path)
+    try:
+        saved = config_from_dict(state["model_config"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    if saved != recorded.model:
+        ours, theirs = config_to_dict(recorded.model), config_to_dict(saved)
+        if ours["model"] != theirs["model"]:
+            detail = f"model {ours['model']} in the record, {theirs['model']} in the checkpoint"
+        else:
+            keys = [k for k in theirs["config"] if ours["config"].get(k) != theirs["config"][k]]
+            detail = f"{', '.join(keys[:3])} differ" if keys else "the configs differ"
+        raise CheckpointError(
+            f"{folder.config_file} does not describe {path} ({detail}): is the record "
+            "copied from another run?"
+        )

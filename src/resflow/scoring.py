@@ -245,7 +245,15 @@ def _array(arr: np.ndarray, model: Flow, path: Path) -> Tensor:
         if arr.ndim != 2 or arr.shape[1:] != shape or not np.issubdtype(arr.dtype, np.number):
             raise ValueError(f"{path}: expected numbers of shape [N, {shape[0]}], "
                              f"got {arr.dtype} {list(arr.shape)}")  # fmt: skip
-        return torch.from_numpy(arr.astype(np.float64)).to(model.dtype)
+        if np.iscomplexobj(arr) or arr.dtype == np.bool_:
+            raise ValueError(f"{path}: expected real numbers, got {arr.dtype}")
+        values = arr.astype(np.float64)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0])
+            raise ValueError(f"{path}: {int(bad.sum())} value(s) are NaN or infinite (first in "
+                             f"row {row}); a density is scored at finite points")  # fmt: skip
+        return torch.from_numpy(values).to(model.dtype)
     c, h, w = shape
     if arr.ndim == 3 and c == 1:
         arr = arr[:, None]

@@ -820,6 +820,12 @@ def _read_image_files(
                 sizes.setdefault(im.size, f)
         except Exception as err:
             raise ValueError(f"{f}: cannot read image ({err})") from err
+        if modes[-1] in ("I", "F") or modes[-1].startswith(("I;", "F;")):
+            depth = "16-bit" if "16" in modes[-1] else f"32-bit ({modes[-1]})"
+            raise ValueError(
+                f"{f}: a {depth} image; resflow reads 8-bit images (convert it to 8 bits "
+                "per channel first)"
+            )
     if mode is None:
         mode = "L" if all(m in _GRAY_MODES for m in modes) else "RGB"
     if image_size is None and len(sizes) > 1:
