@@ -238,7 +238,8 @@ def test_sample_writes_arrays_and_a_scatter_for_2d_runs(tmp_path):
     arr = np.load(tmp_path / "s.npy")
     assert arr.shape == (300, 2) and np.isfinite(arr).all()
     assert (tmp_path / "s.png").stat().st_size > 0 and "worst round-trip error" in out
-    resflow("sample", "--run", str(run), "--n", "7", "--out", str(tmp_path / "s.csv"))
+    resflow("sample", "--run", str(run), "--n", "7", "--out", str(tmp_path / "s.csv"),
+            "--overwrite")  # its scatter replaces s.png  # fmt: skip
     assert np.loadtxt(tmp_path / "s.csv", delimiter=",").shape == (7, 2)
     bad = resflow("sample", "--run", str(run), "--out", str(tmp_path / "s.txt"), check=False)
     assert bad.returncode == 2 and "writes .npy, .csv or (2-D) .png" in bad.stderr
@@ -344,7 +345,7 @@ def test_tarflow_train_eval_and_sample_denoised_with_guidance(tmp_path, capsys):
     assert "4 samples of class 3 with guidance 2, denoised (1x8x8)" in capsys.readouterr().out
     assert png.exists()
     assert main(["sample", "--run", str(run), "--n", "2", "--guidance", "0", "--out",
-                 str(png)]) == 0  # fmt: skip
+                 str(png), "--overwrite"]) == 0  # fmt: skip
     assert main(["sample", "--run", str(run), "--label", "1", "--guidance", "1", "--denoise",
-                 "--size", "16x16", "--out", str(png)]) == 2  # fmt: skip
+                 "--size", "16x16", "--out", str(png), "--overwrite"]) == 2  # fmt: skip
     assert "not fully convolutional" in capsys.readouterr().err

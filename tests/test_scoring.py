@@ -157,7 +157,7 @@ def test_hutchinson_vectors_are_recorded_and_a_deterministic_model_is_exact(tmp_
     assert all(s["stderr"] > 0 for s in src["scores"])
     np.savetxt(tmp_path / "v.csv", np.random.default_rng(0).normal(size=(5, 2)), delimiter=",")
     printed = resflow("score", "--run", str(VEC), "--input", str(tmp_path / "v.csv"), "--out",
-                      str(out), "--no-progress").stdout  # fmt: skip
+                      str(out), "--no-progress", "--overwrite").stdout  # fmt: skip
     assert "nats (n=5), exact" in printed
     (src,) = json.loads(out.read_text())["sources"]
     assert src["repeats"] == 1 and src["noise_stderr"] == 0

@@ -64,6 +64,7 @@ from resflow.training.distributed import (
     PeerError,
     launched_by_torchrun,
     load_shared,
+    peer_failure,
     setup,
     shutdown,
 )
@@ -120,7 +121,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         train_cfg = replace(recorded.train, **train_flags)
         model_cfg = override(recorded.model, sets)
         if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks
-            print(f"resflow: resuming {out} with its recorded model, data and settings")
+            if run.stopped_before_first_checkpoint():
+                print(f"resflow: {out} was stopped before its first checkpoint; starting it "
+                      "again from step 0 with its recorded model, data and settings")  # fmt: skip
+            else:
+                print(f"resflow: resuming {out} with its recorded model, data and settings")
 
     if launched_by_torchrun():  # one copy of the data per machine, not per process
         data = load_shared(data_cfg, setup(_torch_device(train_cfg.device)))
@@ -136,6 +141,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if final is None or final.n != len(data.test):
             trainer.evaluate()
         return 0
+    if trainer.restarted and not resumed:
+        print(f"resflow: {out} was stopped before its first checkpoint; starting it again "
+              "with the same settings")  # fmt: skip
     n_params = count_parameters(trainer.model)
     world = trainer.dist.world_size
     print(
@@ -535,6 +543,14 @@ def cmd_vi(args: argparse.Namespace) -> int:
     if entry.kind != "vector":
         raise ValueError(f"--model {entry.name} models images; reverse KL needs a vector model")
     cfg = override(entry.adapt(cfg, (target.dim,), None), parse_sets(args.set))
+    out = Path(args.out or f"runs/vi-{target.name}-{entry.name}")
+    check_output(out, "--out", args.overwrite, what="folder")  # before any training
+    earlier = [out / name for name in ("result.json", "fit.png") if (out / name).exists()]
+    if earlier and not args.overwrite:
+        raise ValueError(
+            f"--out {out} already holds a fit ({earlier[0].name}); pass --overwrite to "
+            "replace it (or choose another --out)"
+        )
     torch.manual_seed(args.seed)
     q = sampling_direction(entry.build(cfg))
     print(f"resflow: fitting {entry.name} ({count_parameters(q):,} parameters) to "
@@ -544,7 +560,6 @@ def cmd_vi(args: argparse.Namespace) -> int:
                              anneal=args.anneal, beta0=0.05)  # fmt: skip
     est = estimate_kl(q, target, args.n_eval)
     print(est)
-    out = Path(args.out or f"runs/vi-{target.name}-{entry.name}")
     out.mkdir(parents=True, exist_ok=True)
     record = {"target": target.name, "dim": target.dim, "model": entry.name,
               "steps": args.steps, "kl": est.kl, "stderr": est.stderr, "ess": est.ess,
@@ -559,6 +574,54 @@ def cmd_vi(args: argparse.Namespace) -> int:
         print(f"target and samples: {out / 'fit.png'}")
     print(f"record: {out / 'result.json'}")
     return 0
+
+
+def check_output(path: Path, flag: str, overwrite: bool, what: str = "file") -> None:
+    """Refuse, before any work, an output location that cannot be written or that holds
+    an earlier result (unless ``--overwrite``)."""
+    if what == "file" and path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+    if what == "folder" and path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file; give a folder")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK):
+                raise ValueError(f"{flag} {path}: {parent} is not writable")
+            break
+    if what == "file" and path.exists() and not overwrite:
+        raise ValueError(
+            f"{flag} {path} already exists; pass --overwrite to replace it (or choose "
+            f"another {flag})"
+        )
+
+
+def _outputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """The files a command (sample, score, interpolate, compress) will write."""
+    out = Path(args.out)
+    outputs = [("--out", out)]
+    if args.command == "score" and args.plot is not None:
+        outputs.append(("--plot", Path(args.plot)))
+    if args.command == "sample" and out.suffix.lower() in (".npy", ".csv"):
+        try:  # a 2-D vector run also writes a scatter .png beside the samples
+            model = RunFolder(args.run).read_config().model
+        except CheckpointError:
+            model = None  # the command says what is wrong with the run
+        if getattr(model, "dim", None) == 2 and getattr(model, "image_shape", None) is None:
+            outputs.append(("--out", out.with_suffix(".png")))
+    return outputs
+
+
+def _checking_outputs(command: Any) -> Any:
+    """``command`` preceded by :func:`check_output` on each of its outputs."""
+
+    def checked(args: argparse.Namespace) -> int:
+        for flag, path in _outputs(args):
+            check_output(path, flag, args.overwrite)
+        return int(command(args))
+
+    return checked
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -804,6 +867,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads")
     v.set_defaults(func=cmd_vi)
 
+    for q in (sc, s, i, k, v):  # the commands that write files: nothing replaced unasked
+        q.add_argument(
+            "--overwrite", action="store_true", help="replace the output files if they exist"
+        )
+    for q in (sc, s, i, k):
+        q.set_defaults(func=_checking_outputs(q.get_default("func")))
+
     pr = sub.add_parser("presets", help="list model presets by family")
     pr.add_argument("--count", action="store_true", help="build each and count parameters")
     pr.set_defaults(func=cmd_presets)
@@ -901,6 +971,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"resflow {args.command}: error: {_message(e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # a collective of a torchrun launch whose peer stopped
+        peer = peer_failure(e)
+        if peer is None or args.debug:
+            raise
+        print(f"resflow {args.command}: error: {peer}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted; resume with --resume (last.pt is kept)", file=sys.stderr)

@@ -99,6 +99,12 @@ class RunFolder:
         """Whether a run has been written here (a config or a checkpoint)."""
         return self.config_file.exists() or self.last.exists() or self.best.exists()
 
+    def stopped_before_first_checkpoint(self) -> bool:
+        """Whether a run was started here and stopped (killed, interrupted, failed) before
+        it wrote its first checkpoint: a ``config.yaml`` and no ``last.pt`` / ``best.pt``.
+        Nothing of it can be lost: it is started again in place."""
+        return self.config_file.exists() and not self.last.exists() and not self.best.exists()
+
     # ---- safety ---------------------------------------------------------------------------
     def lock(self) -> None:
         """Take an exclusive lock on the folder (``.lock``) for this process; a second
@@ -142,10 +148,11 @@ class RunFolder:
                     removed.append(tmp)
         return removed
 
-    def clear(self) -> None:
-        """Remove a previous run's files (for an explicit overwrite)."""
+    def clear(self, keep: tuple[str, ...] = ()) -> None:
+        """Remove a previous run's files (for an explicit overwrite), but those in ``keep``."""
         for name in RUN_FILES:
-            (self.path / name).unlink(missing_ok=True)
+            if name not in keep:
+                (self.path / name).unlink(missing_ok=True)
         for name in RUN_DIRS:
             if (self.path / name).is_dir():
                 shutil.rmtree(self.path / name)

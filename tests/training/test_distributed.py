@@ -172,3 +172,31 @@ def test_resflow_train_runs_unchanged_under_torchrun(tmp_path):
     assert sum(ln.startswith("step 2: test") for ln in lines) == 1, proc.stdout
     assert "2 processes" in proc.stdout
     assert (out / "last.pt").exists() and (out / "density.png").exists()
+
+
+def test_a_killed_peer_ends_rank_zero_with_one_line(tmp_path):
+    """Rank 1 is killed (SIGKILL) at its second step; rank 0's collective fails and it
+    ends with one line and exit code 2, not gloo's traceback; the last checkpoint stays
+    whole. Two processes started with torchrun's environment (no agent, which would
+    terminate rank 0 at a moment of its own choosing)."""
+    out = tmp_path / "run"
+    port = _free_port()
+    flags = ("train --data 8gaussians --n-train 128 --n-test 32 --preset toy2d --set n_blocks=1 "
+             "--set hidden=[8] --steps 20 --batch-size 32 --eval-every 20 --checkpoint-every 1 "
+             "--no-progress --no-tensorboard --out").split()  # fmt: skip
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}  # fmt: skip
+        cmd = [sys.executable, str(HERE / "peer_killed_worker.py"), *flags, str(out)]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    (_, err0), _ = (p.communicate(timeout=120) for p in procs)
+    assert procs[1].returncode == -9  # killed
+    assert procs[0].returncode == 2, err0
+    assert "Traceback" not in err0 and len(err0.strip().splitlines()) == 1, err0
+    assert "another process of this run stopped" in err0 and "--resume" in err0, err0
+    state = torch.load(out / "last.pt", weights_only=True)  # whole, from before the kill
+    assert state["step"] == 1
+    assert not list(out.glob("*.tmp"))

@@ -202,6 +202,36 @@ def _broadcast(tensors: list[Tensor]) -> None:
             offset += t.numel()
 
 
+_PEER_FAILURE_SIGNS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "remote worker crashing",
+    "Broken pipe",
+    "remote process exited",
+    "communicator was aborted",
+)
+
+
+def peer_failure(error: BaseException) -> PeerError | None:
+    """The one-line :class:`PeerError` for a collective of a multi-process run that
+    failed because another process stopped (killed, crashed, preempted), else ``None``
+    (gloo and NCCL raise a plain ``RuntimeError`` or a ``DistError`` with their own
+    long report)."""
+    if not isinstance(error, RuntimeError) or isinstance(error, PeerError):
+        return None
+    text = str(error)
+    distributed_error = dist.is_available() and isinstance(error, dist.DistError)
+    if not (distributed_error or any(sign in text for sign in _PEER_FAILURE_SIGNS)):
+        return None
+    if not (launched_by_torchrun() or (dist.is_available() and dist.is_initialized())):
+        return None
+    return PeerError(
+        "another process of this run stopped (it was killed or failed: see its own "
+        "output), so this one stops too; start the launch again with --resume to continue "
+        "from the last checkpoint"
+    )
+
+
 def launched_by_torchrun() -> bool:
     """Whether the environment describes a multi-process run (``WORLD_SIZE > 1``)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -30,6 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from resflow.allocator import keep_freed_memory
+from resflow.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from resflow.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from resflow.config import to_dict
 from resflow.data import DataConfig, DataSplit, load_data
@@ -159,6 +160,7 @@ class Trainer:
         self.dist.check_batch(config.batch_size, config.update_freq)
         self._ddp: Any = None  # the DistributedDataParallel wrapper, once initialised
         _check_data(data, config)
+        self.restarted = False  # a run stopped before its first checkpoint, started again
         self._lock()
         try:
             self.dist.on_main(lambda: self._prepare_folder(resume, overwrite))
@@ -187,7 +189,8 @@ class Trainer:
             self.ema: EMA | None = None
             if resume:
                 self._check_resume()
-                self._load(self.run.last)
+                if self.run.last.exists():  # else stopped before its first checkpoint
+                    self._load(self.run.last)
             if self.dist.is_main:
                 self.run.write_config(RunConfig(model_config, data.config, config))
         finally:
@@ -204,18 +207,50 @@ class Trainer:
     def _prepare_folder(self, resume: bool, overwrite: bool) -> None:
         self.run.clean_temporary_files()
         if resume:
-            if not self.run.last.exists():
+            if self.run.stopped_before_first_checkpoint():  # resumed at step 0
+                self._check_resume()  # before anything is removed
+                self.restarted = True
+                self.run.clear(keep=("config.yaml",))
+            elif not self.run.last.exists():
                 raise RunExistsError(
                     f"nothing to resume: {self.run.last} does not exist (train without "
                     "--resume to start a new run)"
                 )
-        elif self.run.has_run():
-            if not overwrite:
+        elif self.run.has_run() and not overwrite:
+            if not self.run.stopped_before_first_checkpoint():
                 raise RunExistsError(
                     f"{self.out} already holds a run; pass --resume to continue it or "
                     "--overwrite to replace it (or choose another --out)"
                 )
+            changed = self._changed_since_recorded()
+            if changed:
+                raise RunExistsError(
+                    f"{self.out} holds a run stopped before its first checkpoint, with other "
+                    f"settings ({changed}); pass --resume to start it again with its recorded "
+                    "settings, or --overwrite to start it with these"
+                )
+            self.restarted = True
             self.run.clear()
+        elif self.run.has_run():
+            self.run.clear()
+
+    def _changed_since_recorded(self) -> str:
+        """What differs between the run recorded in the folder and this one ("" if
+        nothing that changes the result)."""
+        try:
+            recorded = self.run.read_config()
+        except CheckpointError:
+            return "an unreadable config.yaml"
+        if type(recorded.model) is not type(self.model_config):
+            return "another model"
+        changes = [_diff(recorded.model, self.model_config)]
+        if self.data.config is not None and recorded.data != self.data.config.resolved():
+            changes.append(
+                "other data" if recorded.data is None
+                else _diff(recorded.data, self.data.config.resolved())
+            )  # fmt: skip
+        changes.append(_diff(recorded.train, self.cfg, ignore=RESUMABLE_CHANGES))
+        return ", ".join(c for c in changes if c)
 
     def _check_resume(self) -> None:
         """The data and settings of a resumed run must be those it was trained with
@@ -245,7 +280,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         assert self.ema is not None
         return {
-            "format": 2,
+            "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
             "model_config": to_dict(config_to_dict(self.model_config)),
             "train_config": to_dict(self.cfg),
