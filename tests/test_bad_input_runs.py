@@ -302,6 +302,15 @@ def test_vi_does_not_replace_an_earlier_fit_unless_asked(tmp_path, capsys):
     assert snapshot(out) != before
 
 
+def test_an_overwritten_fit_keeps_no_plot_of_the_earlier_one(tmp_path, capsys):
+    out = tmp_path / "fit"
+    assert run_cli(capsys, *VI, "--out", str(out))[0] == 0 and (out / "fit.png").exists()
+    code, _, err = run_cli(capsys, *VI[:2], "funnel", "--dim", "3", *VI[3:], "--out", str(out),
+                           "--overwrite")  # fmt: skip
+    assert code == 0, err
+    assert not (out / "fit.png").exists() and '"dim": 3' in (out / "result.json").read_text()
+
+
 def test_vi_into_a_file_is_refused_before_training(tmp_path, capsys):
     afile = _write(tmp_path / "afile")
     for out, message in [(afile, "is a file; give a folder"),

@@ -572,6 +572,8 @@ def cmd_vi(args: argparse.Namespace) -> int:
             samples = q.sample(20_000)
         plot_target_fit(target, samples, out / "fit.png", title=str(est).split(",")[0])
         print(f"target and samples: {out / 'fit.png'}")
+    else:  # an overwritten 2-D fit's plot would not describe this fit
+        (out / "fit.png").unlink(missing_ok=True)
     print(f"record: {out / 'result.json'}")
     return 0
 
