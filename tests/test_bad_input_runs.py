@@ -210,6 +210,22 @@ def test_a_run_stopped_before_its_first_checkpoint_keeps_its_settings_unless_ask
     assert load_checkpoint(stopped_early / "last.pt")["train_config"]["lr"] == 0.05
 
 
+@pytest.mark.parametrize("command", ["eval", "sample", "check"])
+def test_a_run_stopped_before_its_first_checkpoint_has_no_model_to_use(
+    stopped_early, capsys, command
+):
+    before = snapshot(stopped_early)
+    extra = ["--out", str(stopped_early / "s.npy")] if command == "sample" else []
+    code, _, err = run_cli(capsys, command, "--run", str(stopped_early), *extra)
+    advice = "stopped before its first checkpoint; start it again with `resflow train --resume"
+    assert_one_line_error(code, err, f"no checkpoint in {stopped_early} yet: the run was {advice}")
+    assert snapshot(stopped_early) == before
+    if command == "check":  # the advice works as given
+        code, out, err = run_cli(capsys, "train", "--resume", "--out", str(stopped_early))
+        assert code == 0 and "starting it again from step 0" in out, err
+        assert load_checkpoint(stopped_early / "last.pt")["step"] == 4
+
+
 def test_the_python_api_resumes_a_run_stopped_before_its_first_checkpoint(tmp_path):
     from resflow import DataConfig, TrainConfig, Trainer, get_preset
 

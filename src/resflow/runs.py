@@ -105,6 +105,16 @@ class RunFolder:
         Nothing of it can be lost: it is started again in place."""
         return self.config_file.exists() and not self.last.exists() and not self.best.exists()
 
+    def _restartable(self) -> bool:
+        """Stopped before its first checkpoint, with a readable record to start it from."""
+        if not self.stopped_before_first_checkpoint():
+            return False
+        try:
+            self.read_config()
+        except CheckpointError:
+            return False
+        return True
+
     # ---- safety ---------------------------------------------------------------------------
     def lock(self) -> None:
         """Take an exclusive lock on the folder (``.lock``) for this process; a second
@@ -223,6 +233,11 @@ class RunFolder:
             if which == "best" and not path.exists():
                 path = self.last  # no evaluation happened yet
         if not path.exists():
+            if which in ("best", "last") and self._restartable():
+                raise CheckpointError(
+                    f"no checkpoint in {self.path} yet: the run was stopped before its first "
+                    f"checkpoint; start it again with `resflow train --resume --out {self.path}`"
+                )
             raise CheckpointError(f"no checkpoint {path} (is {self.path} a resflow run folder?)")
         return path
 
