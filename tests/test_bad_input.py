@@ -721,3 +721,45 @@ def test_the_api_refuses_an_infinite_temperature(preset):
     for t in (math.inf, math.nan):
         with pytest.raises(ValueError, match="temperature must be >= 0 and finite"):
             model.sample(2, temperature=t)
+
+
+# ---- hangs and traps --------------------------------------------------------------------
+def test_the_default_vector_preset_picks_its_training_estimator_by_dimension():
+    """On 1000-D data the default preset (toy2d, adapted) trains with the series, not a
+    1000-column Jacobian in every block (about 28 s a step on 2 cores); on 2-D data it
+    stays exact."""
+    from resflow.layers.residual.block import ResidualBlock
+    from resflow.models import MODELS, PRESETS
+
+    preset = PRESETS.get("toy2d")
+    for dim, method in ((2, "exact"), (16, "exact"), (17, "series"), (1000, "series")):
+        cfg = MODELS.get(preset.model).adapt(replace_hidden(preset.config), (dim,), None)
+        model = build_model(cfg).train()
+        block = next(m for m in model.modules() if isinstance(m, ResidualBlock))
+        assert block.estimator_for(torch.zeros(1, dim)).method == method
+        model.eval()
+        assert block.estimator_for(torch.zeros(1, dim)).method == method
+
+
+def replace_hidden(cfg):
+    from resflow.config import replace
+
+    return replace(cfg, n_blocks=1, hidden=(8,))
+
+
+def test_the_2d_presets_train_bit_identically_with_the_estimator_chosen_by_dimension(tmp_path):
+    from resflow.config import replace
+    from resflow.models.residual_flow import EstimatorConfig
+
+    states = []
+    for est in (None, EstimatorConfig(train_method="exact", eval_method="exact")):
+        cfg = get_preset("toy2d", n_blocks=2, hidden=(16,))
+        cfg = cfg if est is None else replace(cfg, estimator=est)
+        train = TrainConfig(steps=4, batch_size=64, eval_every=4, tensorboard=False,
+                            progress=False)  # fmt: skip
+        data = DataConfig(name="8gaussians", n_train=256, n_test=64)
+        trainer = Trainer(cfg, data, train, tmp_path / str(len(states)))
+        final = trainer.fit().final
+        states.append((trainer.model.state_dict(), final.mean))
+    (a, ma), (b, mb) = states
+    assert ma == mb and all(torch.equal(a[k], b[k]) for k in a)
