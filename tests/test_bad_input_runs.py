@@ -161,9 +161,25 @@ def stopped_early(tmp_path, capsys, monkeypatch) -> Path:
     with monkeypatch.context() as m:
         m.setattr(Trainer, "fit", interrupted)
         code, _, err = run_cli(capsys, "train", *TINY_VEC, *STEPS, "--out", str(run))
-    assert code == 130 and "resume with --resume" in err
+    assert code == 130 and "resume with --resume (from last.pt, or from step 0 if no" in err
     assert (run / "config.yaml").exists() and not (run / "last.pt").exists()
     return run
+
+
+def test_an_interrupted_command_that_is_not_train_does_not_advise_resume(
+    tmp_path, capsys, monkeypatch
+):
+    import resflow.cli
+
+    def interrupted(*a, **k):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(resflow.cli, "save_image_grid", interrupted)
+    out = _write(tmp_path / "s.png")
+    code, _, err = run_cli(capsys, "sample", "--run", str(FIXTURES / "img"), "--n", "2", "--out",
+                           str(out), "--overwrite")  # fmt: skip
+    assert code == 130 and "interrupted; no file is left half-written" in err
+    assert "--resume" not in err and out.read_text() == "earlier result"
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:

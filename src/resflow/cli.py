@@ -981,7 +981,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resflow {args.command}: error: {peer}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted; resume with --resume (last.pt is kept)", file=sys.stderr)
+        if args.command == "train":
+            print("\ninterrupted; resume with --resume (from last.pt, or from step 0 if no "
+                  "checkpoint was written yet)", file=sys.stderr)  # fmt: skip
+        else:
+            print("\ninterrupted; no file is left half-written", file=sys.stderr)
         return 130
     finally:
         shutdown()  # the process group of a torchrun launch, if any
