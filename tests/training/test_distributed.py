@@ -200,3 +200,34 @@ def test_a_killed_peer_ends_rank_zero_with_one_line(tmp_path):
     state = torch.load(out / "last.pt", weights_only=True)  # whole, from before the kill
     assert state["step"] == 1
     assert not list(out.glob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (
+            RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:1. GLHF!"),
+            "another process of this run stopped",
+        ),  # fmt: skip
+        (
+            dist.DistBackendError("NCCL error: remote process exited or there was a network error"),
+            "another process of this run stopped",
+        ),  # fmt: skip
+        (
+            dist.DistNetworkError("The server socket has failed to listen (EADDRINUSE)\nmore"),
+            "could not connect (The server socket has failed to listen (EADDRINUSE))",
+        ),  # fmt: skip
+        (
+            dist.DistStoreError("Timed out after 900 seconds waiting for clients. 1/2 joined."),
+            "could not connect (Timed out after 900 seconds",
+        ),  # fmt: skip
+    ],
+)
+def test_failures_of_a_launch_become_one_line(monkeypatch, error, message):
+    from resflow.training.distributed import peer_failure
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert message in str(peer_failure(error))
+    assert peer_failure(RuntimeError("an unrelated bug")) is None  # keeps its traceback
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert peer_failure(error) is None  # one process: not a launch's failure

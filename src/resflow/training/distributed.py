@@ -219,11 +219,17 @@ def peer_failure(error: BaseException) -> PeerError | None:
     long report)."""
     if not isinstance(error, RuntimeError) or isinstance(error, PeerError):
         return None
+    if not (launched_by_torchrun() or (dist.is_available() and dist.is_initialized())):
+        return None
     text = str(error)
+    if dist.is_available() and isinstance(error, (dist.DistNetworkError, dist.DistStoreError)):
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(error).__name__)
+        return PeerError(
+            f"the processes of this run could not connect ({first}); check torchrun's "
+            "--master-addr / --master-port and that every process was started"
+        )
     distributed_error = dist.is_available() and isinstance(error, dist.DistError)
     if not (distributed_error or any(sign in text for sign in _PEER_FAILURE_SIGNS)):
-        return None
-    if not (launched_by_torchrun() or (dist.is_available() and dist.is_initialized())):
         return None
     return PeerError(
         "another process of this run stopped (it was killed or failed: see its own "
