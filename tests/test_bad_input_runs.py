@@ -121,6 +121,17 @@ def test_a_checkpoint_of_a_newer_format_is_refused(run_copy, capsys, command):
     assert snapshot(run_copy) == before
 
 
+def test_resume_from_a_checkpoint_of_a_newer_format_is_refused(run_copy, capsys):
+    state = torch.load(run_copy / "last.pt", weights_only=True)
+    state["format"] = FORMAT + 5
+    save_checkpoint(state, run_copy / "last.pt")
+    before = snapshot(run_copy)
+    code, _, err = run_cli(capsys, "train", *TINY_VEC, "--steps", "6", "--out", str(run_copy),
+                           "--resume")  # fmt: skip
+    assert_one_line_error(code, err, f"this version reads formats up to {FORMAT}): upgrade")
+    assert snapshot(run_copy) == before
+
+
 def test_a_checkpoint_with_a_nonsense_format_is_refused(run_copy):
     state = torch.load(run_copy / "best.pt", weights_only=True)
     state["format"] = "two"
