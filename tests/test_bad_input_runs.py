@@ -327,6 +327,17 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
         assert stdout == "" and snapshot(tmp_path) == before
 
 
+def test_two_outputs_of_one_command_may_not_be_the_same_file(tmp_path, capsys):
+    same = str(tmp_path / "s.png")
+    code, out, err = run_cli(capsys, "score", "--run", str(FIXTURES / "vec"), "--input",
+                             "8gaussians", "--out", same, "--plot", same)  # fmt: skip
+    assert_one_line_error(code, err, "--out and --plot name the same file")
+    code, out, err = run_cli(capsys, "sample", "--run", str(FIXTURES / "vec"), "--out",
+                             same)  # fmt: skip
+    assert code == 0, err  # a 2-D run's .png is the scatter itself
+    assert list(tmp_path.iterdir()) == [tmp_path / "s.png"]
+
+
 VI = ["vi", "--target", "two-moons", "--steps", "2", "--batch-size", "16", "--n-eval", "64",
       "--no-progress", "--set", "hidden=[4]"]  # fmt: skip
 

@@ -619,8 +619,13 @@ def _checking_outputs(command: Any) -> Any:
     """``command`` preceded by :func:`check_output` on each of its outputs."""
 
     def checked(args: argparse.Namespace) -> int:
-        for flag, path in _outputs(args):
+        outputs = _outputs(args)
+        for flag, path in outputs:
             check_output(path, flag, args.overwrite)
+        if len({p.resolve() for _, p in outputs}) < len(outputs):
+            flags = " and ".join(dict.fromkeys(f for f, _ in outputs))
+            names = ", ".join(str(p) for _, p in outputs)
+            raise ValueError(f"{flags} name the same file ({names}); give each its own")
         return int(command(args))
 
     return checked
@@ -906,6 +911,12 @@ MAX_THREADS_PER_CORE = 4
 slow a run down, and torch's thread pool crashes at some tens of thousands)."""
 
 
+VI_BYTES_PER_VALUE = 8
+"""Memory per value of the samples of a reverse-KL fit, as a multiple of float64: the
+samples, their log-densities and the flow's activations (a lower bound, for refusing
+sizes that can never fit)."""
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """The options whose values no command can use, refused in one line before any work."""
     import math
@@ -923,6 +934,15 @@ def _check_args(args: argparse.Namespace) -> None:
             f"--threads {threads}: this machine has {cores} core(s); use at most "
             f"{MAX_THREADS_PER_CORE * cores} (one per core is usually fastest)"
         )
+    if args.command == "vi":  # samples of the target's dimension (at least 2), float64
+        if not (math.isfinite(args.lr) and args.lr > 0):
+            raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+        if args.anneal < 0:
+            raise ValueError(f"--anneal must be >= 0, got {args.anneal}")
+        width = 8 * max(2, args.dim) * VI_BYTES_PER_VALUE
+        _check_memory(f"--batch-size {args.batch_size}", args.batch_size * width,
+                      "lower --batch-size")  # fmt: skip
+        _check_memory(f"--n-eval {args.n_eval}", args.n_eval * width, "lower --n-eval")
 
 
 def available_memory() -> int:
