@@ -763,3 +763,31 @@ def test_the_2d_presets_train_bit_identically_with_the_estimator_chosen_by_dimen
         states.append((trainer.model.state_dict(), final.mean))
     (a, ma), (b, mb) = states
     assert ma == mb and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+        (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+        (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+        (["--anneal", "-5"], "--anneal must be >= 0, got -5"),
+        (["--batch-size", "100000000000"], "--batch-size 100000000000 needs about"),
+        (["--n-eval", "100000000000"], "--n-eval 100000000000 needs about"),
+        (["--threads", "100000"], "--threads 100000"),
+    ],
+)
+def test_vi_refuses_values_before_any_fitting(tmp_path, capsys, args, message):
+    out = tmp_path / "fit"
+    code, stdout, err = run_cli(capsys, "vi", "--target", "banana", "--steps", "2",
+                                "--no-progress", "--out", str(out), *args)  # fmt: skip
+    assert_one_line_error(code, err, message)
+    assert "fitting" not in stdout and not out.exists()
+
+
+def test_score_refuses_a_repeat_count_beyond_memory(tmp_path, capsys):
+    out = tmp_path / "scores.csv"
+    code, _, err = run_cli(capsys, "score", "--run", str(FIXTURES / "img"), "--input", "digits",
+                           "--repeats", "10000000000", "--out", str(out))  # fmt: skip
+    assert_one_line_error(code, err, "--repeats 10000000000 needs about")
+    assert not out.exists()

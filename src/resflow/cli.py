@@ -289,6 +289,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise ValueError(f"--plot {args.plot}: the histogram is a .png")
     model = _model(args)
     inputs = [_score_input(args, model, name) for name in args.input]
+    if args.repeats is not None:  # every draw of every input is kept (float64)
+        n = sum(len(inp.data) for inp, _ in inputs)
+        _check_memory(f"--repeats {args.repeats}", 8 * n * args.repeats, "lower --repeats")
     unit, scores, note = unit_of(model), [], density_note(model)
     for inp, labels in inputs:
         torch.manual_seed(args.seed)  # each input scored as `resflow eval` would score it
