@@ -374,6 +374,23 @@ def test_vi_into_a_file_is_refused_before_training(tmp_path, capsys):
         assert "fitting" not in stdout and afile.read_text() == "earlier result"
 
 
+def test_an_overwritten_run_keeps_no_file_of_the_earlier_one(run_copy, capsys):
+    from resflow.runs import RUN_DIRS, RUN_FILES
+
+    for name in RUN_FILES:  # every file a run may write, e.g. a noisy model's denoised grid
+        if not (run_copy / name).exists():
+            _write(run_copy / name)
+    for name in RUN_DIRS:
+        _write(run_copy / name / "old")
+    mine = _write(run_copy / "notes.txt", "the user's own file")
+    code, _, err = run_cli(capsys, "train", *TINY_VEC, "--steps", "2", "--eval-every", "2",
+                           "--out", str(run_copy), "--overwrite")  # fmt: skip
+    assert code == 0, err
+    left = {p.name for p in run_copy.rglob("*") if p.is_file()}
+    assert "samples_denoised.png" not in left and "old" not in left and "data.yaml" not in left
+    assert mine.read_text() == "the user's own file"  # only what a run writes is removed
+
+
 def test_train_into_a_file_is_refused_before_training(tmp_path, capsys):
     afile = _write(tmp_path / "afile")
     for out in (afile, afile / "run"):

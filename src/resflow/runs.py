@@ -50,7 +50,7 @@ class RunLockedError(RuntimeError):
 #: What a run writes (removed by :meth:`RunFolder.clear` before an overwrite).
 RUN_FILES = (
     "config.yaml", "last.pt", "best.pt", "metrics.jsonl", "curve.png", "samples.png",
-    "density.png", "data.yaml",
+    "samples_denoised.png", "density.png", "data.yaml",
 )  # fmt: skip
 RUN_DIRS = ("tb", "samples")
 
