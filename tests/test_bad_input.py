@@ -702,6 +702,9 @@ def test_score_refuses_images_that_are_not_8_bit(tmp_path, capsys, name, mode, m
          "expected real numbers, got complex128"),
         (lambda p: p.with_suffix(".csv").write_text("x,y\n1,2\ninf,3\n"),
          "1 value(s) are NaN or infinite (first in row 1)"),
+        (lambda p: p.with_suffix(".npy").write_text("garbage"), "not a NumPy array file"),
+        (lambda p: p.with_suffix(".csv").write_text("x,y\n1,2\n3\n"),
+         "not a matrix of numbers (the number of columns changed from 2 to 1"),
     ],
 )  # fmt: skip
 def test_score_refuses_vectors_a_density_cannot_score(trained, tmp_path, capsys, write, message):
@@ -791,3 +794,17 @@ def test_score_refuses_a_repeat_count_beyond_memory(tmp_path, capsys):
                            "--repeats", "10000000000", "--out", str(out))  # fmt: skip
     assert_one_line_error(code, err, "--repeats 10000000000 needs about")
     assert not out.exists()
+
+
+def test_an_allocation_torch_refuses_is_one_line(capsys, monkeypatch):
+    """torch's CPU allocator reports a size it cannot allocate as a RuntimeError."""
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 64000000000 bytes. "
+                           "Error code 12 (Cannot allocate memory)")  # fmt: skip
+
+    monkeypatch.setattr("resflow.cli.evaluate_bounds", refuse)
+    code, _, err = run_cli(capsys, "eval", "--run", str(FIXTURES / "img"), "--iw-samples",
+                           "1000000000", "--no-progress")  # fmt: skip
+    assert_one_line_error(code, err, "out of memory: an allocation of 59.6 GiB failed")

@@ -975,6 +975,19 @@ def _check_memory(what: str, nbytes: float, hint: str) -> None:
         )
 
 
+def _allocation_failure(e: RuntimeError) -> str | None:
+    """The one line for torch's CPU allocator refusing a size (a RuntimeError, not a
+    MemoryError), or ``None`` for any other error."""
+    import re
+
+    found = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(e))
+    if found is None:
+        return None
+    gib = int(found.group(1)) / 2**30
+    return (f"out of memory: an allocation of {gib:,.1f} GiB failed; lower the sizes given "
+            "(--batch-size, --n, --n-train, --iw-samples, ...)")  # fmt: skip
+
+
 def _message(e: BaseException) -> str:
     if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
         return "out of memory; lower --batch-size (or --eval-batch-size)"
@@ -998,7 +1011,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resflow {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # a collective of a torchrun launch whose peer stopped
-        peer = peer_failure(e)
+        peer = peer_failure(e) or _allocation_failure(e)
         if peer is None or args.debug:
             raise
         print(f"resflow {args.command}: error: {peer}", file=sys.stderr)

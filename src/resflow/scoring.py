@@ -179,7 +179,11 @@ def load_inputs(path: str | Path, model: Flow) -> ScoreInput:
     if path.is_dir():
         data, names = _folder(path, model)
     elif path.suffix.lower() == ".npy":
-        data = _array(np.load(path, allow_pickle=False), model, path)
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{path}: not a NumPy array file of numbers ({e})") from e
+        data = _array(arr, model, path)
         names = [str(i) for i in range(len(data))]
     elif path.suffix.lower() in (".csv", ".txt"):
         if model.levels is not None:
@@ -204,7 +208,11 @@ def read_csv(path: str | Path) -> tuple[np.ndarray, list[str] | None]:
     rows = lines if columns is None else lines[1:]
     if not any(r.strip() for r in rows):
         raise ValueError(f"{path}: no inputs to score")
-    arr = np.loadtxt(rows, delimiter=",", ndmin=2)
+    try:
+        arr = np.loadtxt(rows, delimiter=",", ndmin=2)
+    except ValueError as e:
+        reason = str(e).split(";")[0]
+        raise ValueError(f"{path}: not a matrix of numbers ({reason})") from e
     if columns is not None and arr.size and arr.shape[1] != len(columns):
         raise ValueError(f"{path}: the header names {len(columns)} columns, the rows have "
                          f"{arr.shape[1]}")  # fmt: skip
