@@ -474,7 +474,8 @@ def test_data_problems_are_found_before_the_first_step(tmp_path):
 
 # ---- every command checks what it is given (issue 32, part A) ---------------------------
 IMAGE_PRESETS = ["digits-small", "iresnet-digits", "glow-digits", "realnvp-digits",
-                 "flowpp-digits", "denseflow-digits", "hybrid-digits"]  # fmt: skip
+                 "flowpp-digits", "denseflow-digits", "hybrid-digits",
+                 "tarflow-digits"]  # fmt: skip
 VECTOR_PRESETS = ["toy2d", "iresnet-toy2d", "glow-toy2d", "realnvp-toy2d", "maf-toy2d",
                   "naf-toy2d"]  # fmt: skip
 
@@ -548,7 +549,8 @@ def test_a_model_with_non_finite_weights_is_refused_by_every_command(tmp_path, c
         assert snapshot(run) == before
 
 
-@pytest.mark.parametrize("preset", ["glow-digits", "digits-small", "maf-toy2d", "toy2d"])
+@pytest.mark.parametrize("preset", ["glow-digits", "digits-small", "tarflow-digits", "maf-toy2d",
+                                    "toy2d"])  # fmt: skip
 def test_a_finite_model_of_every_kind_still_passes_the_shared_checks(tmp_path, capsys, preset):
     run = _made_run(tmp_path / "run", preset)
     out = tmp_path / "out"
