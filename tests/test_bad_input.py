@@ -810,3 +810,39 @@ def test_an_allocation_torch_refuses_is_one_line(capsys, monkeypatch):
     code, _, err = run_cli(capsys, "eval", "--run", str(FIXTURES / "img"), "--iw-samples",
                            "1000000000", "--no-progress")  # fmt: skip
     assert_one_line_error(code, err, "out of memory: an allocation of 59.6 GiB failed")
+
+
+@pytest.mark.parametrize("command", ["eval", "check", "interpolate", "compress"])
+def test_run_data_of_other_levels_are_refused(tmp_path, capsys, monkeypatch, command):
+    """Data read with another bit depth than the model's (e.g. n_bits changed in the
+    record): no command scores or draws them as if they fitted."""
+    from resflow.data import DataSplit
+
+    images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
+    other = DataSplit(images, images, "other", 256)
+    monkeypatch.setattr(RunFolder, "load_data", lambda self, data_dir=None: other)
+    run = tmp_path / "img"
+    shutil.copytree(FIXTURES / "img", run)
+    before = snapshot(run)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = run_cli(capsys, *_command_args(command, run, out, True))
+    assert_one_line_error(code, err, "have 256 levels, its model 17")
+    assert snapshot(run) == before and snapshot(out) == {}
+
+
+@pytest.mark.parametrize("extra", [[], ["--manifold"]])
+def test_interpolate_needs_two_steps(tmp_path, capsys, extra):
+    run = tmp_path / "img"
+    shutil.copytree(FIXTURES / "img", run)
+    out = tmp_path / "i.png"
+    code, _, err = run_cli(capsys, "interpolate", "--run", str(run), "--steps", "1",
+                           "--out", str(out), *extra)  # fmt: skip
+    assert_one_line_error(code, err, "--steps must be >= 2 (the two ends), got 1")
+    assert not out.exists()
+    from resflow.evaluation import interpolate
+
+    model = RunFolder(run).load_model()
+    x = RunFolder(run).load_data().test[:2]
+    with pytest.raises(ValueError, match="steps must be >= 2"):
+        interpolate(model, x[0], x[1], 1)

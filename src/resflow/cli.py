@@ -254,6 +254,11 @@ def _run_data(args: argparse.Namespace, model: Any) -> Any:
             f"{args.run}: its data {data.name} {tuple(data.test.shape[1:])} do not fit its "
             f"model {tuple(model.shape)}; is config.yaml copied from another run?"
         )
+    if data.levels != model.levels:
+        raise ValueError(
+            f"{args.run}: its data {data.name} have {data.levels} levels, its model "
+            f"{model.levels}; is config.yaml copied from another run (or its n_bits changed)?"
+        )
     return data
 
 
@@ -937,6 +942,8 @@ def _check_args(args: argparse.Namespace) -> None:
             f"--threads {threads}: this machine has {cores} core(s); use at most "
             f"{MAX_THREADS_PER_CORE * cores} (one per core is usually fastest)"
         )
+    if args.command == "interpolate" and args.steps < 2:
+        raise ValueError(f"--steps must be >= 2 (the two ends), got {args.steps}")
     if args.command == "vi":  # samples of the target's dimension (at least 2), float64
         if not (math.isfinite(args.lr) and args.lr > 0):
             raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")

@@ -386,6 +386,8 @@ def interpolate(model: Flow, x0: Tensor, x1: Tensor, steps: int = 8) -> Tensor:
 
     Returns ``[steps, *model.shape]`` (images come back as integer levels).
     """
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2 (the two ends), got {steps}")
     model.eval()
     z, _ = model(torch.stack([x0, x1]))
     t = torch.linspace(0, 1, steps, device=z.device, dtype=z.dtype).view(-1, 1)
