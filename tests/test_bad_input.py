@@ -846,3 +846,16 @@ def test_interpolate_needs_two_steps(tmp_path, capsys, extra):
     x = RunFolder(run).load_data().test[:2]
     with pytest.raises(ValueError, match="steps must be >= 2"):
         interpolate(model, x[0], x[1], 1)
+
+
+def test_training_on_a_folder_of_16_bit_images_is_refused(tmp_path, capsys):
+    folder = tmp_path / "imgs" / "a"
+    folder.mkdir(parents=True)
+    for i in range(4):
+        _write_image(folder / f"{i}.png", "I;16")
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--data", "folder", "--path", str(tmp_path / "imgs"),
+                           "--preset", "glow-digits", "--steps", "1", "--out", str(out),
+                           "--no-progress", "--no-tensorboard")  # fmt: skip
+    assert_one_line_error(code, err, "a 16-bit image; resflow reads 8-bit images")
+    assert not out.exists()
