@@ -790,11 +790,29 @@ def test_vi_refuses_values_before_any_fitting(tmp_path, capsys, args, message):
     assert "fitting" not in stdout and not out.exists()
 
 
-def test_score_refuses_a_repeat_count_beyond_memory(tmp_path, capsys):
+def test_score_refuses_a_repeat_count_beyond_memory(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("resflow.cli.available_memory", lambda: 10_000)
     out = tmp_path / "scores.csv"
     code, _, err = run_cli(capsys, "score", "--run", str(FIXTURES / "img"), "--input", "digits",
-                           "--repeats", "10000000000", "--out", str(out))  # fmt: skip
-    assert_one_line_error(code, err, "--repeats 10000000000 needs about")
+                           "--repeats", "100", "--out", str(out))  # fmt: skip
+    assert_one_line_error(code, err, "--repeats 100 needs about")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["score", "--input", "digits", "--repeats", "10000000000"], "--repeats 10000000000: at"),
+        (["score", "--input", "digits", "--hutchinson", "1000000000"], "--hutchinson 1000000000"),
+        (["eval", "--iw-samples", "100000"], "--iw-samples 100000: at most 10,000"),
+    ],
+)
+def test_draw_counts_that_could_never_finish_are_refused(tmp_path, capsys, args, message):
+    """`score --hutchinson 1e9` used to run for ever (a loop of a billion passes)."""
+    out = tmp_path / "scores.csv"
+    extra = ["--out", str(out)] if args[0] == "score" else []
+    code, _, err = run_cli(capsys, *args, "--run", str(FIXTURES / "img"), *extra)
+    assert_one_line_error(code, err, message)
     assert not out.exists()
 
 

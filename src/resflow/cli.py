@@ -919,6 +919,9 @@ MAX_THREADS_PER_CORE = 4
 slow a run down, and torch's thread pool crashes at some tens of thousands)."""
 
 
+MAX_DRAWS = 10_000
+"""The most draws per input (``score --repeats / --hutchinson``, ``eval --iw-samples``):
+each is a pass of the model over every input, so far more could never finish."""
 VI_BYTES_PER_VALUE = 8
 """Memory per value of the samples of a reverse-KL fit, as a multiple of float64: the
 samples, their log-densities and the flow's activations (a lower bound, for refusing
@@ -942,6 +945,13 @@ def _check_args(args: argparse.Namespace) -> None:
             f"--threads {threads}: this machine has {cores} core(s); use at most "
             f"{MAX_THREADS_PER_CORE * cores} (one per core is usually fastest)"
         )
+    for flag in ("repeats", "hutchinson", "iw_samples"):
+        value = getattr(args, flag, None)
+        if value is not None and value > MAX_DRAWS:
+            raise ValueError(
+                f"--{flag.replace('_', '-')} {value}: at most {MAX_DRAWS:,} (each draw is "
+                "another pass over every input; the standard error falls only as 1/sqrt(K))"
+            )
     if args.command == "interpolate" and args.steps < 2:
         raise ValueError(f"--steps must be >= 2 (the two ends), got {args.steps}")
     if args.command == "vi":  # samples of the target's dimension (at least 2), float64
