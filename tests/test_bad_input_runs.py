@@ -14,38 +14,7 @@ import torch
 from resflow.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from resflow.cli import main
 from resflow.runs import RunFolder
-
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "v1"
-TINY_VEC = ["--data", "8gaussians", "--set", "n_blocks=1", "--set", "hidden=[8]",
-            "--n-train", "128", "--n-test", "64", "--batch-size", "32", "--no-progress",
-            "--no-tensorboard"]  # fmt: skip
-
-
-def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every file below ``folder`` with its size and modification time."""
-    if not folder.exists():
-        return {}
-    return {
-        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != ".lock"
-    }
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(args))
-    except SystemExit as e:  # argparse
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, message: str) -> None:
-    assert code == 2, err
-    assert message in err, err
-    assert "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1, err
+from test_bad_input import FIXTURES, TINY_VEC, assert_one_line_error, run_cli, snapshot
 
 
 @pytest.fixture(scope="module")
