@@ -1017,11 +1017,14 @@ def _message(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # large tensors reused, not faulted in anew (resflow.allocator)
+    ended = False
     try:
         _check_args(args)  # values every command shares, refused before any work
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
-        return int(args.func(args))
+        code = int(args.func(args))
+        ended = True
+        return code
     except EXPECTED as e:
         if args.debug:
             raise
@@ -1041,7 +1044,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\ninterrupted; no file is left half-written", file=sys.stderr)
         return 130
     finally:
-        shutdown()  # the process group of a torchrun launch, if any
+        shutdown(together=ended)  # the process group of a torchrun launch, if any
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ test set and the means and standard errors are combined (:func:`combine_results`
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import inspect
 import math
 import os
@@ -267,10 +268,23 @@ def setup(device: torch.device) -> Distributed:
     return Distributed(dist.get_rank(), world, local)
 
 
-def shutdown() -> None:
-    """Destroy the process group that :func:`setup` (or the caller) initialised."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(together: bool = False) -> None:
+    """Destroy the process group that :func:`setup` (or the caller) initialised.
+
+    ``together`` (a command that ended normally): first wait, at most a minute, until
+    every process has ended too, so that no process tears its connections down while a
+    peer still uses them (gloo can abort a process whose peer closes first)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if together and dist.get_world_size() > 1:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                dist.barrier()
+        except RuntimeError:  # a peer that ended otherwise: nothing to wait for
+            pass
+    dist.destroy_process_group()
 
 
 def _gather(x: Tensor) -> Tensor:
