@@ -39,7 +39,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 from resflow.config import Config, ConfigError, param, replace
@@ -69,21 +68,14 @@ MAX_WIDTH = 65536
 
 
 class SoftClampAffine(Affine):
-    """``y = x exp(c tanh(h / c)) + t``: an affine transformer whose log-scale is
-    soft-clamped to ``(-c, c)`` (``c = 2`` in DenseFlow's code); the identity at
-    ``h = t = 0``."""
+    """``y = x exp(c tanh(h / c)) + t``: :class:`Affine` with its log-scale soft-clamped
+    to ``(-c, c)`` (``c = bound = 2`` in DenseFlow's code); the identity at ``h = t = 0``."""
 
     def __init__(self, bound: float = 2.0) -> None:
-        super().__init__("exp")
         if not bound > 0:
             raise ValueError(f"bound must be positive, got {bound}")
+        super().__init__("exp", clamp=bound)
         self.bound = bound
-
-    def extra_repr(self) -> str:
-        return f"bound={self.bound}"
-
-    def log_scale(self, h: Tensor) -> Tensor:
-        return self.bound * torch.tanh(h / self.bound)
 
 
 def learned_gaussian(channels: int) -> ActNorm:
