@@ -631,6 +631,19 @@ def test_values_no_command_can_use_are_refused_at_once(capsys, tmp_path, args, m
     assert not list(tmp_path.glob("o.*"))
 
 
+def test_threads_are_counted_against_the_cores_this_process_may_use(capsys, monkeypatch):
+    """In a container or under ``taskset`` the process may use fewer cores than the
+    machine has: the limit follows its CPU affinity, not ``os.cpu_count()``."""
+    import os
+
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    code, _, err = run_cli(capsys, "eval", "--run", str(FIXTURES / "img"), "--threads", "5")
+    assert_one_line_error(code, err, "--threads 5: this machine has 1 core(s); use at most 4")
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -673,12 +686,31 @@ def _write_image(path: Path, mode: str) -> None:
         Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(path)
     elif mode == "I":
         Image.fromarray(np.full((8, 8), 7, dtype=np.int32)).save(path)
+    elif mode == "RGB;16":  # Pillow cannot write it, and opens it as 8-bit "RGB"
+        path.write_bytes(_png_rgb16(np.full((8, 8, 3), 40000, dtype=">u2")))
+
+
+def _png_rgb16(pixels: np.ndarray) -> bytes:
+    """A PNG of 16 bits per channel (colour type 2), written by hand."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    h, w, _ = pixels.shape
+    rows = b"".join(b"\x00" + pixels[i].tobytes() for i in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "name, mode, message",
     [
         ("a.png", "I;16", "a 16-bit image; resflow reads 8-bit images"),
+        ("a.png", "RGB;16", "a 16-bit image; resflow reads 8-bit images"),
         ("a.tiff", "F", "a 32-bit (F) image"),
         ("a.tiff", "I", "a 32-bit (I) image"),
     ],

@@ -367,3 +367,35 @@ def test_train_into_a_file_is_refused_before_training(tmp_path, capsys):
         assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert str(afile) in err and "training" not in stdout
         assert afile.read_text() == "earlier result"
+
+
+# ---- sizes and records checked before the data are drawn --------------------------------
+def test_resume_with_a_record_copied_from_another_run_is_refused_before_any_work(
+    run_copy, capsys, monkeypatch
+):
+    """``train --resume`` on a folder whose config.yaml belongs to another run: refused
+    before the data are loaded, in one line, and the folder is left as it was."""
+    import resflow.cli as cli
+
+    shutil.copy(FIXTURES / "img" / "config.yaml", run_copy / "config.yaml")
+    before = snapshot(run_copy)
+    monkeypatch.setattr(cli, "load_data", _no_data)
+    code, _, err = run_cli(capsys, "train", "--resume", "--out", str(run_copy), "--steps", "8")
+    assert_one_line_error(code, err, "is the record copied from another run?")
+    assert snapshot(run_copy) == before
+
+
+def _no_data(*args, **kwargs):  # type: ignore[no-untyped-def]
+    raise AssertionError("the data were loaded before the record was checked")
+
+
+@pytest.mark.parametrize("flags", [["--n-train", "3000000000"], ["--n-test", "3000000000"]])
+def test_toy_data_beyond_memory_are_refused_before_they_are_drawn(tmp_path, capsys, flags):
+    """Drawing three billion points used to page for a minute before the allocator
+    failed; now the size is refused at once, and no run folder is made."""
+    out = tmp_path / "r"
+    args = [a for a in TINY_VEC if a not in ("--n-train", "128", "--n-test", "64")]
+    code, _, err = run_cli(capsys, "train", *args, *flags, "--out", str(out))
+    assert_one_line_error(code, err, "GiB of memory")
+    assert "lower --n-train (or --n-test)" in err
+    assert not out.exists()

@@ -276,6 +276,11 @@ def test_unconditional_realnvp_samples_at_a_larger_size(tmp_path):
     s = resflow("sample", "--run", str(run), "--size", "16x16", "--n", "4", "--out",
                 str(tmp_path / "big.png")).stdout  # fmt: skip
     assert "wrote 4 samples (1x16x16)" in s and (tmp_path / "big.png").exists()
+    # activations beyond any memory: refused at once (it used to run until the OOM killer)
+    huge = resflow("sample", "--run", str(run), "--size", "8192x8192", "--n", "8", "--out",
+                   str(tmp_path / "huge.png"), check=False)  # fmt: skip
+    assert huge.returncode == 2 and "--size 8192x8192 needs about" in huge.stderr
+    assert not (tmp_path / "huge.png").exists()
     bad = resflow("sample", "--run", str(run), "--label", "1", check=False)
     assert bad.returncode == 2 and "not class-conditional" in bad.stderr
     bad = resflow("train", "--data", "8gaussians", "--preset", "realnvp-toy2d", "--conditional",

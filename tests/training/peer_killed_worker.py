@@ -1,7 +1,8 @@
-"""One process of a two-process ``resflow train`` whose rank 1 is killed (SIGKILL) at
-its second step, as a crashed or preempted process would be: rank 0 must end with one
-line, not the collective's traceback. Launched by ``test_distributed.py`` with the
-environment torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+"""One process of a two-process ``resflow train`` whose rank ``KILL_RANK`` (default 1)
+is killed (SIGKILL) at its second step, as a crashed or preempted process would be: the
+other rank must end with one line, not the collective's traceback. Launched by
+``test_distributed.py`` with the environment torchrun sets (RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from resflow.cli import main
 from resflow.training import Trainer
 
 if __name__ == "__main__":
-    if os.environ["RANK"] == "1":
+    if os.environ["RANK"] == os.environ.get("KILL_RANK", "1"):
         step = Trainer._forward_backward
         calls = [0]
 

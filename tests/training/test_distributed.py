@@ -174,11 +174,13 @@ def test_resflow_train_runs_unchanged_under_torchrun(tmp_path):
     assert (out / "last.pt").exists() and (out / "density.png").exists()
 
 
-def test_a_killed_peer_ends_rank_zero_with_one_line(tmp_path):
-    """Rank 1 is killed (SIGKILL) at its second step; rank 0's collective fails and it
-    ends with one line and exit code 2, not gloo's traceback; the last checkpoint stays
-    whole. Two processes started with torchrun's environment (no agent, which would
-    terminate rank 0 at a moment of its own choosing)."""
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_killed_peer_ends_the_other_rank_with_one_line(tmp_path, killed):
+    """One rank is killed (SIGKILL) at its second step; the other's collective fails and
+    it ends with one line and exit code 2, not gloo's traceback; the last checkpoint stays
+    whole. Rank 0 killed is the harder case: it hosts the rendezvous store and writes the
+    checkpoints. Two processes started with torchrun's environment (no agent, which would
+    terminate the survivor at a moment of its own choosing)."""
     out = tmp_path / "run"
     port = _free_port()
     flags = ("train --data 8gaussians --n-train 128 --n-test 32 --preset toy2d --set n_blocks=1 "
@@ -188,18 +190,49 @@ def test_a_killed_peer_ends_rank_zero_with_one_line(tmp_path):
     for rank in (0, 1):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
                "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "KILL_RANK": str(killed)}  # fmt: skip
+        cmd = [sys.executable, str(HERE / "peer_killed_worker.py"), *flags, str(out)]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    survivor = 1 - killed
+    err = errs[survivor]
+    assert procs[killed].returncode == -9  # killed
+    assert procs[survivor].returncode == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "another process of this run stopped" in err and "--resume" in err, err
+    state = torch.load(out / "last.pt", weights_only=True)  # whole, from before the kill
+    assert state["step"] == 1
+    assert not list(out.glob("*.tmp"))
+
+
+def test_a_two_process_run_killed_before_its_first_checkpoint_restarts_in_place(tmp_path):
+    """Rank 1 is killed before any checkpoint was written: the survivor's one line says
+    to resume, and ``--resume`` (here in one process) starts the run again from step 0
+    with its recorded settings instead of saying there is nothing to resume."""
+    out = tmp_path / "run"
+    port = _free_port()
+    flags = ("train --data 8gaussians --n-train 128 --n-test 32 --preset toy2d --set n_blocks=1 "
+             "--set hidden=[8] --steps 4 --batch-size 32 --eval-every 4 --checkpoint-every 100 "
+             "--no-progress --no-tensorboard --out").split()  # fmt: skip
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port)}  # fmt: skip
         cmd = [sys.executable, str(HERE / "peer_killed_worker.py"), *flags, str(out)]
         procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))  # fmt: skip
-    (_, err0), _ = (p.communicate(timeout=120) for p in procs)
-    assert procs[1].returncode == -9  # killed
-    assert procs[0].returncode == 2, err0
-    assert "Traceback" not in err0 and len(err0.strip().splitlines()) == 1, err0
-    assert "another process of this run stopped" in err0 and "--resume" in err0, err0
-    state = torch.load(out / "last.pt", weights_only=True)  # whole, from before the kill
-    assert state["step"] == 1
-    assert not list(out.glob("*.tmp"))
+    err0 = procs[0].communicate(timeout=120)[1]
+    procs[1].communicate(timeout=120)
+    assert procs[0].returncode == 2 and "--resume" in err0, err0
+    assert (out / "config.yaml").exists() and not (out / "last.pt").exists()
+    proc = subprocess.run([sys.executable, "-m", "resflow.cli", "train", "--resume", "--out",
+                           str(out), "--no-progress", "--no-tensorboard"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "stopped before its first checkpoint; starting it again from step 0" in proc.stdout
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 4
 
 
 @pytest.mark.parametrize(

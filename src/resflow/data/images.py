@@ -58,6 +58,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 import torch
@@ -800,6 +801,18 @@ def _list_images(folder: Path, exclude: Path | None = None) -> list[Path]:
     return sorted(files)
 
 
+def _stored_mode(im: Any) -> str:
+    """The pixel layout as stored in the file: Pillow opens 16-bit RGB PNGs as 8-bit
+    ``RGB`` (keeping the high byte), so the decoder's raw mode is the one to check."""
+    for tile in getattr(im, "tile", None) or ():
+        raw = tile.args if isinstance(tile.args, str) else None
+        if raw is None and isinstance(tile.args, tuple) and tile.args:
+            raw = tile.args[0] if isinstance(tile.args[0], str) else None
+        if raw and ";16" in raw:
+            return raw
+    return str(im.mode)
+
+
 def _read_image_files(
     files: Sequence[Path], mode: str | None, image_size: int | None
 ) -> np.ndarray:
@@ -818,10 +831,11 @@ def _read_image_files(
             with Image.open(f) as im:
                 modes.append(im.mode)
                 sizes.setdefault(im.size, f)
+                stored = _stored_mode(im)
         except Exception as err:
             raise ValueError(f"{f}: cannot read image ({err})") from err
-        if modes[-1] in ("I", "F") or modes[-1].startswith(("I;", "F;")):
-            depth = "16-bit" if "16" in modes[-1] else f"32-bit ({modes[-1]})"
+        if stored in ("I", "F") or stored.startswith(("I;", "F;")) or ";16" in stored:
+            depth = "16-bit" if "16" in stored else f"32-bit ({stored})"
             raise ValueError(
                 f"{f}: a {depth} image; resflow reads 8-bit images (convert it to 8 bits "
                 "per channel first)"
