@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 from resflow.flow import Flow
 from resflow.io import atomic_write
 from resflow.layers.base import Sequential, after_optimizer_step
+from resflow.layers.base import is_stochastic as stochastic_layer
 from resflow.layers.guidance import guidance as guidance_weight
+from resflow.layers.hooks import DensityNote, implementers
 from resflow.layers.residual.block import ResidualBlock, biased_figure, evaluation_estimators
 from resflow.preprocess.noise import GaussianNoise
 
@@ -74,10 +76,7 @@ class EvalResult:
 def density_note(model: torch.nn.Module) -> str:
     """What the model's log-density measures, from its layers' ``density_note()``
     (noise augmentation: the likelihood of the noisy data); empty for a plain model."""
-    notes = [
-        m.density_note() for m in model.modules() if callable(getattr(m, "density_note", None))
-    ]
-    return "; ".join(notes)
+    return "; ".join(m.density_note() for m in implementers(model, DensityNote))
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -101,7 +100,7 @@ def is_stochastic(model: torch.nn.Module) -> bool:
         return (est.resolve(dim) if dim is not None else est).method != "exact"
 
     return any(
-        getattr(m, "stochastic", False) is True or (isinstance(m, ResidualBlock) and series(m))
+        stochastic_layer(m) or (isinstance(m, ResidualBlock) and series(m))
         for m in model.modules()
     )
 

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from resflow.distributions import StandardNormal
-from resflow.layers.base import FlowLayer, Sequential, check_finite, shared_scope
+from resflow.layers.base import FlowLayer, Sequential, check_finite, is_stochastic, shared_scope
+from resflow.layers.hooks import Penalty, implementers
 
 
 class Flow(nn.Module):
@@ -146,10 +147,9 @@ class Flow(nn.Module):
         """The sum of every sub-module's ``penalty()`` (regularizers a family adds to
         the training loss, e.g. RealNVP's L2 on weight-norm scales); 0 if none."""
         total = torch.zeros((), dtype=self.dtype)
-        for m in self.modules():
-            fn = getattr(m, "penalty", None)
-            if m is not self and callable(fn):
-                total = total + fn()
+        for m in implementers(self, Penalty):
+            if m is not self:
+                total = total + m.penalty()
         return total
 
     def _latent(self, n: int, temperature: float, context: Tensor | None = None) -> Tensor:
@@ -182,7 +182,7 @@ class Flow(nn.Module):
         |f^{-1}(f(x)) - x|`` at ``x = f^{-1}(z)``, which holds exactly for them.
         """
         layers = list(self.layers.layers) if isinstance(self.layers, Sequential) else [self.layers]
-        while layers and getattr(layers[0], "stochastic", False):
+        while layers and is_stochastic(layers[0]):
             layers = layers[1:]
         body = Sequential(layers)
         ctx = self.condition(context, z.shape[0])
@@ -196,7 +196,7 @@ class Flow(nn.Module):
     def round_trip_formula(self) -> str:
         """The round trip :meth:`round_trip_error` measures, as text."""
         layers = list(self.layers.layers) if isinstance(self.layers, Sequential) else [self.layers]
-        while layers and getattr(layers[0], "stochastic", False):
+        while layers and is_stochastic(layers[0]):
             layers = layers[1:]
         return "|f^-1(f(x)) - x|" if Sequential(layers).stochastic else "|f(f^-1(z)) - z|"
 

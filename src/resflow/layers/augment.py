@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from resflow.layers.base import FlowLayer, Shape, zero_logdet
+from resflow.layers.base import FlowLayer, Shape, is_stochastic, zero_logdet
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -170,9 +170,7 @@ class DenseAugmentedBlock(FlowLayer):
 
     @property
     def stochastic(self) -> bool:  # type: ignore[override]
-        return len(self.augmentations) > 0 or any(
-            getattr(u, "stochastic", False) for u in self.units
-        )
+        return len(self.augmentations) > 0 or any(is_stochastic(u) for u in self.units)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         history = [x]

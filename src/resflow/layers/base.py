@@ -28,20 +28,12 @@ reports the same bound for the samples.
 
 A :class:`Sequential` of layers is itself a layer, so models are built by composition.
 
-**Hooks.** Modules may define ``after_optimizer_step()`` (e.g. refreshing the
-Lipschitz estimates of a residual branch); a training loop calls
-:func:`after_optimizer_step` on the model after every step, and evaluation calls it
-before use, without knowing which layers need it. Modules with state that an
-evaluation detour must not disturb implement ``transient_state()`` /
-``load_transient_state(state)`` (see :func:`preserved_transient_state`).
-
-**Shared work.** Models of many small blocks repeat the same small computation in
-every instance of a layer class (a weight normalization, a power-iteration step);
-done one instance at a time, per-operation overhead dominates. A class may therefore
-define the classmethods ``after_optimizer_step_all(modules)`` (run instead of every
-instance's ``after_optimizer_step``) and ``shared_scope(modules)`` (a context manager
-inside which the instances may use work done once for all of them; see
-:func:`shared_scope`), each given all its instances in a model, in order.
+**Hooks.** The optional methods a module may implement -- ``after_optimizer_step()``,
+``transient_state()`` / ``load_transient_state(state)``, ``penalty()``, the
+class-level ``after_optimizer_step_all(modules)`` and ``shared_scope(modules)``, ... --
+are declared once, in :mod:`resflow.layers.hooks`. :func:`after_optimizer_step`,
+:func:`shared_scope` and :func:`preserved_transient_state` run them on every
+sub-module that implements them, without knowing which layers do.
 """
 
 from __future__ import annotations
@@ -51,6 +43,15 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import Tensor, nn
+
+from resflow.layers.hooks import (
+    AfterStep,
+    AfterStepAll,
+    SharedScope,
+    TransientState,
+    classes_implementing,
+    implementers,
+)
 
 Shape = tuple[int, ...]
 
@@ -79,6 +80,11 @@ class FlowLayer(nn.Module):
         return tuple(input_shape)
 
 
+def is_stochastic(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer that draws noise in its forward pass."""
+    return isinstance(module, FlowLayer) and module.stochastic is True
+
+
 def zero_logdet(x: Tensor) -> Tensor:
     """A per-sample zero log-determinant matching ``x``'s batch, dtype and device."""
     return x.new_zeros(x.shape[0])
@@ -95,7 +101,7 @@ class Sequential(FlowLayer):
 
     @property
     def stochastic(self) -> bool:  # type: ignore[override]
-        return any(getattr(layer, "stochastic", False) for layer in self.layers)
+        return any(is_stochastic(layer) for layer in self.layers)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -158,29 +164,20 @@ def check_finite(x: Tensor, name: str = "input") -> None:
         raise ValueError(f"{name} contains {n_bad} non-finite value(s) (NaN or inf)")
 
 
-def _by_class(model: nn.Module, name: str) -> dict[type, list[nn.Module]]:
-    """The sub-modules whose class defines ``name``, by that class, in module order."""
-    out: dict[type, list[nn.Module]] = {}
-    for m in model.modules():
-        if callable(getattr(type(m), name, None)):
-            out.setdefault(type(m), []).append(m)
-    return out
-
-
 def after_optimizer_step(model: nn.Module) -> None:
-    """Call ``after_optimizer_step()`` on every sub-module that defines it (once for
-    all instances of a class that defines ``after_optimizer_step_all``).
+    """Run the :class:`~resflow.layers.hooks.AfterStep` hook of every sub-module (once
+    for all instances of a class implementing
+    :class:`~resflow.layers.hooks.AfterStepAll`).
 
     A training loop calls this after every optimizer step, and evaluation or sampling
     before use (the weights may have changed, e.g. to their EMA average).
     """
-    grouped = _by_class(model, "after_optimizer_step_all")
+    grouped = classes_implementing(model, AfterStepAll)
     for cls, members in grouped.items():
         cls.after_optimizer_step_all(members)  # type: ignore[attr-defined]
-    for m in model.modules():
-        hook = getattr(m, "after_optimizer_step", None)
-        if callable(hook) and type(m) not in grouped:
-            hook()
+    for m in implementers(model, AfterStep):
+        if type(m) not in grouped:
+            m.after_optimizer_step()
 
 
 _scoped: set[int] = set()  # ids of the models inside shared_scope (re-entry is a no-op)
@@ -199,7 +196,7 @@ def shared_scope(model: nn.Module) -> Iterator[None]:
     _scoped.add(id(model))
     try:
         with ExitStack() as stack:
-            for cls, members in _by_class(model, "shared_scope").items():
+            for cls, members in classes_implementing(model, SharedScope).items():
                 stack.enter_context(cls.shared_scope(members))  # type: ignore[attr-defined]
             yield
     finally:
@@ -214,13 +211,9 @@ def preserved_transient_state(model: nn.Module) -> Iterator[None]:
     those weights; restoring it keeps training exactly on the path it would have taken
     without the detour (exact resume depends on it).
     """
-    saved = [
-        (m, m.transient_state())  # type: ignore[operator]
-        for m in model.modules()
-        if callable(getattr(m, "transient_state", None))
-    ]
+    saved = [(m, m.transient_state()) for m in implementers(model, TransientState)]
     try:
         yield
     finally:
         for m, state in saved:
-            m.load_transient_state(state)  # type: ignore[operator]
+            m.load_transient_state(state)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from resflow.layers.base import FlowLayer, Shape
+from resflow.layers.hooks import Guided, implementers
 
 
 class ContextDropout(FlowLayer):
@@ -83,8 +84,9 @@ def guided(
 
 
 def guidance_layers(model: nn.Module) -> list[nn.Module]:
-    """The sub-modules of ``model`` that take a guidance weight (attribute ``guidance``)."""
-    return [m for m in model.modules() if hasattr(m, "guidance")]
+    """The sub-modules of ``model`` that take a guidance weight (the
+    :class:`~resflow.layers.hooks.Guided` hook)."""
+    return list(implementers(model, Guided))
 
 
 @contextmanager
