@@ -52,7 +52,8 @@ from resflow.layers.coupling import ChannelMask, Coupling
 from resflow.layers.multiscale import Flatten
 from resflow.layers.squeeze import Squeeze
 from resflow.layers.transformers import Affine
-from resflow.models.dequantization import DequantizationConfig, build_dequantizer
+from resflow.models.configs import MAX_WIDTH, ImageModelConfig
+from resflow.models.dequantization import build_dequantizer
 from resflow.models.multiscale import multiscale
 from resflow.models.registry import register_model, register_preset
 from resflow.nets.denseflow import (
@@ -63,8 +64,6 @@ from resflow.nets.denseflow import (
 )
 from resflow.preprocess import Dequantizer, VariationalDequantizer, image_preprocessing
 from resflow.train_config import TrainConfig
-
-MAX_WIDTH = 65536
 
 
 class SoftClampAffine(Affine):
@@ -128,11 +127,9 @@ class DenseDequantizationConfig(Config):
 
 
 @dataclass
-class DenseFlowConfig(Config):
+class DenseFlowConfig(ImageModelConfig):
     """DenseFlow-L-k for images (defaults: DenseFlow-74-10, the paper's model)."""
 
-    image_shape: tuple[int, int, int] = param((3, 32, 32), ge=1, le=8192, help="(C, H, W)")
-    levels: int = param(256, ge=2, le=65536, help="quantization levels of the data")
     units: tuple[int, ...] = param((6, 4, 1), ge=1, le=256, help="DenseFlow units per block")
     modules: tuple[int, ...] = param(
         (5, 6, 20), ge=1, le=1024, help="glow-like modules per unit, per block"
@@ -157,8 +154,6 @@ class DenseFlowConfig(Config):
         4, ge=1, le=64, help="hidden channels of the cross-unit nets, in multiples of inputs"
     )
     lu: bool = param(False, help="LU-parameterized 1x1 convolutions (the authors': full)")
-    horizontal_flip: bool = param(False, help="random horizontal flips in training")
-    dequantization: DequantizationConfig = field(default_factory=DequantizationConfig)
     dense_dequantization: DenseDequantizationConfig = field(
         default_factory=DenseDequantizationConfig
     )

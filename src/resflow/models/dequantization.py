@@ -32,11 +32,11 @@ from resflow.layers.coupling import ChannelMask, ColumnMask, Coupling
 from resflow.layers.halves import Halves
 from resflow.layers.logistic_mixture import LogisticMixtureCDF
 from resflow.layers.transformers import Affine, Transformer
+from resflow.models.limits import MAX_WIDTH
 from resflow.nets.flowpp import ContextProcessor, FlowppNet
 from resflow.preprocess import Dequantizer, UniformDequantizer, VariationalDequantizer
 
 CouplingKind = Literal["mixlog", "affine"]
-MAX_WIDTH = 65536
 
 
 @dataclass

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from resflow.config import Config, ConfigError, param
+from resflow.config import ConfigError, param
 from resflow.distributions import make_base
 from resflow.flow import Flow
 from resflow.layers.base import FlowLayer, Sequential
 from resflow.layers.coupling import ChannelMask, ColumnMask
 from resflow.layers.multiscale import Flatten
 from resflow.layers.squeeze import Squeeze
+from resflow.models.configs import MAX_WIDTH, ClassConditionalConfig, ImageModelConfig
 from resflow.models.dequantization import (
     CouplingKind,
     DequantizationConfig,
@@ -41,8 +42,6 @@ from resflow.models.registry import register_model, register_preset
 from resflow.preprocess import image_preprocessing
 from resflow.train_config import TrainConfig
 
-MAX_WIDTH = 65536
-
 
 def _paper_dequantizer() -> DequantizationConfig:
     return DequantizationConfig(
@@ -51,11 +50,9 @@ def _paper_dequantizer() -> DequantizationConfig:
 
 
 @dataclass
-class FlowppConfig(Config):
+class FlowppConfig(ClassConditionalConfig, ImageModelConfig):
     """Flow++ for images (defaults: the paper's CIFAR-10 model)."""
 
-    image_shape: tuple[int, int, int] = param((3, 32, 32), ge=1, le=8192, help="(C, H, W)")
-    levels: int = param(256, ge=2, le=65536, help="quantization levels of the data")
     couplings: tuple[int, ...] = param(
         (4, 2, 3),
         ge=0,
@@ -70,8 +67,6 @@ class FlowppConfig(Config):
     attention: bool = param(True, help="self-attention in the coupling nets")
     dropout: float = param(0.2, ge=0, lt=1, help="dropout in the coupling nets")
     logit_alpha: float = param(0.05, gt=0, lt=0.5, help="alpha of the logit transform")
-    horizontal_flip: bool = param(False, help="random horizontal flips in training")
-    n_classes: int = param(0, ge=0, le=100_000, help="classes (0: unconditional)")
     dequantization: DequantizationConfig = field(default_factory=_paper_dequantizer)
 
     def __post_init__(self) -> None:

@@ -26,14 +26,14 @@ dequantization (no logit).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from resflow.config import Config, param, replace
+from resflow.config import param, replace
 from resflow.distributions import StandardNormal, make_base
 from resflow.flow import Flow
 from resflow.layers.actnorm import ActNorm
@@ -42,7 +42,13 @@ from resflow.layers.conv1x1 import InvertibleConv1x1
 from resflow.layers.coupling import ChannelMask, Coupling
 from resflow.layers.multiscale import ConditionalPrior, Flatten
 from resflow.layers.transformers import Additive, Affine, Transformer
-from resflow.models.dequantization import DequantizationConfig, build_dequantizer
+from resflow.models.configs import (
+    MAX_WIDTH,
+    ClassConditionalConfig,
+    ImageModelConfig,
+    VectorModelConfig,
+)
+from resflow.models.dequantization import build_dequantizer
 from resflow.models.multiscale import count_scales, flatten_end, multiscale
 from resflow.models.registry import register_model, register_preset
 from resflow.nets.conditioners import MLP
@@ -50,7 +56,6 @@ from resflow.nets.glow import GlowNet, ZeroConv2d
 from resflow.preprocess import image_preprocessing
 from resflow.train_config import TrainConfig
 
-MAX_WIDTH = 65536
 Kind = Literal["affine", "additive"]
 
 
@@ -59,11 +64,9 @@ def _transformer(kind: Kind) -> Transformer:
 
 
 @dataclass
-class GlowConfig(Config):
+class GlowConfig(ClassConditionalConfig, ImageModelConfig):
     """Multi-scale Glow for images (defaults: the paper's CIFAR-10 model, K=32, L=3)."""
 
-    image_shape: tuple[int, int, int] = param((3, 32, 32), ge=1, le=8192, help="(C, H, W)")
-    levels: int = param(256, ge=2, le=65536, help="quantization levels of the data")
     n_levels: int = param(3, ge=1, le=16, help="levels L (squeeze, K steps, split)")
     depth: int = param(32, ge=1, le=1024, help="steps K per level")
     hidden: int = param(512, ge=1, le=MAX_WIDTH, help="hidden channels of the coupling nets")
@@ -83,13 +86,10 @@ class GlowConfig(Config):
     edge_bias: bool = param(
         False, help="the 3x3 convolutions see an edge channel (the authors' code)"
     )
-    horizontal_flip: bool = param(False, help="random horizontal flips in training")
-    n_classes: int = param(0, ge=0, le=100_000, help="classes (0: unconditional)")
-    dequantization: DequantizationConfig = field(default_factory=DequantizationConfig)
 
 
 @dataclass
-class GlowVectorConfig(Config):
+class GlowVectorConfig(VectorModelConfig):
     """Glow for vectors: ``ActNorm -> invertible linear map -> coupling``, K times."""
 
     dim: int = param(2, ge=2, le=1_000_000, help="data dimension")

@@ -41,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from resflow.config import Config, param
+from resflow.config import param
 from resflow.flow import Flow
 from resflow.layers.autoregressive import Autoregressive
 from resflow.layers.base import FlowLayer, Sequential
@@ -49,16 +49,16 @@ from resflow.layers.batchnorm import BatchNormFlow
 from resflow.layers.permutation import Reverse
 from resflow.layers.sigmoidal import DDSF, DSF
 from resflow.layers.transformers import Affine, Transformer
+from resflow.models.configs import MAX_WIDTH, VectorModelConfig
 from resflow.models.registry import register_model, register_preset
 from resflow.nets.made import MADE
 from resflow.train_config import TrainConfig
 
-MAX_WIDTH = 65536
 SigmoidKind = Literal["ddsf", "dsf"]
 
 
 @dataclass
-class AutoregressiveConfig(Config):
+class AutoregressiveConfig(VectorModelConfig):
     """What MAF and NAF share: MADE conditioners in alternating (or random) orders."""
 
     dim: int = param(2, ge=1, le=100_000, help="data dimension")

@@ -16,11 +16,11 @@ L2 of 5e-5 on the weight-norm scales is the model's training penalty.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
-from resflow.config import Config, param
+from resflow.config import param
 from resflow.distributions import make_base
 from resflow.flow import Flow
 from resflow.layers.base import FlowLayer, Sequential, Shape
@@ -28,7 +28,13 @@ from resflow.layers.batchnorm import BatchNormFlow
 from resflow.layers.coupling import ChannelMask, CheckerboardMask, Coupling, Mask
 from resflow.layers.multiscale import ConditionalPrior
 from resflow.layers.transformers import Affine
-from resflow.models.dequantization import DequantizationConfig, build_dequantizer
+from resflow.models.configs import (
+    MAX_WIDTH,
+    ClassConditionalConfig,
+    ImageModelConfig,
+    VectorModelConfig,
+)
+from resflow.models.dequantization import build_dequantizer
 from resflow.models.multiscale import count_scales, multiscale
 from resflow.models.registry import register_model, register_preset
 from resflow.nets.glow import ZeroConv2d
@@ -36,15 +42,11 @@ from resflow.nets.realnvp import RealNVPMLP, RealNVPResNet
 from resflow.preprocess import image_preprocessing
 from resflow.train_config import TrainConfig
 
-MAX_WIDTH = 65536
-
 
 @dataclass
-class RealNVPConfig(Config):
+class RealNVPConfig(ClassConditionalConfig, ImageModelConfig):
     """Multi-scale RealNVP for images (defaults: the paper's 32x32 ImageNet model)."""
 
-    image_shape: tuple[int, int, int] = param((3, 32, 32), ge=1, le=8192, help="(C, H, W)")
-    levels: int = param(256, ge=2, le=65536, help="quantization levels of the data")
     n_scales: int = param(4, ge=1, le=16, help="scales (at most: until 4x4)")
     hidden: int = param(32, ge=1, le=MAX_WIDTH, help="feature maps of the coupling nets")
     double_features: bool = param(
@@ -62,14 +64,11 @@ class RealNVPConfig(Config):
         "standard", help="prior of the factored halves"
     )
     logit_alpha: float = param(0.05, gt=0, lt=0.5, help="alpha of the logit transform")
-    horizontal_flip: bool = param(False, help="random horizontal flips in training")
     scale_l2: float = param(5e-5, ge=0, help="L2 penalty on the weight-norm scales")
-    n_classes: int = param(0, ge=0, le=100_000, help="classes (0: unconditional)")
-    dequantization: DequantizationConfig = field(default_factory=DequantizationConfig)
 
 
 @dataclass
-class RealNVPVectorConfig(Config):
+class RealNVPVectorConfig(VectorModelConfig):
     """RealNVP for vectors: affine couplings with alternating halves."""
 
     dim: int = param(2, ge=2, le=1_000_000, help="data dimension")

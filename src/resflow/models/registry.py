@@ -12,11 +12,12 @@ one new file.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from resflow.config import from_dict, to_dict
 from resflow.flow import Flow
+from resflow.models.configs import ImageModelConfig, VectorModelConfig
 from resflow.registry import Registry
 from resflow.train_config import TrainConfig
 
@@ -36,8 +37,9 @@ class ModelEntry:
 
     def adapt(self, config: Any, shape: tuple[int, ...], levels: int | None) -> Any:
         """``config`` for data of ``shape`` (and ``levels`` for images): image configs
-        take ``image_shape`` and ``levels``, vector configs ``dim``."""
-        names = {f.name for f in fields(config)}
+        (:class:`~resflow.models.configs.ImageModelConfig`) take ``image_shape`` and
+        ``levels``, vector configs (:class:`~resflow.models.configs.VectorModelConfig`)
+        ``dim``."""
         if self.kind == "image":
             if levels is None or len(shape) != 3:
                 raise ValueError(
@@ -50,7 +52,7 @@ class ModelEntry:
                     f"model {self.name!r} models vectors; the data are images of shape {shape}"
                 )
             changes = {"dim": shape[0]}
-        return replace(config, **{k: v for k, v in changes.items() if k in names})
+        return replace(config, **changes)
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,12 @@ def register_model(
     family: str | None = None,
     description: str = "",
 ) -> ModelEntry:
-    """Register model ``name`` (its config type must be unique to it)."""
+    """Register model ``name`` (its config type must be unique to it, and derive from
+    the base of its kind: :class:`~resflow.models.configs.ImageModelConfig` or
+    :class:`~resflow.models.configs.VectorModelConfig`)."""
+    base = ImageModelConfig if kind == "image" else VectorModelConfig
+    if not issubclass(config, base):
+        raise TypeError(f"model {name!r}: a {kind} model's config must derive from {base.__name__}")
     for other in MODELS.items():
         if other[1].config is config:
             raise ValueError(f"config {config.__name__} is already used by model {other[0]!r}")

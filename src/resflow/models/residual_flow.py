@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from resflow.config import Config, ConfigError, param
+from resflow.config import ConfigError, param
 from resflow.distributions import make_base
 from resflow.flow import Flow
 from resflow.layers.actnorm import ActNorm
@@ -21,7 +21,15 @@ from resflow.layers.multiscale import Flatten
 from resflow.layers.residual.block import ResidualBlock
 from resflow.layers.residual.lipschitz import CERTIFY_EVERY, set_certify_every
 from resflow.layers.residual.logdet import EstimatorConfig
-from resflow.models.dequantization import DequantizationConfig, build_dequantizer
+from resflow.models.configs import (
+    MAX_CLASSES,
+    MAX_SIDE,
+    MAX_WIDTH,
+    ClassConditionalConfig,
+    ImageModelConfig,
+    VectorModelConfig,
+)
+from resflow.models.dequantization import build_dequantizer
 from resflow.models.multiscale import count_scales, multiscale
 from resflow.models.registry import register_model, register_preset
 from resflow.nets.residual import residual_cnn, residual_mlp
@@ -30,7 +38,6 @@ from resflow.train_config import TrainConfig
 
 Activation = Literal["lipswish", "elu", "softplus"]
 MAX_BLOCKS = 4096
-MAX_WIDTH = 65536
 MAX_WEIGHTS = 1_000_000_000
 """Configs whose weights would exceed this many numbers (4 GB in float32) are refused
 before anything is built (a crafted or mistyped config must not hang the machine)."""
@@ -44,10 +51,9 @@ def _check_size(what: str, n_weights: int) -> None:
 
 
 @dataclass
-class VectorFlowConfig(Config):
+class VectorFlowConfig(VectorModelConfig):
     """Residual Flow for vectors / 2-D data: ``[ActNorm] -> (ResBlock -> [ActNorm]) x n``."""
 
-    dim: int = param(2, ge=1, le=1_000_000, help="data dimension")
     n_blocks: int = param(10, ge=1, le=MAX_BLOCKS, help="residual blocks")
     hidden: tuple[int, ...] = param(
         (128, 128, 128), ge=1, le=MAX_WIDTH, help="hidden widths of each branch"
@@ -71,15 +77,14 @@ class VectorFlowConfig(Config):
 
 
 @dataclass
-class ImageFlowConfig(Config):
+class ImageFlowConfig(ClassConditionalConfig, ImageModelConfig):
     """Multi-scale Residual Flow for images (Appendix E of the paper).
 
     ``Dequantize -> [flip] -> Logit(alpha) -> [Squeeze] -> ActNorm -> (ResBlock ->
     ActNorm) x n_0 -> Squeeze -> [FactorOut] -> ... -> fully connected tail``.
     """
 
-    image_shape: tuple[int, int, int] = param((1, 28, 28), ge=1, le=8192, help="(C, H, W)")
-    levels: int = param(256, ge=2, le=65536, help="quantization levels of the data")
+    image_shape: tuple[int, int, int] = param((1, 28, 28), ge=1, le=MAX_SIDE, help="(C, H, W)")
     n_blocks: tuple[int, ...] = param(
         (16, 16, 16), ge=1, le=MAX_BLOCKS, help="residual blocks per scale"
     )
@@ -88,7 +93,6 @@ class ImageFlowConfig(Config):
     coeff: float = param(0.98, gt=0, lt=1, help="Lipschitz coefficient of every layer (< 1)")
     activation: Activation = param("lipswish", help="1-Lipschitz activation")
     logit_alpha: float = param(1e-6, gt=0, lt=0.5, help="alpha of the logit transform")
-    horizontal_flip: bool = param(False, help="random horizontal flips in training")
     squeeze_first: bool = param(False, help="squeeze before the first scale")
     factor_out: bool = param(False, help="factor out half the channels after each squeeze")
     actnorm: bool = param(True, help="ActNorm layers")
@@ -101,12 +105,11 @@ class ImageFlowConfig(Config):
     norm_orders: tuple[float, ...] | None = param(None, ge=1, help="induced-norm orders")
     learn_orders: bool = param(False, help="learn the norm orders")
     prior: Literal["standard", "diagonal"] = param("standard", help="base distribution")
-    n_classes: int = param(0, ge=0, le=100_000, help="classes of a class-conditional prior")
+    n_classes: int = param(0, ge=0, le=MAX_CLASSES, help="classes of a class-conditional prior")
     certify_every: int = param(
         CERTIFY_EVERY, ge=1, le=1_000_000, help="training steps between certified norm bounds"
     )
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
-    dequantization: DequantizationConfig = field(default_factory=DequantizationConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -34,10 +34,10 @@ that ``resflow sample --guidance w`` samples with classifier-free guidance on
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from resflow.config import Config, ConfigError, param, replace
+from resflow.config import ConfigError, param, replace
 from resflow.distributions import StandardNormal
 from resflow.flow import Flow
 from resflow.layers.base import FlowLayer, Sequential
@@ -45,22 +45,20 @@ from resflow.layers.guidance import ContextDropout
 from resflow.layers.multiscale import Flatten
 from resflow.layers.patch import Patchify
 from resflow.layers.tarflow import TarFlowBlock
-from resflow.models.dequantization import DequantizationConfig, build_dequantizer
+from resflow.models.configs import MAX_SIDE, MAX_WIDTH, ClassConditionalConfig, ImageModelConfig
+from resflow.models.dequantization import build_dequantizer
 from resflow.models.registry import register_model, register_preset
 from resflow.nets.transformer import CausalTransformer
 from resflow.preprocess import Normalize, RandomHorizontalFlip, image_preprocessing
 from resflow.preprocess.noise import QuantizedGaussianNoise
 from resflow.train_config import TrainConfig
 
-MAX_WIDTH = 65536
-
 
 @dataclass
-class TarFlowConfig(Config):
+class TarFlowConfig(ClassConditionalConfig, ImageModelConfig):
     """TarFlow for images (defaults: the paper's ImageNet 64 likelihood model)."""
 
-    image_shape: tuple[int, int, int] = param((3, 64, 64), ge=1, le=8192, help="(C, H, W)")
-    levels: int = param(256, ge=2, le=65536, help="quantization levels of the data")
+    image_shape: tuple[int, int, int] = param((3, 64, 64), ge=1, le=MAX_SIDE, help="(C, H, W)")
     patch_size: int = param(2, ge=1, le=256, help="patch size p (tokens of C p^2 features)")
     width: int = param(768, ge=1, le=MAX_WIDTH, help="transformer width")
     n_blocks: int = param(8, ge=1, le=256, help="autoregressive flow blocks")
@@ -78,9 +76,6 @@ class TarFlowConfig(Config):
     label_dropout: float = param(
         0.1, ge=0, lt=1, help="class-conditional: probability of the null class in training"
     )
-    horizontal_flip: bool = param(False, help="random horizontal flips in training")
-    n_classes: int = param(0, ge=0, le=100_000, help="classes (0: unconditional)")
-    dequantization: DequantizationConfig = field(default_factory=DequantizationConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
