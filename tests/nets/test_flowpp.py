@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from resflow.nets import NETS
 from resflow.nets.flowpp import ContextProcessor, FlowppNet, GatedAttention, concat_elu, gate
 
 
@@ -23,7 +22,6 @@ def test_zero_output_at_the_start_and_shapes():
     net = FlowppNet(3, 10, (4, 6), hidden=8, blocks=2, heads=2)
     out = net(torch.randn(5, 3, 4, 6)).detach()
     assert out.shape == (5, 10, 4, 6) and float(out.abs().max()) == 0.0
-    assert NETS.get("flowpp") is FlowppNet and NETS.get("flowpp-context") is ContextProcessor
     with pytest.raises(ValueError, match=r"expects \[B, 3, 4, 6\]"):
         net(torch.randn(5, 3, 4, 4))
     with pytest.raises(ValueError, match="divisible by heads"):

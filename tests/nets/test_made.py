@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from resflow.nets import NETS
 from resflow.nets.made import MADE, MaskedLinear
 
 D, N_PARAMS = 5, 3
@@ -79,7 +78,3 @@ def test_single_dimension_and_errors():
         MADE(3, order=[0, 1, 1])
     with pytest.raises(ValueError, match="equal hidden widths"):
         MADE(3, (8, 16), residual=True)
-
-
-def test_registered():
-    assert NETS.get("made") is MADE

@@ -15,8 +15,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from resflow.nets import NETS
-
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "elu": nn.ELU,
@@ -182,7 +180,3 @@ class ConvNet(nn.Module):
             raise ValueError(f"ConvNet expects [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
         context = check_context(context, x, self.context_channels, "ConvNet", spatial=True)
         return self.net(concat_context(x, context))
-
-
-NETS.register("mlp", MLP)
-NETS.register("conv", ConvNet)

@@ -33,7 +33,6 @@ import math
 import torch
 from torch import Tensor, nn
 
-from resflow.nets import NETS
 from resflow.nets.conditioners import check_context, concat_context
 
 
@@ -348,8 +347,3 @@ def dense_context_processor(
         nn.Conv2d(channels, channels, 2, stride=2),
         DenseBlock(channels, channels, depth, growth),
     )
-
-
-NETS.register("denseflow", DenseAttentionNet)
-NETS.register("denseflow-cross-unit", CrossUnitNet)
-NETS.register("denseflow-dequantizer", ContextDenseNet)

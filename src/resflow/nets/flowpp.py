@@ -39,7 +39,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from resflow.nets import NETS
 from resflow.nets.conditioners import check_context
 
 
@@ -214,7 +213,3 @@ class ContextProcessor(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.blocks(self.proj(x))
-
-
-NETS.register("flowpp", FlowppNet)
-NETS.register("flowpp-context", ContextProcessor)

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resflow.layers.actnorm import ActNorm
-from resflow.nets import NETS
 from resflow.nets.conditioners import check_context, concat_context
 
 
@@ -117,6 +116,3 @@ class GlowNet(nn.Module):
         context = check_context(context, x, self.context_channels, "GlowNet", spatial=True)
         x = concat_context(x, context)
         return self.net(x)
-
-
-NETS.register("glow", GlowNet)

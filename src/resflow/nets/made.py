@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from resflow.nets import NETS
 from resflow.nets.conditioners import check_context, hidden_activation
 
 OrderKind = Literal["natural", "reversed", "random"]
@@ -179,6 +178,3 @@ class MADE(nn.Module):
             h = h + self.context_layer(context.to(x.dtype))
         h = self.hidden(h)
         return self.output_layer(self.final_activation(h))
-
-
-NETS.register("made", MADE)

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from resflow.nets import NETS
 from resflow.nets.conditioners import MLP, check_context, concat_context
 
 
@@ -151,7 +150,3 @@ def weight_scales(model: nn.Module) -> Iterator[Tensor]:
     for name, p in model.named_parameters():
         if name.endswith("parametrizations.weight.original0"):
             yield p
-
-
-NETS.register("realnvp-resnet", RealNVPResNet)
-NETS.register("realnvp-mlp", RealNVPMLP)

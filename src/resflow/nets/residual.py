@@ -12,7 +12,6 @@ from torch import nn
 
 from resflow.layers.residual.activations import make_activation
 from resflow.layers.residual.lipschitz import LipschitzConv2d, LipschitzLinear, NormOrder, Order
-from resflow.nets import NETS
 
 
 def _orders(n_layers: int, norm_orders: Sequence[float] | None, learn_orders: bool) -> list[Order]:
@@ -99,7 +98,3 @@ def residual_cnn(
         )  # fmt: skip
 
     return _branch(len(kernels), layer, activation, preact)
-
-
-NETS.register("residual-mlp", residual_mlp)
-NETS.register("residual-cnn", residual_cnn)

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from resflow.nets import NETS
 from resflow.nets.conditioners import check_context
 
 
@@ -212,6 +211,3 @@ class CausalTransformer(nn.Module):
         out = self._output(h if cond is None else h + cond, cache)
         cache.length += 1
         return out[:, 0]
-
-
-NETS.register("causal-transformer", CausalTransformer)
