@@ -1,4 +1,4 @@
-"""A name -> object registry, used for model families, presets and networks.
+"""A name -> object registry, used for model families, presets, networks and data sets.
 
 Each family or network registers itself where it is defined (its own module), so
 adding one edits no central list.
@@ -7,6 +7,7 @@ adding one edits no central list.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -34,6 +35,29 @@ class Registry(Generic[T]):
             raise ValueError(
                 f"unknown {self.what} {name!r}; choose from {', '.join(sorted(self._items))}"
             ) from None
+
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` and return its object (the same error as :meth:`get` if unknown)."""
+        item = self.get(name)
+        del self._items[name]
+        return item
+
+    @contextmanager
+    def registered(self, name: str, item: T) -> Iterator[T]:
+        """Register ``item`` as ``name`` for the ``with`` block only (tests, experiments).
+
+        >>> colors: Registry[int] = Registry("color")
+        >>> with colors.registered("red", 1):
+        ...     "red" in colors
+        True
+        >>> "red" in colors
+        False
+        """
+        self.register(name, item)
+        try:
+            yield item
+        finally:
+            self.unregister(name)
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

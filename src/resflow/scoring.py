@@ -48,7 +48,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from resflow.data.images import IMAGE_EXTENSIONS, _list_images, _read_image_files
+from resflow.data.formats.image_files import IMAGE_EXTENSIONS
+from resflow.data.formats.image_files import list_image_files as _list_images
+from resflow.data.formats.image_files import read_image_files as _read_image_files
 from resflow.evaluation import (
     EvalResult,
     hutchinson_vectors,

@@ -21,7 +21,6 @@ import pytest
 import torch
 from PIL import Image
 
-from resflow.data import images as images_module
 from resflow.data.download import (
     DOWNLOADS,
     RemoteFile,
@@ -30,6 +29,7 @@ from resflow.data.download import (
     matches_remote,
     verify_checksum,
 )
+from resflow.data.formats import cifar10 as cifar10_module
 from resflow.data.images import (
     DATA_DIR_ENV,
     FASHION_MNIST_SYSTEM_DIR,
@@ -379,7 +379,7 @@ def test_cifar_download_via_file_url(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(DOWNLOADS, "cifar10", (remote,))
     # download=True verifies the extracted batches: accept the synthetic ones.
     synthetic_md5 = {n: file_md5(tmp_path / "staging" / n) for n in written}
-    monkeypatch.setattr(images_module, "CIFAR10_BATCH_MD5", synthetic_md5)
+    monkeypatch.setattr(cifar10_module, "CIFAR10_BATCH_MD5", synthetic_md5)
     d = load_images("cifar10", "test", tmp_path / "root", download=True, progress=False)
     assert (tmp_path / "root" / "cifar10" / archive.name).is_file()
     assert d.labels.tolist() == written["test_batch"][1]
