@@ -1,8 +1,16 @@
 """resflow: Residual Flows and friends for exact-likelihood density modelling.
 
-The public API in a few names::
+The public API in a few names: ``Flow``, ``Trainer``, ``TrainConfig``, ``evaluate``,
+``get_preset``, ``build_model``, ``load_data``, ``load_model``.
 
-    from resflow import Flow, Trainer, TrainConfig, evaluate, get_preset, load_data, load_model
+>>> import torch
+>>> from resflow import build_model, get_preset, load_data
+>>> data = load_data("8gaussians", n_train=64, n_test=32)
+>>> model = build_model(get_preset("toy2d")).eval()
+>>> model.log_prob(data.test[:4]).shape
+torch.Size([4])
+>>> model.sample(3).shape
+torch.Size([3, 2])
 """
 
 from resflow.config import ConfigError
