@@ -17,7 +17,6 @@ from functools import partial
 import pytest
 import torch
 
-from helpers import brute_logdet
 from resflow.cli import main
 from resflow.config import param
 from resflow.flow import Flow
@@ -31,6 +30,8 @@ from resflow.models.registry import Preset
 from resflow.nets.conditioners import MLP
 from resflow.runs import RunFolder
 from resflow.train_config import TrainConfig
+
+from helpers import brute_logdet
 
 
 # Step 1: the config derives from the base of its kind and declares only its own fields.
