@@ -19,8 +19,8 @@ from resflow.layers.actnorm import ActNorm
 from resflow.layers.base import FlowLayer, Sequential, Shape
 from resflow.layers.multiscale import Flatten
 from resflow.layers.residual.block import ResidualBlock
-from resflow.layers.residual.lipschitz import CERTIFY_EVERY, set_certify_every
 from resflow.layers.residual.logdet import EstimatorConfig
+from resflow.layers.residual.spectral import CERTIFY_EVERY, set_certify_every
 from resflow.models.configs import (
     MAX_CLASSES,
     MAX_SIDE,
@@ -321,13 +321,12 @@ register_preset(
 _EXACT = EstimatorConfig(train_method="auto", eval_method="auto")
 # the exact logdet for blocks of at most 16 dimensions (the 2-D presets: always exact), the
 # series above: the default vector preset on 1000-D data would otherwise build the full
-# Jacobian in every block of every step (about 28 s a step on 2 CPU cores)
+# Jacobian in every block of every step (its cost: docs/RESULTS.md)
 register_preset(
     "toy2d",
     "residual-flow-vector",
     VectorFlowConfig(dim=2, n_blocks=20, hidden=(64, 64), coeff=0.98, estimator=_EXACT),
-    # measured on 8gaussians (benchmarks/toy2d.py): the data entropy + 0.05 nats in
-    # about 1.5 minutes on 2 CPU cores
+    # tuned on 8gaussians (benchmarks/toy2d.py; the figures: docs/RESULTS.md)
     train=TrainConfig(lr=1e-2, batch_size=500, weight_decay=0.0, warmup=1, ema_decay=0.995),
     description="2-D densities, exact logdet (the series above 16 dimensions), tuned for "
     "minutes on CPU",
@@ -344,8 +343,8 @@ register_preset(
         actnorm=False,
         estimator=_EXACT,
     ),
-    # compiled: 0.48x the pre-speed step, against the general path's 0.72x (docs/RESULTS.md
-    # §24); the first step compiles for 5-15 s, which long runs of this model repay
+    # compiled: faster than the general path once the first step's compilation is repaid
+    # (docs/RESULTS.md §24)
     train=TrainConfig(lr=1e-3, batch_size=500, weight_decay=1e-5, compile=True),
     description="the authors' 2-D default (100 blocks of 4x128; 5,018,500 parameters, their "
     "count); differs from their train_toy.py: exact logdet in training (theirs: 2 exact terms "
