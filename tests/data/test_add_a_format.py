@@ -4,6 +4,8 @@ tiny image format and a tiny vector format are defined here, registered, loaded 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -41,7 +43,7 @@ CHECKERS = DataFormat(
 
 
 @pytest.fixture
-def checkers():
+def checkers() -> Iterator[DataFormat]:
     register_format(CHECKERS)
     yield CHECKERS
     unregister_format(CHECKERS)

@@ -178,7 +178,15 @@ def load_images(
         users = " and ".join(repr(n) for n, f in FORMATS.items() if f.takes_path)
         raise ValueError(f"path= is only used by the {users} datasets; use data_dir= for {name!r}")
     request = ImageRequest(
-        name, split, resolve_root(data_dir), path, download, verify, progress, image_size, n_bits
+        name=name,
+        split=split,
+        root=resolve_root(data_dir),
+        path=path,
+        download=download,
+        verify=verify,
+        progress=progress,
+        image_size=image_size,
+        n_bits=n_bits,
     )
     images, labels, levels = fmt.read(request)
     if n_bits is None:
