@@ -54,6 +54,7 @@ SMALL: dict[str, dict[str, Any]] = {
     "maf": {"n_flows": 3},
     "realnvp-vector": {"n_couplings": 4},
     "glow-vector": {"depth": 4},
+    "nsf": {"n_flows": 3, "hidden": 32},
 }
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import hashlib
+import io
 import sys
 import tempfile
 from pathlib import Path

@@ -23,7 +23,13 @@ from resflow.layers.autoregressive import Autoregressive
 from resflow.layers.base import Inverse
 from resflow.layers.batchnorm import BatchNormFlow
 from resflow.layers.conv1x1 import InvertibleConv1x1
-from resflow.layers.coupling import ChannelMask, CheckerboardMask, ColumnMask, Coupling
+from resflow.layers.coupling import (
+    AlternateMask,
+    ChannelMask,
+    CheckerboardMask,
+    ColumnMask,
+    Coupling,
+)
 from resflow.layers.guidance import ContextDropout
 from resflow.layers.halves import Halves
 from resflow.layers.logistic_mixture import LogisticMixtureCDF
@@ -31,6 +37,7 @@ from resflow.layers.multiscale import ConditionalPrior, DiagonalPrior, FactorOut
 from resflow.layers.patch import Patchify
 from resflow.layers.residual.logdet import EstimatorConfig
 from resflow.layers.sigmoidal import DDSF, DSF
+from resflow.layers.splines import RationalQuadraticSpline
 from resflow.layers.squeeze import Squeeze
 from resflow.layers.tarflow import TarFlowBlock
 from resflow.layers.transformers import Additive, Affine
@@ -41,10 +48,11 @@ from resflow.models.flowpp import FlowppConfig
 from resflow.models.glow import GlowConfig, GlowTopPrior, GlowVectorConfig
 from resflow.models.iresnet import IResNetConfig, IResNetVectorConfig
 from resflow.models.naf import MAFConfig, NAFConfig
+from resflow.models.nsf import NSFConfig
 from resflow.models.realnvp import RealNVPConfig, RealNVPVectorConfig
 from resflow.models.tarflow import TarFlowConfig
 from resflow.nets import residual_cnn, residual_mlp
-from resflow.nets.conditioners import ConvNet
+from resflow.nets.conditioners import ConvNet, ResidualMLP
 from resflow.nets.denseflow import ContextDenseNet, DenseAttentionNet
 from resflow.nets.flowpp import FlowppNet
 from resflow.nets.glow import GlowNet
@@ -173,6 +181,32 @@ LAYERS = {
     "made-affine-context": (lambda: _made_layer(Affine("exp"), context=2), (4,), None),
     "made-residual-affine": (lambda: _made_layer(Affine("exp"), residual=True), (4,), None),
     "made-dsf": (lambda: _made_layer(DSF(4)), (4,), None),
+    "made-residual-spline": (
+        lambda: _made_layer(RationalQuadraticSpline(4, bound=1.0), residual=True),
+        (4,),
+        None,
+    ),
+    "coupling-spline-alternate-context": (
+        lambda: Coupling.build(
+            (5,),
+            AlternateMask(True),
+            RationalQuadraticSpline(3, bound=1.0),
+            partial(ResidualMLP, hidden=8, blocks=1, context_features=2),
+        ),
+        (5,),
+        None,
+    ),
+    "coupling-spline-channel-img": (
+        lambda: Coupling.build(
+            (2, 3, 3),
+            ChannelMask(),
+            RationalQuadraticSpline(4, bound=1.0),
+            partial(ConvNet, hidden=8),
+        ),
+        (2, 3, 3),
+        None,
+    ),
+    "conv1x1-lu-permutation-vec": (lambda: InvertibleConv1x1(4, init="permutation"), (4,), None),
     "made-ddsf-context": (lambda: _made_layer(DDSF(4, 2), context=2), (4,), None),
     "batchnorm-vec": (lambda: _batchnorm(3), (3,), None),
     "batchnorm-img": (lambda: _batchnorm(2), (2, 3, 3), None),
@@ -387,6 +421,7 @@ MODELS_TINY = {
     ),
     "maf": lambda: MAFConfig(dim=3, n_flows=2, hidden=(8,), batch_norm=True),
     "naf": lambda: NAFConfig(dim=3, n_flows=2, hidden=(8,), sigmoid_units=4),
+    "nsf": lambda: NSFConfig(dim=3, n_flows=2, hidden=8, blocks=1, bins=4),
 }
 
 

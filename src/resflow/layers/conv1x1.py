@@ -26,19 +26,26 @@ class InvertibleConv1x1(FlowLayer):
     Arguments:
         num_channels: ``C``.
         lu: LU parameterization (Glow's faster variant).
+        init: ``"rotation"`` (Glow: a random rotation) or ``"permutation"`` (a random
+            permutation, ``L U = I``: neural spline flows' linear layers).
     """
 
     perm: Tensor
     sign_s: Tensor
     lower_mask: Tensor
 
-    def __init__(self, num_channels: int, lu: bool = True) -> None:
+    def __init__(self, num_channels: int, lu: bool = True, init: str = "rotation") -> None:
         super().__init__()
         if num_channels < 1:
             raise ValueError(f"num_channels must be >= 1, got {num_channels}")
+        if init not in ("rotation", "permutation"):
+            raise ValueError(f"unknown init {init!r}; choose 'rotation' or 'permutation'")
         self.num_channels = c = num_channels
         self.lu = lu
-        w0, _ = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))
+        if init == "permutation":  # P fixed at random, L U = I (neural spline flows)
+            w0 = torch.eye(c, dtype=torch.float64)[torch.randperm(c)].T
+        else:
+            w0, _ = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))
         if not lu:
             self.weight = nn.Parameter(w0.float())
             return

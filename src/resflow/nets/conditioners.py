@@ -180,3 +180,66 @@ class ConvNet(nn.Module):
             raise ValueError(f"ConvNet expects [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
         context = check_context(context, x, self.context_channels, "ConvNet", spatial=True)
         return self.net(concat_context(x, context))
+
+
+class ResidualMLP(nn.Module):
+    """An MLP of pre-activation residual blocks (He et al. 2016), the coupling
+    network of neural spline flows (Durkan et al. 2019):
+    ``Linear -> blocks x (h + Linear(drop(act(Linear(act(h)))))) -> act? -> Linear``.
+
+    Arguments:
+        in_features, out_features: sizes of ``x`` and of the output.
+        hidden: width of every hidden layer.
+        blocks: residual blocks.
+        activation: hidden activation name (see :func:`hidden_activation`).
+        dropout: dropout probability inside the blocks.
+        context_features: size of the context vector (0: unconditional), concatenated
+            to the input.
+        zero_init: zero the last layer's weight and bias.
+
+    Example:
+        >>> net = ResidualMLP(3, 4, hidden=8, blocks=2, context_features=2)
+        >>> net(torch.randn(5, 3), torch.randn(5, 2)).shape
+        torch.Size([5, 4])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: int = 256,
+        blocks: int = 2,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        context_features: int = 0,
+        zero_init: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.in_features = in_features
+        self.context_features = context_features
+        self.first = nn.Linear(in_features + context_features, hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                hidden_activation(activation),
+                nn.Linear(hidden, hidden),
+                hidden_activation(activation),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, hidden),
+            )
+            for _ in range(blocks)
+        )
+        self.last = nn.Linear(hidden, out_features)
+        if zero_init:
+            nn.init.zeros_(self.last.weight)
+            nn.init.zeros_(self.last.bias)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"ResidualMLP expects [B, {self.in_features}], got {tuple(x.shape)}")
+        context = check_context(context, x, self.context_features, "ResidualMLP")
+        h = self.first(concat_context(x, context))
+        for block in self.blocks:
+            h = h + block(h)
+        return self.last(h)
