@@ -109,3 +109,20 @@ def test_images_shaped_parameters():
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RationalQuadraticSpline(**kwargs)
+
+
+def test_the_clamp_bounds_the_flattest_slope():
+    """Extreme conditioner outputs (an input far from the data) make bins so flat that
+    float32 loses the inverse; the soft clamp keeps every slope above a floor."""
+    x = torch.linspace(-3, 3, 2001, dtype=torch.float64).reshape(1, -1)
+    params = torch.zeros(1, 3 * 8 - 1, x.shape[1], dtype=torch.float64)
+    params[:, :8] = torch.linspace(-60, 60, 8)[None, :, None]  # widths 1e-26 apart
+    params[:, 8:16] = torch.linspace(60, -60, 8)[None, :, None]
+    params[:, 16:] = -60.0
+    free = RationalQuadraticSpline(bins=8, bound=3.0)
+    clamped = RationalQuadraticSpline(bins=8, bound=3.0, clamp=3.0)
+    slope_free = free(x, params)[1].exp().min()
+    slope_clamped = clamped(x, params)[1].exp().min()
+    assert slope_free < 1e-5 and slope_clamped > 5e-5 and slope_clamped > 50 * slope_free
+    with pytest.raises(ValueError, match="clamp must be > 0"):
+        RationalQuadraticSpline(clamp=0.0)

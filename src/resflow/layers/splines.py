@@ -57,6 +57,10 @@ class RationalQuadraticSpline(Transformer):
         bound: ``B``; inputs outside ``[-B, B]`` pass unchanged with logdet 0.
         min_bin: smallest bin width and height, as a fraction of ``2B``.
         min_derivative: smallest derivative at an interior knot.
+        clamp: ``c`` soft-clamps every unconstrained parameter to ``c tanh(p / c)``, so
+            that no conditioner output, however far its input lies from the data, makes
+            a bin so flat that its inverse loses float32 precision (``None``: the
+            paper's map).
 
     A zero ``params`` tensor gives equal bins and unit derivatives: the identity. A
     conditioner whose last layer starts at zero therefore starts at it.
@@ -68,6 +72,7 @@ class RationalQuadraticSpline(Transformer):
         bound: float = 3.0,
         min_bin: float = MIN_BIN,
         min_derivative: float = MIN_DERIVATIVE,
+        clamp: float | None = None,
     ) -> None:
         super().__init__()
         if bins < 1:
@@ -78,6 +83,9 @@ class RationalQuadraticSpline(Transformer):
             raise ValueError(f"min_bin * bins must be in (0, 1), got {min_bin} * {bins}")
         if not min_derivative > 0:
             raise ValueError(f"min_derivative must be > 0, got {min_derivative}")
+        if clamp is not None and not clamp > 0:
+            raise ValueError(f"clamp must be > 0 (or None), got {clamp}")
+        self.clamp = clamp
         self.bins = bins
         self.bound = float(bound)
         self.min_bin = min_bin
@@ -87,13 +95,16 @@ class RationalQuadraticSpline(Transformer):
         self._shift = math.log(math.expm1(1.0 - min_derivative))
 
     def extra_repr(self) -> str:
-        return f"bins={self.bins}, bound={self.bound:g}"
+        clamp = "" if self.clamp is None else f", clamp={self.clamp:g}"
+        return f"bins={self.bins}, bound={self.bound:g}{clamp}"
 
     def knots(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(x_knots, y_knots, derivatives)``, each ``[..., K + 1]`` on the last axis,
         from ``params`` ``[B, 3K - 1, *shape]`` (elements on the leading axes)."""
         k = self.bins
         p = params.movedim(1, -1)  # [B, *shape, 3K - 1]
+        if self.clamp is not None:  # c tanh(p / c): no bin or slope without bound
+            p = self.clamp * torch.tanh(p / self.clamp)
         xs = self._cumulative(p[..., :k])
         ys = self._cumulative(p[..., k : 2 * k])
         inner = self.min_derivative + F.softplus(p[..., 2 * k :] + self._shift)
