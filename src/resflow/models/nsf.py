@@ -144,10 +144,10 @@ PAPER_LOG_LIKELIHOOD = {
 }
 _DIFF = (
     "; differs from the paper: the spline parameters soft-clamped to 3 (param_bound=0 for "
-    "the paper's map); from the authors' code (bayesiains/nsf): AdamW (0.9, 0.99) at a constant rate "
-    "after a short warm-up, with EMA and early stopping on the validation split (theirs: "
-    "Adam with cosine annealing, the best validation checkpoint), clipping at 5 as theirs, "
-    "no unconditional spline on the coupling's identity half"
+    "the paper's map); from the authors' code (bayesiains/nsf): AdamW (0.9, 0.99) at a "
+    "constant rate after a short warm-up, with EMA and early stopping on the validation "
+    "split (theirs: Adam with cosine annealing, the best validation checkpoint), clipping "
+    "at 5 as theirs, no unconditional spline on the coupling's identity half"
 )
 for _name, (_dim, _batch, _lr, _steps, _blocks, _hidden, _bins, _drop, _n) in _TABULAR.items():
     _train = TrainConfig(steps=_n, lr=_lr, batch_size=_batch, weight_decay=0.0, warmup=100,
