@@ -49,6 +49,7 @@ from resflow.models.glow import GlowConfig, GlowTopPrior, GlowVectorConfig
 from resflow.models.iresnet import IResNetConfig, IResNetVectorConfig
 from resflow.models.naf import MAFConfig, NAFConfig
 from resflow.models.nsf import NSFConfig
+from resflow.models.nsf_image import NSFImageConfig
 from resflow.models.realnvp import RealNVPConfig, RealNVPVectorConfig
 from resflow.models.tarflow import TarFlowConfig
 from resflow.nets import residual_cnn, residual_mlp
@@ -422,6 +423,9 @@ MODELS_TINY = {
     "maf": lambda: MAFConfig(dim=3, n_flows=2, hidden=(8,), batch_norm=True),
     "naf": lambda: NAFConfig(dim=3, n_flows=2, hidden=(8,), sigmoid_units=4),
     "nsf": lambda: NSFConfig(dim=3, n_flows=2, hidden=8, blocks=1, bins=4),
+    "nsf-image": lambda: NSFImageConfig(
+        image_shape=(1, 4, 4), levels=17, n_levels=2, steps=1, hidden=8, blocks=1, bins=4
+    ),
 }
 
 

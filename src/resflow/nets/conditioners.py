@@ -243,3 +243,72 @@ class ResidualMLP(nn.Module):
         for block in self.blocks:
             h = h + block(h)
         return self.last(h)
+
+
+class ResidualConvNet(nn.Module):
+    """A convolutional net of pre-activation residual blocks, the coupling network of
+    neural spline flows on images: ``conv3x3 -> blocks x (h + conv3x3(drop(act(BN(
+    conv3x3(act(BN(h)))))))) -> act(BN) -> zero-initialised conv1x1``.
+
+    Arguments:
+        in_channels, out_channels: channels of ``x`` and of the output.
+        hidden: channels of every hidden layer.
+        blocks: residual blocks.
+        dropout: dropout probability inside the blocks.
+        batchnorm: batch normalization before each activation.
+        context_channels: channels of a context (a vector is broadcast over ``H, W``).
+
+    Example:
+        >>> net = ResidualConvNet(2, 6, hidden=8, blocks=1)
+        >>> net(torch.randn(3, 2, 4, 4)).shape
+        torch.Size([3, 6, 4, 4])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        hidden: int = 96,
+        blocks: int = 3,
+        dropout: float = 0.0,
+        batchnorm: bool = True,
+        context_channels: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.in_channels = in_channels
+        self.context_channels = context_channels
+
+        def norm() -> nn.Module:
+            return nn.BatchNorm2d(hidden) if batchnorm else nn.Identity()
+
+        self.first = nn.Conv2d(in_channels + context_channels, hidden, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                norm(),
+                nn.ReLU(),
+                nn.Conv2d(hidden, hidden, 3, padding=1),
+                norm(),
+                nn.ReLU(),
+                nn.Dropout(dropout),
+                nn.Conv2d(hidden, hidden, 3, padding=1),
+            )
+            for _ in range(blocks)
+        )
+        self.head = nn.Sequential(norm(), nn.ReLU())
+        self.last = nn.Conv2d(hidden, out_channels, 1)
+        nn.init.zeros_(self.last.weight)
+        assert self.last.bias is not None
+        nn.init.zeros_(self.last.bias)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"ResidualConvNet expects [B, {self.in_channels}, H, W], got {tuple(x.shape)}"
+            )
+        context = check_context(context, x, self.context_channels, "ResidualConvNet", True)
+        h = self.first(concat_context(x, context))
+        for block in self.blocks:
+            h = h + block(h)
+        return self.last(self.head(h))
