@@ -14,7 +14,7 @@ FLOORS = {
     "train_config": 0.5, "checkpoint": 0.5,
     "layers": 1, "distributions": 1,
     "preprocess": 2, "nets": 2,
-    "flow": 3,
+    "flow": 3, "flow_distribution": 3.5,
     "models": 4, "data": 4,
     "evaluation": 5, "plots": 5, "certify": 5, "latent": 5, "fid": 5, "scoring": 5.5,
     "runs": 6,
@@ -58,3 +58,85 @@ def test_no_upward_imports():
 def test_layers_do_not_import_models_or_training():
     for path in (PACKAGE / "layers").rglob("*.py"):
         assert not _imports(path) & {"models", "training", "cli", "runs", "data"}, path
+
+
+# ---- modules: no cycles, and each sub-package in floors of its own ------------------------
+def _module(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+MODULES = {_module(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _module_imports(path: Path) -> set[str]:
+    """The resflow modules ``path`` imports (anywhere in it, functions included): for
+    ``from a.b import c``, the module ``a.b.c`` when it is one, else ``a.b``."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("resflow"):
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                out.add(sub if sub in MODULES else node.module)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("resflow")}
+    return out
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1 or v in graph.get(v, ()):
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles_between_modules():
+    """Within and across sub-packages, no module imports one that imports it back
+    (directly or through others, lazy imports inside functions included). A package's
+    ``__init__`` may gather its own modules; they must not import it back."""
+    graph = {m: _module_imports(p) & set(MODULES) for m, p in MODULES.items()}
+    assert not _cycles(graph), _cycles(graph)
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+MAX_LINES = 520
+
+
+def test_no_source_file_is_long():
+    """One concept per module: no file of the package over about 500 lines."""
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}  # fmt: skip
+    assert not long, long

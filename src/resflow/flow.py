@@ -32,6 +32,9 @@ class Flow(nn.Module):
         n_classes: for a class-conditional model, the number of classes: ``context``
             is then a tensor of class indices ``[B]`` (required), which the layers and
             the base receive as one-hot vectors ``[B, n_classes]``.
+        context_features: for a model conditioned on a continuous vector, its size
+            ``k``: ``context`` is then a real tensor ``[B, k]`` (required), passed to the
+            layers as it is.
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class Flow(nn.Module):
         latent_shape: tuple[int, ...] | None = None,
         levels: int | None = None,
         n_classes: int | None = None,
+        context_features: int = 0,
     ) -> None:
         super().__init__()
         self.layers = layers if isinstance(layers, FlowLayer) else Sequential(layers)
@@ -53,6 +57,11 @@ class Flow(nn.Module):
         if n_classes is not None and n_classes < 2:
             raise ValueError(f"a class-conditional model needs >= 2 classes, got {n_classes}")
         self.n_classes = n_classes
+        if context_features < 0 or (context_features and n_classes is not None):
+            raise ValueError(
+                f"context_features must be >= 0 and excludes n_classes, got {context_features}"
+            )
+        self.context_features = context_features
         self.base = base if base is not None else StandardNormal(self.latent_shape)
 
     @property
@@ -101,7 +110,10 @@ class Flow(nn.Module):
 
     def condition(self, context: Tensor | None, n: int) -> Tensor | None:
         """The context the layers see: for a class-conditional model, class indices
-        ``[n]`` checked and turned into one-hot ``[n, n_classes]``; else unchanged."""
+        ``[n]`` checked and turned into one-hot ``[n, n_classes]``; for a model with
+        ``context_features`` a real ``[n, k]`` tensor, checked; else unchanged."""
+        if self.context_features:
+            return self._check_vector_context(context, n)
         if self.n_classes is None:
             return context
         k = self.n_classes
@@ -119,6 +131,18 @@ class Flow(nn.Module):
             raise ValueError(f"class label {int(bad)} is out of range: this model has {k} classes")
         onehot = torch.nn.functional.one_hot(context.long(), k)
         return onehot.to(device=context.device, dtype=self.dtype)
+
+    def _check_vector_context(self, context: Tensor | None, n: int) -> Tensor:
+        k = self.context_features
+        if context is None:
+            raise ValueError(f"this model is conditional: pass a context of shape [{n}, {k}]")
+        if not isinstance(context, Tensor) or not context.is_floating_point():
+            kind = context.dtype if isinstance(context, Tensor) else type(context).__name__
+            raise TypeError(f"the context must be a real tensor [{n}, {k}], got {kind}")
+        if tuple(context.shape) != (n, k):
+            raise ValueError(f"expected a context of shape [{n}, {k}], got {list(context.shape)}")
+        check_finite(context, "context")
+        return context.to(self.dtype)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(z, logdet)`` for data ``x``."""

@@ -62,9 +62,13 @@ class ClassConditionalConfig(Config):
 
 @dataclass
 class VectorModelConfig(Config):
-    """What every vector family's config holds: the data's dimension."""
+    """What every vector family's config holds: the data's dimension and the size of a
+    continuous context it is conditioned on (``log p(x | c)``, ``sample(n, context=c)``)."""
 
     dim: int = param(2, ge=1, le=1_000_000, help="data dimension")
+    context_features: int = param(
+        0, ge=0, le=MAX_WIDTH, help="size of a continuous context vector (0: unconditional)"
+    )
 
 
 def is_image_config(config: Any) -> bool:

@@ -226,13 +226,13 @@ def build_glow(cfg: GlowConfig) -> Flow:
 
 
 def build_glow_vector(cfg: GlowVectorConfig) -> Flow:
-    net = partial(MLP, hidden=cfg.hidden)
+    net = partial(MLP, hidden=cfg.hidden, context_features=cfg.context_features)
     layers = [
         layer
         for _ in range(cfg.depth)
         for layer in glow_step((cfg.dim,), cfg.coupling, cfg.lu, net)
     ]
-    return Flow(Sequential(layers), (cfg.dim,))
+    return Flow(Sequential(layers), (cfg.dim,), context_features=cfg.context_features)
 
 
 register_model(

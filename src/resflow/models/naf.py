@@ -124,13 +124,14 @@ def build_autoregressive_flow(cfg: AutoregressiveConfig) -> Flow:
             seed=cfg.seed + i,
             activation=cfg.activation,
             residual=cfg.residual,
+            context_features=cfg.context_features,
         )
         layers.append(Autoregressive(made, transformer))
         if cfg.batch_norm and i < cfg.n_flows - 1:
             layers.append(BatchNormFlow(cfg.dim))
         if cfg.order == "alternate" and i < cfg.n_flows - 1 and cfg.dim > 1:
             layers.append(Reverse(cfg.dim))
-    return Flow(Sequential(layers), (cfg.dim,))
+    return Flow(Sequential(layers), (cfg.dim,), context_features=cfg.context_features)
 
 
 register_model(

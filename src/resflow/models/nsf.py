@@ -76,10 +76,11 @@ def _linear(cfg: NSFConfig) -> FlowLayer:
 def _spline_layer(cfg: NSFConfig, i: int) -> FlowLayer:
     spline = RationalQuadraticSpline(cfg.bins, cfg.bound, clamp=cfg.param_bound or None)
     if cfg.transform == "coupling":
-        net = partial(ResidualMLP, hidden=cfg.hidden, blocks=cfg.blocks, dropout=cfg.dropout)
+        net = partial(ResidualMLP, hidden=cfg.hidden, blocks=cfg.blocks, dropout=cfg.dropout,
+                      context_features=cfg.context_features)  # fmt: skip
         return Coupling.build((cfg.dim,), AlternateMask(reverse=i % 2 == 0), spline, net)
     made = MADE(cfg.dim, (cfg.hidden,) * (cfg.blocks + 1), spline.n_params, residual=True,
-                activation="relu")  # fmt: skip
+                activation="relu", context_features=cfg.context_features)  # fmt: skip
     return Autoregressive(made, spline)
 
 
@@ -89,7 +90,7 @@ def build_nsf(cfg: NSFConfig) -> Flow:
     for i in range(cfg.n_flows):
         layers += [_linear(cfg), _spline_layer(cfg, i)]
     layers.append(_linear(cfg))
-    return Flow(Sequential(layers), (cfg.dim,))
+    return Flow(Sequential(layers), (cfg.dim,), context_features=cfg.context_features)
 
 
 register_model(

@@ -107,10 +107,11 @@ register_preset(
         eval_every=5000,
     ),  # fmt: skip
     description="CIFAR-10, the paper's 8-bit RQ-NSF (C) (3 levels of 7 steps, 96 channels, 3 "
-    "residual blocks with batch norm, dropout 0.2, 4 bins on [-3, 3], no factoring out; 3.38 "
-    "bits/dim in the paper; 12,752,082 parameters); differs from the authors' code (bayesiains/nsf): the spline "
-    "parameters soft-clamped to 3 (param_bound=0 for their map), AdamW with a warm-up, "
-    "clipping at 5 and EMA (theirs: Adam 5e-4 with cosine annealing)",
+    "residual blocks with batch norm, dropout 0.2, 4 bins on [-3, 3], no factoring out; "
+    "3.38 bits/dim in the paper; 12,752,082 parameters); differs from the authors' code "
+    "(bayesiains/nsf): the spline parameters soft-clamped to 3 (param_bound=0 for their "
+    "map), AdamW with a warm-up, clipping at 5 and EMA (theirs: Adam 5e-4 with cosine "
+    "annealing)",
 )
 register_preset(
     "nsf-digits",

@@ -149,11 +149,11 @@ def build_realnvp(cfg: RealNVPConfig) -> Flow:
 def build_realnvp_vector(cfg: RealNVPVectorConfig) -> Flow:
     layers: list[FlowLayer] = []
     for j in range(cfg.n_couplings):
-        subnet = partial(RealNVPMLP, hidden=cfg.hidden)
+        subnet = partial(RealNVPMLP, hidden=cfg.hidden, context_features=cfg.context_features)
         layers.append(Coupling.build((cfg.dim,), ChannelMask(j % 2 == 1), Affine("exp"), subnet))
         if cfg.batchnorm:
             layers.append(BatchNormFlow(cfg.dim, cfg.bn_momentum))
-    return Flow(Sequential(layers), (cfg.dim,))
+    return Flow(Sequential(layers), (cfg.dim,), context_features=cfg.context_features)
 
 
 register_model(

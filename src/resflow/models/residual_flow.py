@@ -74,6 +74,8 @@ class VectorFlowConfig(VectorModelConfig):
         widths = (self.dim, *self.hidden, self.dim)
         per_block = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
         _check_size("n_blocks x hidden", self.n_blocks * per_block)
+        if self.context_features:
+            raise ConfigError("context_features: residual blocks take no continuous context yet")
 
 
 @dataclass
