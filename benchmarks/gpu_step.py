@@ -50,7 +50,8 @@ def measure(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     from resflow.layers.residual.kernels import set_compile
     from resflow.models import build_model, count_parameters, get_preset
     from resflow.training import Batch, MaximumLikelihood, TrainConfig
-    from resflow.training.trainer import _precision, make_optimizer
+    from resflow.training.optim import make_optimizer
+    from resflow.training.optim import precision_context as _precision
 
     precision, compiled = VARIANTS[variant]
     device = torch.device(args.device)

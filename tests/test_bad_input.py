@@ -823,7 +823,7 @@ def test_vi_refuses_values_before_any_fitting(tmp_path, capsys, args, message):
 
 
 def test_score_refuses_a_repeat_count_beyond_memory(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("resflow.cli.available_memory", lambda: 10_000)
+    monkeypatch.setattr("resflow.cli.checks.available_memory", lambda: 10_000)
     out = tmp_path / "scores.csv"
     code, _, err = run_cli(capsys, "score", "--run", str(FIXTURES / "img"), "--input", "digits",
                            "--repeats", "100", "--out", str(out))  # fmt: skip
@@ -856,7 +856,7 @@ def test_an_allocation_torch_refuses_is_one_line(capsys, monkeypatch):
                            "can't allocate memory: you tried to allocate 64000000000 bytes. "
                            "Error code 12 (Cannot allocate memory)")  # fmt: skip
 
-    monkeypatch.setattr("resflow.cli.evaluate_bounds", refuse)
+    monkeypatch.setattr("resflow.cli.measure.evaluate_bounds", refuse)
     code, _, err = run_cli(capsys, "eval", "--run", str(FIXTURES / "img"), "--iw-samples",
                            "16", "--no-progress")  # fmt: skip
     assert_one_line_error(code, err, "out of memory: an allocation of 59.6 GiB failed")

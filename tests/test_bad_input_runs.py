@@ -149,12 +149,12 @@ def stopped_early(tmp_path, capsys, monkeypatch) -> Path:
 def test_an_interrupted_command_that_is_not_train_does_not_advise_resume(
     tmp_path, capsys, monkeypatch
 ):
-    import resflow.cli
+    import resflow.cli.draw
 
     def interrupted(*a, **k):  # type: ignore[no-untyped-def]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(resflow.cli, "save_image_grid", interrupted)
+    monkeypatch.setattr(resflow.cli.draw, "save_image_grid", interrupted)
     out = _write(tmp_path / "s.png")
     code, _, err = run_cli(capsys, "sample", "--run", str(FIXTURES / "img"), "--n", "2", "--out",
                            str(out), "--overwrite")  # fmt: skip
@@ -375,7 +375,7 @@ def test_resume_with_a_record_copied_from_another_run_is_refused_before_any_work
 ):
     """``train --resume`` on a folder whose config.yaml belongs to another run: refused
     before the data are loaded, in one line, and the folder is left as it was."""
-    import resflow.cli as cli
+    import resflow.cli.train as cli
 
     shutil.copy(FIXTURES / "img" / "config.yaml", run_copy / "config.yaml")
     before = snapshot(run_copy)

@@ -47,3 +47,24 @@ def test_damaged_config_is_a_clear_error(tmp_path):
     assert not os.path.exists(tmp_path / "last.pt")
     with pytest.raises(CheckpointError, match="no checkpoint"):
         RunFolder(tmp_path).load_model()
+
+
+def test_a_checkpoint_holds_the_one_layout_and_old_ones_still_read(tmp_path):
+    """The trainer writes :class:`TrainingState` (format first), and a resflow 0.1
+    checkpoint, which lacks the newer fields, reads as one with their defaults."""
+    from pathlib import Path
+
+    from resflow.checkpoint import FORMAT, RESUME_KEYS, TrainingState, load_checkpoint
+
+    run = tmp_path / "run"
+    Trainer(get_preset("toy2d", n_blocks=1, hidden=(8,)), DataConfig(name="8gaussians",
+            n_train=64, n_test=32), _TRAIN, run).fit()  # fmt: skip
+    state = load_checkpoint(run / "last.pt")
+    assert list(state) == ["format", *TrainingState.ORDER, "checksum"]
+    assert state["format"] == FORMAT and set(RESUME_KEYS) <= set(state)
+    old = load_checkpoint(Path(__file__).parent / "fixtures" / "v1" / "vec" / "best.pt")
+    assert "format" not in old and "best_step" not in old
+    restored = TrainingState.from_checkpoint(old, "best.pt")
+    assert (restored.best_step, restored.stale, restored.stopped_early) == (0, 0, False)
+    with pytest.raises(CheckpointError, match="cannot be resumed: it lacks optimizer"):
+        TrainingState.from_checkpoint({k: v for k, v in old.items() if k != "optimizer"}, "x")

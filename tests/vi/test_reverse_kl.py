@@ -157,3 +157,19 @@ def test_annealing_raises_beta_to_one_then_fits_the_target():
     assert est.kl is not None and abs(est.kl) < 0.01
     with pytest.raises(ValueError, match="beta0"):
         fit_reverse_kl(q, target, steps=1, beta0=0.0)
+
+
+def test_the_command_line_fits_with_the_library_defaults():
+    """`resflow vi` states no default of its own: each comes from ReverseKLConfig."""
+    import inspect
+
+    from resflow.cli.parser import build_parser
+    from resflow.vi import ReverseKLConfig
+
+    args = build_parser().parse_args(["vi", "--target", "banana"])
+    defaults = ReverseKLConfig()
+    for name in ("steps", "batch_size", "lr", "anneal", "n_eval", "seed"):
+        assert getattr(args, name) == getattr(defaults, name), name
+    signature = inspect.signature(fit_reverse_kl).parameters
+    for name in ("steps", "batch_size", "lr", "grad_clip", "anneal", "beta0", "seed"):
+        assert signature[name].default == getattr(defaults, name), name

@@ -1,4 +1,7 @@
-"""Training: the loop (trainer), objectives, EMA; checkpoints live in :mod:`resflow.checkpoint`."""
+"""Training: the loop (``trainer``), what a step is made of (``optim``), checkpoints
+(``state``; their layout is :class:`resflow.checkpoint.TrainingState`), evaluation and
+samples during training (``reporting``), objectives, EMA, and data-parallel training
+(``distributed`` over ``process_group``)."""
 
 from resflow.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from resflow.train_config import TrainConfig

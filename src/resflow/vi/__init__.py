@@ -3,7 +3,7 @@ flow posteriors in a VAE.
 
 * :mod:`resflow.vi.targets` -- test energies (two moons, ring mixture, banana, funnel);
 * :mod:`resflow.vi.reverse_kl` -- :func:`sampling_direction`, :class:`ReverseKL`,
-  :func:`fit_reverse_kl`, :func:`estimate_kl`;
+  :func:`fit_reverse_kl`, :func:`estimate_kl`, their defaults (:class:`ReverseKLConfig`);
 * :mod:`resflow.vi.vae` -- :class:`VAE` with Gaussian, IAF-affine, IAF-DSF or residual
   posteriors, its ELBO and importance-weighted bound.
 """
@@ -11,6 +11,7 @@ flow posteriors in a VAE.
 from resflow.vi.reverse_kl import (
     KLEstimate,
     ReverseKL,
+    ReverseKLConfig,
     estimate_kl,
     fit_reverse_kl,
     sampling_direction,
@@ -21,6 +22,7 @@ from resflow.vi.vae import VAE, VAEConfig, VAEResult, binarize, evaluate_vae, fi
 __all__ = [
     "KLEstimate",
     "ReverseKL",
+    "ReverseKLConfig",
     "TARGETS",
     "Target",
     "VAE",

@@ -44,6 +44,36 @@ def sampling_direction(model: Flow) -> Flow:
     return Flow(Inverse(model.layers), model.shape, base=model.base, n_classes=model.n_classes)
 
 
+@dataclass(frozen=True)
+class ReverseKLConfig:
+    """The settings of a reverse-KL fit (:func:`fit_reverse_kl`, :func:`estimate_kl` and
+    ``resflow vi``), each default stated here once.
+
+    Attributes:
+        steps: Adam steps, with a cosine decay of the learning rate to 0.
+        batch_size: fresh samples of the flow per step.
+        lr: the initial learning rate (the one of docs/RESULTS.md's measurements).
+        grad_clip: the largest gradient norm of a step.
+        anneal: steps over which the target's inverse temperature rises to 1 (0: none).
+        beta0: the inverse temperature annealing starts from.
+        n_eval: samples of the flow for :func:`estimate_kl`.
+        seed: of the fit's random draws.
+    """
+
+    steps: int = 2000
+    batch_size: int = 256
+    lr: float = 3e-3
+    grad_clip: float = 10.0
+    anneal: int = 0
+    beta0: float = 0.05
+    n_eval: int = 10_000
+    seed: int = 0
+
+
+DEFAULTS = ReverseKLConfig()
+"""The default settings of a reverse-KL fit."""
+
+
 class ReverseKL:
     """Objective ``E_q[log q(x) - log p~(x)]`` over ``batch_size`` fresh samples (the
     batch's data are ignored: there are none). Reported in nats; plus ``log Z`` to get
@@ -97,7 +127,9 @@ class KLEstimate:
 
 
 @torch.no_grad()
-def estimate_kl(model: Flow, target: Target, n: int = 10_000, batch_size: int = 2000) -> KLEstimate:
+def estimate_kl(
+    model: Flow, target: Target, n: int = DEFAULTS.n_eval, batch_size: int = 2000
+) -> KLEstimate:
     """:class:`KLEstimate` of ``q`` (the model) against ``target`` from ``n`` samples."""
     model.eval()
     after_optimizer_step(model)
@@ -118,14 +150,14 @@ def estimate_kl(model: Flow, target: Target, n: int = 10_000, batch_size: int = 
 def fit_reverse_kl(
     model: Flow,
     target: Target,
-    steps: int = 2000,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    grad_clip: float = 10.0,
+    steps: int = DEFAULTS.steps,
+    batch_size: int = DEFAULTS.batch_size,
+    lr: float = DEFAULTS.lr,
+    grad_clip: float = DEFAULTS.grad_clip,
     progress: bool = True,
-    seed: int = 0,
-    anneal: int = 0,
-    beta0: float = 0.1,
+    seed: int = DEFAULTS.seed,
+    anneal: int = DEFAULTS.anneal,
+    beta0: float = DEFAULTS.beta0,
 ) -> list[dict[str, float]]:
     """Fit ``model`` (sampling in its cheap direction, e.g. :func:`sampling_direction`)
     to ``target`` by Adam on :class:`ReverseKL`; returns the loss per step (plus the KL

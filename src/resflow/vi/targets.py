@@ -129,7 +129,11 @@ def grid_log_z(log_prob: Callable[[Tensor], Tensor], lim: float, n: int = 1000) 
 TARGETS: Registry[Callable[..., Target]] = Registry("target")
 
 
-def make_target(name: str, dim: int = 2) -> Target:
+DEFAULT_DIM = 2
+"""The dimension of a target whose dimension can be chosen (``funnel``)."""
+
+
+def make_target(name: str, dim: int = DEFAULT_DIM) -> Target:
     """The registered target ``name`` (``dim`` applies to ``funnel``; the others are 2-D)."""
     return TARGETS.get(name)(dim)
 

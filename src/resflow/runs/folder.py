@@ -1,17 +1,5 @@
-"""The run folder: one place that knows what a run writes and how to read it back.
-
-A run folder holds
-
-* ``config.yaml`` -- the registered model name and its config, the data config (with
-  resolved paths) and the training config;
-* ``last.pt`` / ``best.pt`` -- atomic checkpoints of plain data (model, optimizer, EMA
-  and random states; see :mod:`resflow.checkpoint`);
-* ``metrics.jsonl``, ``curve.png``, ``tb/`` (TensorBoard), ``samples/``.
-
-A run trained from Python (:class:`resflow.training.Trainer`) or from the CLI can be
-evaluated, sampled and resumed by either. Folders written by resflow 0.1 (a
-``data.yaml`` beside ``config.yaml``) are read too.
-"""
+"""The files of one run folder: its record (``config.yaml``), its checkpoints, and the
+model and data read back from them (see :mod:`resflow.runs`)."""
 
 from __future__ import annotations
 
@@ -25,7 +13,7 @@ from typing import IO, Any
 import torch
 import yaml
 
-from resflow.checkpoint import CheckpointError, load_checkpoint
+from resflow.checkpoint import CheckpointError, ema_weights, load_checkpoint
 from resflow.config import from_dict, override, to_dict
 from resflow.data import DataConfig, DataSplit, load_data
 from resflow.data.config import is_file_name
@@ -300,11 +288,14 @@ def load_model(
         raise CheckpointError(
             f"{path} does not fit its model config ({lines[0]}); is the file damaged?"
         ) from None
+    shadow = ema_weights(state)
     if ema and "ema" in state:
+        if shadow is None:
+            raise CheckpointError(f"{path} is damaged: its EMA state has no shadow weights")
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name in state["ema"]["shadow"]:
-                    p.copy_(state["ema"]["shadow"][name])
+                if name in shadow:
+                    p.copy_(shadow[name])
     model.eval()
     if not non_finite_weights(model):  # else the caller refuses it (no norms of NaN weights)
         after_optimizer_step(model)
