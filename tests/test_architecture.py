@@ -15,7 +15,7 @@ FLOORS = {
     "layers": 1, "distributions": 1,
     "preprocess": 2, "nets": 2,
     "flow": 3, "flow_distribution": 3.5,
-    "models": 4, "data": 4,
+    "models": 4, "data": 4, "constructors": 4.5,
     "evaluation": 5, "plots": 5, "certify": 5, "latent": 5, "fid": 5, "scoring": 5.5,
     "runs": 6,
     "training": 7,
