@@ -105,7 +105,7 @@ def measure(name: str) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     import resflow
-    from resflow.layers.residual.lipschitz import refresh_lipschitz
+    from resflow.layers.residual.spectral import refresh_lipschitz
     from resflow.models import build_model, get_preset
     from resflow.training import Batch, MaximumLikelihood, TrainConfig
     from resflow.training.trainer import make_optimizer

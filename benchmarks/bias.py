@@ -34,8 +34,9 @@ from common import OUT, machine, save_json
 from resflow.data import DataConfig, load_data
 from resflow.layers.base import after_optimizer_step
 from resflow.layers.residual.activations import LipSwish
-from resflow.layers.residual.lipschitz import LipschitzLinear, refresh_lipschitz
+from resflow.layers.residual.lipschitz_layers import LipschitzLinear
 from resflow.layers.residual.logdet import EstimatorConfig, LogdetEstimator, estimate_logdet
+from resflow.layers.residual.spectral import refresh_lipschitz
 from resflow.models import build_model
 from resflow.models.residual_flow import VectorFlowConfig
 from resflow.nets import residual_mlp

@@ -31,12 +31,9 @@ from common import machine, save_json
 
 from resflow.data import load_data
 from resflow.layers.base import after_optimizer_step
-from resflow.layers.residual.lipschitz import (
-    LipschitzConv2d,
-    refresh_lipschitz,
-    set_certify_every,
-)
-from resflow.layers.residual.norm_bounds import (
+from resflow.layers.residual.lipschitz_layers import LipschitzConv2d
+from resflow.layers.residual.spectral import refresh_lipschitz, set_certify_every
+from resflow.layers.residual.spectral_bounds import (
     circular_conv_norm,
     circular_grid,
     conv_spectral_norm,

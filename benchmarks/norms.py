@@ -77,7 +77,8 @@ def density(model, lim: float = 4.0, n: int = 120) -> torch.Tensor:  # type: ign
 
 
 def learned_orders(model) -> list[float]:  # type: ignore[no-untyped-def]
-    from resflow.layers.residual.lipschitz import LipschitzLinear, NormOrder
+    from resflow.layers.residual.lipschitz_layers import LipschitzLinear
+    from resflow.layers.residual.norms import NormOrder
 
     out = []
     for m in model.modules():

@@ -25,8 +25,8 @@ import torch
 from common import OUT, machine, peak_rss_gb, save_json
 
 from resflow.data import load_data
-from resflow.layers.residual.lipschitz import refresh_lipschitz
 from resflow.layers.residual.logdet import EstimatorConfig
+from resflow.layers.residual.spectral import refresh_lipschitz
 from resflow.models import build_model, count_parameters, get_preset
 from resflow.training import Batch, MaximumLikelihood, TrainConfig
 from resflow.training.trainer import make_optimizer

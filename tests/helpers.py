@@ -40,7 +40,7 @@ def grads_by_read_path(monkeypatch, block: ResidualBlock, x: Tensor, loss_fn) ->
     taken as free (the host-reading backward) and as not free (the device-side one),
     the same random draws in both; the two gradient lists. The device-side path stays
     patched in afterwards."""
-    import resflow.layers.residual.logdet as logdet_module
+    import resflow.layers.residual.in_forward as logdet_module
 
     outs = []
     for free in (True, False):

@@ -384,7 +384,7 @@ def test_check_fails_when_the_bound_is_not_certified(trained, tmp_path, capsys, 
     """With certification switched off (the power iteration alone, as resflow 0.1 and
     the authors' code scale weights), the fooled layer is expansive and `check`, which
     computes the exact norms, fails."""
-    from resflow.layers.residual.lipschitz import LipschitzLayer
+    from resflow.layers.residual.spectral import LipschitzLayer
 
     run = _fooled_run(trained, tmp_path)
     monkeypatch.setattr(LipschitzLayer, "certify", lambda self, *a, **k: self.refresh())
@@ -417,7 +417,7 @@ def _fooled_image_run(tmp_path):
 
 
 def test_sampling_a_non_invertible_model_is_one_clear_line(tmp_path, capsys, monkeypatch):
-    from resflow.layers.residual.lipschitz import LipschitzLayer
+    from resflow.layers.residual.spectral import LipschitzLayer
 
     monkeypatch.setattr(LipschitzLayer, "certify", lambda self, *a, **k: self.refresh())
     run = _fooled_image_run(tmp_path)

@@ -54,7 +54,7 @@ def test_device_side_backward_equals_the_host_reading_one(monkeypatch, method):
     """On CUDA the closed-form backward scales the pairs by the upstream gradient
     instead of reading it; forcing the host-reading path gives the same gradients, and
     per-sample weights on the logdet still raise once the pass ends."""
-    import resflow.layers.residual.logdet as logdet_module
+    import resflow.layers.residual.in_forward as logdet_module
     from resflow.layers import ResidualBlock
     from resflow.layers.residual.logdet import LogdetEstimator
     from resflow.nets import residual_mlp

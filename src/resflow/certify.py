@@ -30,14 +30,12 @@ from resflow.layers.residual.block import (
     ResidualBlock,
     evaluation_estimators,
 )
-from resflow.layers.residual.lipschitz import (
-    LipschitzConv2d,
-    LipschitzLayer,
-    NormOrder,
-    refresh_lipschitz,
-)
+from resflow.layers.residual.lipschitz_layers import LipschitzConv2d
 from resflow.layers.residual.logdet import EXACT_ESTIMATOR
-from resflow.layers.residual.norm_bounds import conv_spectral_norm, is_exact_pair
+from resflow.layers.residual.mixed_norms import is_exact_pair
+from resflow.layers.residual.norms import NormOrder
+from resflow.layers.residual.spectral import LipschitzLayer, refresh_lipschitz
+from resflow.layers.residual.spectral_bounds import conv_spectral_norm
 
 EXACT_DIMS = 16
 """Data dimension up to which the exact log-density is computed."""

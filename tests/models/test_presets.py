@@ -92,7 +92,7 @@ def test_factor_out_model_round_trip():
 
 
 def test_certify_every_reaches_every_lipschitz_layer():
-    from resflow.layers.residual.lipschitz import CERTIFY_EVERY, LipschitzLayer
+    from resflow.layers.residual.spectral import CERTIFY_EVERY, LipschitzLayer
 
     for name, every in (("toy2d", 1), ("digits-small", 7), ("iresnet-digits", None)):
         changes = {} if every is None else {"certify_every": every}

@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from resflow.layers.residual.activations import make_activation
-from resflow.layers.residual.lipschitz import LipschitzConv2d, LipschitzLinear, NormOrder, Order
+from resflow.layers.residual.lipschitz_layers import LipschitzConv2d, LipschitzLinear
+from resflow.layers.residual.norms import NormOrder, Order
 
 
 def _orders(n_layers: int, norm_orders: Sequence[float] | None, learn_orders: bool) -> list[Order]:

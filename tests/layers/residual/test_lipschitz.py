@@ -6,13 +6,13 @@ import torch.nn.functional as F
 
 from resflow.layers import LipschitzConv2d, LipschitzLinear, NormOrder, refresh_lipschitz
 from resflow.layers.base import after_optimizer_step
-from resflow.layers.residual.lipschitz import (
+from resflow.layers.residual.spectral import (
     CERTIFY_EVERY,
     LipschitzLayer,
     preserved_norm_state,
     set_certify_every,
 )
-from resflow.layers.residual.norm_bounds import one_thread
+from resflow.layers.residual.spectral_bounds import one_thread
 
 TIGHT = dict(atol=1e-7, rtol=1e-7, max_iter=20_000)
 
@@ -278,7 +278,7 @@ def test_certify_every_interleaves_cheap_refreshes():
 def test_convolutions_as_matrix_products_equal_torch_kernels(c_in, c_out, kernel, padding):
     """conv2d / conv2d_adjoint / conv2d_weight take matrix-product paths for kernels from
     or to few channels and 1x1 kernels; every path equals torch's convolution kernels."""
-    from resflow.layers.residual.lipschitz import conv2d, conv2d_adjoint, conv2d_weight
+    from resflow.layers.residual.conv_ops import conv2d, conv2d_adjoint, conv2d_weight
 
     gen = torch.Generator().manual_seed(c_in * 10 + c_out)
     x = torch.randn(3, c_in, 7, 6, generator=gen, dtype=torch.float64)
@@ -297,7 +297,7 @@ def test_convolutions_as_matrix_products_equal_torch_kernels(c_in, c_out, kernel
 @pytest.mark.parametrize("shape,k,p", [((3, 1, 8, 8), 3, 1), ((2, 4, 5, 7), 3, 0),
                                        ((2, 2, 6, 4), 3, 2), ((1, 3, 9, 9), 5, 2)])  # fmt: skip
 def test_gather_unfold_and_scatter_fold_equal_torchs(shape, k, p):
-    from resflow.layers.residual.lipschitz import fold, unfold
+    from resflow.layers.residual.conv_ops import fold, unfold
 
     x = torch.randn(shape, dtype=torch.float64)
     cols = unfold(x, k, p)
@@ -354,11 +354,11 @@ def test_shared_scope_gives_each_layers_own_weights_and_gradients(monkeypatch):
 def test_fused_path_leaves_the_shared_weights_uncomputed(monkeypatch):
     """The fused 2-D path rescales each weight inside its own pass, so the flow's scope
     computes no stacked weights for it (they are computed on request only)."""
-    from resflow.layers.residual import lipschitz
+    from resflow.layers.residual import spectral
 
     calls = []
-    real = lipschitz._rescaled
-    monkeypatch.setattr(lipschitz, "_rescaled", lambda group: calls.append(1) or real(group))
+    real = spectral.rescaled_weights
+    monkeypatch.setattr(spectral, "rescaled_weights", lambda group: calls.append(1) or real(group))
     model = _stack_model(2)
     x = torch.randn(16, 2)
     model.log_prob(x).mean().backward()
@@ -392,7 +392,7 @@ def test_batched_refresh_takes_the_same_iterates_as_one_layer_at_a_time():
     stack one by one, and with iteration limits of 0 and 1)."""
     import copy
 
-    from resflow.layers.residual.lipschitz import refresh_all
+    from resflow.layers.residual.refresh import refresh_all
 
     model = _stack_model()
     layers = [m for m in model.modules() if isinstance(m, LipschitzLinear)]
@@ -433,7 +433,7 @@ def _certify_both(model, **kw):
     """Certify ``model``'s layers batched and a copy's one at a time; the layer lists."""
     import copy
 
-    from resflow.layers.residual.lipschitz import certify_all
+    from resflow.layers.residual.refresh import certify_all
 
     twin = copy.deepcopy(model)
     layers = [m for m in model.modules() if isinstance(m, LipschitzLayer)]
@@ -449,9 +449,9 @@ def test_batched_certificates_equal_one_layer_at_a_time(monkeypatch, chunk):
     CPU in parts of ``CPU_CHUNK``): vectors, estimates, bounds and ratios equal
     certify() per layer, with tolerances that differ per layer; every rescaled weight's
     exact 2-norm is then within its coefficient."""
-    from resflow.layers.residual import lipschitz
+    from resflow.layers.residual import refresh
 
-    monkeypatch.setattr(lipschitz, "CPU_CHUNK", chunk)
+    monkeypatch.setattr(refresh, "CPU_CHUNK", chunk)
     model = _stack_model(n_blocks=5)
     layers = [m for m in model.modules() if isinstance(m, LipschitzLinear)]
     for i, m in enumerate(layers):

@@ -10,13 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resflow.layers import LipschitzConv2d, LipschitzLinear, refresh_lipschitz
-from resflow.layers.residual.norm_bounds import (
+from resflow.layers.residual.mixed_norms import dense_facts, is_exact_pair, mixed_norm_bound
+from resflow.layers.residual.spectral_bounds import (
     circular_conv_norm,
     circular_grid,
     conv_spectral_norm,
-    dense_facts,
-    is_exact_pair,
-    mixed_norm_bound,
     spectral_norm,
 )
 
@@ -164,7 +162,7 @@ def test_each_mixed_norm_layer_is_within_its_coefficient(p, q):
 def test_conv_gram_is_the_dense_operators_gram(o, c, k, size, padding):
     """``conv_gram`` against ``A^T A`` of the convolution built as a dense matrix (rows
     reordered from ``(c, h, w)`` to ``(h, w, c)``)."""
-    from resflow.layers.residual.norm_bounds import conv_gram
+    from resflow.layers.residual.spectral_bounds import conv_gram
 
     torch.manual_seed(3)
     kernel = torch.randn(o, c, k, k)

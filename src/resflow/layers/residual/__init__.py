@@ -5,12 +5,7 @@ Lipschitz activations (i-ResNet, Behrmann et al. 2019; Residual Flows, Chen et a
 
 from resflow.layers.residual.activations import LipSwish, make_activation
 from resflow.layers.residual.block import InverseNotConvergedError, ResidualBlock
-from resflow.layers.residual.lipschitz import (
-    LipschitzConv2d,
-    LipschitzLinear,
-    NormOrder,
-    refresh_lipschitz,
-)
+from resflow.layers.residual.lipschitz_layers import LipschitzConv2d, LipschitzLinear
 from resflow.layers.residual.logdet import (
     EVAL_ESTIMATOR,
     EXACT_ESTIMATOR,
@@ -18,6 +13,8 @@ from resflow.layers.residual.logdet import (
     LogdetEstimator,
     truncated_estimator,
 )
+from resflow.layers.residual.norms import NormOrder
+from resflow.layers.residual.spectral import refresh_lipschitz
 
 __all__ = [
     "EVAL_ESTIMATOR",

@@ -17,17 +17,19 @@ import torch
 from torch import Tensor, nn
 
 from resflow.layers.base import FlowLayer
-from resflow.layers.residual import fused
+from resflow.layers.residual import fused, jacobian
+from resflow.layers.residual.in_forward import grad_in_forward
 from resflow.layers.residual.jacobian import Linearization, linearize, neumann_branch
 from resflow.layers.residual.logdet import (
+    BLOCK_PATHS,
     EVAL_ESTIMATOR,
     TRAIN_ESTIMATOR,
+    BlockPath,
     EstimatorConfig,
     LogdetEstimator,
     draw_terms,
     estimate_logdet,
     exact_pairs,
-    grad_in_forward,
     neumann_pairs,
 )
 
@@ -94,6 +96,11 @@ class ResidualBlock(FlowLayer):
             estimated error ``<= atol + rtol |x|`` (default 1e-6, 1e-10 in float64; see
             :meth:`fixed_point`); otherwise
             :class:`InverseNotConvergedError` is raised.
+        path: how the forward pass computes ``g(x)``, the logdet and their gradients
+            (:data:`~resflow.layers.residual.logdet.BlockPath`): ``"auto"`` (default)
+            takes the fastest that applies (see :meth:`choose_path`); any other value
+            forces that path, and a forward pass it cannot serve raises ``ValueError``.
+            Every path gives the same numbers up to rounding.
 
     The roulette parameters are stored as (frozen) parameters of the block so that
     they travel with checkpoints, as in the reference implementation.
@@ -110,8 +117,11 @@ class ResidualBlock(FlowLayer):
         inverse_atol: float | None = None,
         inverse_rtol: float | None = None,
         inverse_max_iter: int = 1000,
+        path: BlockPath = "auto",
     ) -> None:
         super().__init__()
+        if path not in BLOCK_PATHS:
+            raise ValueError(f"unknown block path {path!r}; use one of {BLOCK_PATHS}")
         if not 0.0 < geom_p < 1.0:
             raise ValueError(f"geom_p must be in (0, 1), got {geom_p}")
         if poisson_lambda <= 0:
@@ -127,6 +137,7 @@ class ResidualBlock(FlowLayer):
         self.inverse_atol = inverse_atol
         self.inverse_rtol = inverse_rtol
         self.inverse_max_iter = inverse_max_iter
+        self.path: BlockPath = path
 
     @classmethod
     def from_config(cls, g: nn.Module, config: EstimatorConfig) -> ResidualBlock:
@@ -139,6 +150,7 @@ class ResidualBlock(FlowLayer):
             config.biased_estimator(),
             geom_p=config.geom_p,
             poisson_lambda=config.poisson_lambda,
+            path=config.path,
         )
 
     def roulette(self) -> tuple[float, float]:
@@ -163,29 +175,6 @@ class ResidualBlock(FlowLayer):
         the dimension of one example)."""
         return self.estimator.resolve(x[0].numel())
 
-    def _run(self, x: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
-        """``(g(x), logdet)``; graphs to ``x`` and the parameters when ``create_graph``."""
-        gx, lin = linearize(self.g, x)
-        p, lam = self.roulette()
-        vjp = lin.vjp if lin is not None else None
-        return gx, estimate_logdet(gx, x, self.estimator_for(x), p, lam, create_graph, vjp)
-
-    def _run_analytic(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
-        """Backward-in-forward with the closed-form gradient (the default training path
-        of both the series, with Neumann gradients, and the exact logdet); ``None`` when
-        ``g`` has layers without known derivatives."""
-        est = self.estimator_for(x)
-        if est.method == "exact":
-            if fused.supported(self.g, x):
-                return fused.exact_branch(self.g, x)  # type: ignore[arg-type]
-            return neumann_branch(self.g, x, exact_pairs, 1.0)
-        n, weights = draw_terms(est.n_exact_terms, est.dist, *self.roulette())
-
-        def estimate(lin: Linearization, xd: Tensor) -> tuple[Tensor, list]:
-            return neumann_pairs(lin.vjp, xd, est, n, weights)
-
-        return neumann_branch(self.g, x, estimate, 1.0 / est.n_hutchinson)
-
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if torch.is_autocast_enabled(x.device.type):
             # the power series cancels alternating terms: it keeps the weights' precision
@@ -193,31 +182,113 @@ class ResidualBlock(FlowLayer):
                 return self._forward(x.to(self.geom_p.dtype))
         return self._forward(x)
 
-    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        est = self.estimator_for(x)
-        wants_grad = torch.is_grad_enabled() and (
+    def _wants_grad(self, x: Tensor) -> bool:
+        """Whether this pass needs gradients (grad mode on and ``x`` or a parameter of
+        ``g`` requiring them)."""
+        return torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.g.parameters())
         )
+
+    def choose_path(self, x: Tensor) -> BlockPath:
+        """The path of a forward pass on ``x`` now (mode, grad mode, estimator).
+
+        ``"auto"`` takes, without gradients, ``"graph_free"`` where ``g`` is a plain
+        sequence of Lipschitz layers and activations with known derivatives
+        (:func:`~resflow.layers.residual.jacobian.supported`), else ``"autograd"``
+        (no graph kept). With gradients, where the estimator computes them in the
+        forward pass from a closed form (``grad_in_forward`` and the exact logdet or
+        ``neumann_grad``): ``"fused"`` for the exact logdet of a small dense branch
+        (:func:`~resflow.layers.residual.fused.supported`), else ``"closed_form"`` where
+        ``g`` is supported; then ``"in_forward"`` where the estimator has
+        ``grad_in_forward``; else ``"autograd"``. A forced path is returned as it is,
+        after checking that it applies; ``ValueError`` says why where it does not.
+        """
+        est = self.estimator_for(x)
+        wants_grad = self._wants_grad(x)
+        if self.path == "auto":
+            return self._auto_path(x, est, wants_grad)
+        reason = self._why_not(self.path, x, est, wants_grad)
+        if reason:
+            raise ValueError(f"path={self.path!r} does not apply to this block: {reason}")
+        return self.path
+
+    def _auto_path(self, x: Tensor, est: LogdetEstimator, wants_grad: bool) -> BlockPath:
         if not wants_grad:
+            return "graph_free" if jacobian.supported(self.g) else "autograd"
+        if est.grad_in_forward and (est.method == "exact" or est.neumann_grad):
+            if est.method == "exact" and fused.supported(self.g, x):
+                return "fused"
+            if jacobian.supported(self.g):
+                return "closed_form"
+        return "in_forward" if est.grad_in_forward else "autograd"
+
+    def _why_not(self, path: str, x: Tensor, est: LogdetEstimator, wants_grad: bool) -> str:
+        """Why ``path`` cannot serve this pass (``""`` where it can)."""
+        if path == "fused":
+            if est.method != "exact":
+                return f"it computes the exact logdet, the estimator is {est.method!r}"
+            if not fused.supported(self.g, x):
+                return (
+                    "it needs dense spectral-norm layers with bias alternating with LipSwish "
+                    f"on inputs [batch, d <= {fused.MAX_DIM}]"
+                )
+        if path in ("closed_form", "graph_free") and not jacobian.supported(self.g):
+            return (
+                "it needs g to be a sequence of Lipschitz layers and activations with known "
+                "derivatives"
+            )
+        if path == "closed_form" and est.method != "exact" and not est.neumann_grad:
+            return "its gradient is the Neumann series', the estimator has neumann_grad=False"
+        if path == "graph_free" and wants_grad:
+            return "it computes no gradients, and this pass needs them (use torch.no_grad())"
+        return ""
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        est = self.estimator_for(x)
+        path = self.choose_path(x)
+        if path == "graph_free":
             with torch.no_grad():
                 gx, lin = linearize(self.g, x)
-            if lin is None:  # a branch without known derivatives: autograd, no graph kept
-                with torch.enable_grad():
-                    xd = x.detach().requires_grad_(True)
-                    gx, logdet = self._run(xd, create_graph=False)
-                return x + gx.detach(), logdet.detach()
+            assert lin is not None
             p, lam = self.roulette()
             return x + gx, estimate_logdet(gx, x, est, p, lam, False, lin.vjp)
-        if est.grad_in_forward and (est.method == "exact" or est.neumann_grad):
-            out = self._run_analytic(x)
-            if out is not None:
-                return x + out[0], out[1]
-        if est.grad_in_forward:
+        if path == "fused":
+            gx, logdet = fused.exact_branch(self.g, x)  # type: ignore[arg-type]
+        elif path == "closed_form":
+            out = self._closed_form(x, est)
+            assert out is not None
+            gx, logdet = out
+        elif path == "in_forward":
             gx, logdet = grad_in_forward(self.g, lambda xd: self._run(xd, True), x)
-            return x + gx, logdet
-        xg = x if x.requires_grad else x.detach().requires_grad_(True)
-        gx, logdet = self._run(xg, create_graph=True)
+        elif not self._wants_grad(x):  # autograd, no graph kept
+            with torch.enable_grad():
+                xd = x.detach().requires_grad_(True)
+                gx, logdet = self._run(xd, create_graph=False)
+            return x + gx.detach(), logdet.detach()
+        else:  # autograd, backpropagated through the estimate
+            xg = x if x.requires_grad else x.detach().requires_grad_(True)
+            gx, logdet = self._run(xg, create_graph=True)
         return x + gx, logdet
+
+    def _run(self, x: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
+        """``(g(x), logdet)`` with autograd products; graphs to ``x`` and the parameters
+        when ``create_graph``."""
+        gx, lin = linearize(self.g, x)
+        p, lam = self.roulette()
+        vjp = lin.vjp if lin is not None else None
+        return gx, estimate_logdet(gx, x, self.estimator_for(x), p, lam, create_graph, vjp)
+
+    def _closed_form(self, x: Tensor, est: LogdetEstimator) -> tuple[Tensor, Tensor] | None:
+        """Backward-in-forward with the closed-form gradient of the exact logdet or of the
+        Neumann series (:func:`~resflow.layers.residual.jacobian.neumann_branch`)."""
+        if est.method == "exact":
+            return neumann_branch(self.g, x, exact_pairs, 1.0)
+        n, weights = draw_terms(est.n_exact_terms, est.dist, *self.roulette())
+
+        def estimate(lin: Linearization, xd: Tensor) -> tuple[Tensor, list]:
+            return neumann_pairs(lin.vjp, xd, est, n, weights)
+
+        return neumann_branch(self.g, x, estimate, 1.0 / est.n_hutchinson)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         """``f^{-1}(y)`` by the fixed-point iteration of :meth:`fixed_point`.
@@ -355,7 +426,8 @@ class ResidualBlock(FlowLayer):
 
     def extra_repr(self) -> str:
         biased = "" if self.biased_estimator is None else f", biased={self.biased_estimator}"
-        return f"train={self.train_estimator}, eval={self.eval_estimator}{biased}"
+        path = "" if self.path == "auto" else f", path={self.path!r}"
+        return f"train={self.train_estimator}, eval={self.eval_estimator}{biased}{path}"
 
 
 @contextmanager

@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resflow.layers.residual.activations import LipSwish, lipswish_derivatives
+from resflow.layers.residual.in_forward import uniform_scale
 from resflow.layers.residual.kernels import fusable
-from resflow.layers.residual.lipschitz import LipschitzLinear, spectral_dense
-from resflow.layers.residual.logdet import logdet_and_inverse_t, uniform_scale
+from resflow.layers.residual.lipschitz_layers import LipschitzLinear
+from resflow.layers.residual.logdet import logdet_and_inverse_t
+from resflow.layers.residual.refresh import spectral_dense
 
 #: the largest input dimension taken here (the stacked tangents are d times the batch)
 MAX_DIM = 8
@@ -61,10 +63,8 @@ def _lipswish(z: Tensor, beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _mm(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` (``a`` may have a leading batch dimension), with products onto a few
     columns (``b: [k, n <= MAX_DIM]``, the branch's first and last layers) laid out as
-    the matrix-product kernel runs them fast. On one core: ``[1000, 128] @ [128, 2]``
-    takes 0.19 ms with ``b`` contiguous, 0.06 ms with ``b^T`` contiguous; ``c^T @ x``
-    (``c: [1000, 128]``, ``x: [1000, 2]``) 0.31 ms, as ``(x^T c)^T`` 0.04 ms. The 2-D
-    paper model's step is 5 % faster for it."""
+    the matrix-product kernel runs them fast: with ``b^T`` contiguous, and ``c^T @ x``
+    as ``(x^T c)^T``."""
     if b.shape[-1] > MAX_DIM or a.shape[-1] <= MAX_DIM:
         return a @ b
     if a.dim() == 2 and a.stride(0) == 1:  # a transposed matrix: as (b^T a^T)^T
@@ -79,7 +79,7 @@ def _constrained(
     weights: list[Tensor], vs: list[Tensor], ratios: list[Tensor], coeffs: tuple[float, ...]
 ) -> tuple[list[Tensor], Norms]:
     """Each layer's ``W / max(1, sigma / c)`` with ``sigma = r ||W v|| / ||v||``, as
-    :meth:`~resflow.layers.residual.lipschitz.LipschitzLayer.constrained_weight`
+    :meth:`~resflow.layers.residual.spectral.LipschitzLayer.constrained_weight`
     computes it, here per layer inside the pass (the weight is read once, while in
     cache, instead of rescaling every layer's weight in one stacked pass over memory);
     with what :func:`_raw_grads` needs."""

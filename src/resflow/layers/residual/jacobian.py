@@ -28,13 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from resflow.layers.residual.lipschitz import (
-    LipschitzConv2d,
-    LipschitzLinear,
-    conv2d,
-    conv2d_adjoint,
-    conv2d_weight,
-)
+from resflow.layers.residual import in_forward
+from resflow.layers.residual.conv_ops import conv2d, conv2d_adjoint, conv2d_weight
+from resflow.layers.residual.lipschitz_layers import LipschitzConv2d, LipschitzLinear
 
 VJP = Callable[[Tensor], Tensor]
 
@@ -90,7 +86,7 @@ def _learns(m: nn.Module) -> bool:
     return any(p.requires_grad for p in m.parameters())
 
 
-def _supported(g: nn.Module) -> bool:
+def supported(g: nn.Module) -> bool:
     """A plain sequence of Lipschitz layers and activations with known derivatives, whose
     learned activation parameters (if any) are LipSwish-like (:meth:`param_chain`)."""
     return isinstance(g, nn.Sequential) and all(
@@ -340,8 +336,6 @@ class _NeumannBranch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_gx, grad_value):  # type: ignore[no-untyped-def, override]
-        from resflow.layers.residual.logdet import reads_are_free, uniform_scale
-
         lin, first = ctx.lin, ctx.first
         del ctx.lin, ctx.first
         if grad_gx is None:  # only the logdet is used
@@ -351,8 +345,8 @@ class _NeumannBranch(torch.autograd.Function):
             lin.drop_pairs()
             grad_x, grads = lin.backward(grad_gx, {}, want_x)
             return (None, grad_x, None, None, *grads)
-        up = uniform_scale(grad_value) * ctx.scale
-        if reads_are_free(up) and float(up) != 0.0:
+        up = in_forward.uniform_scale(grad_value) * ctx.scale
+        if in_forward.reads_are_free(up) and float(up) != 0.0:
             # reading ``up`` is free on the CPU: divide ``c`` by it once and scale the
             # results, which leaves the pairs' terms untouched
             grad_x, grads = lin.backward(grad_gx / up, first, want_x)
@@ -375,7 +369,7 @@ def neumann_branch(
     that of ``scale * sum_{(v, w)} sum_b w_b^T J v_b`` (``w`` fixed): the Neumann-series
     gradient of Residual Flows (Chen et al. 2019, Theorem 2), or the exact logdet's, in
     closed form. ``None`` when ``g`` is not supported (see :func:`linearize`)."""
-    if not _supported(g):
+    if not supported(g):
         return None
     if any(isinstance(m, LipschitzConv2d) and m.v.numel() == 0 for m in g):
         with torch.no_grad():  # first use: each convolution learns its input size
@@ -386,7 +380,7 @@ def neumann_branch(
 def linearize(g: nn.Module, x: Tensor) -> tuple[Tensor, Linearization | None]:
     """``(g(x), linearization)``; the linearization is ``None`` when ``g`` is not a plain
     sequence of Lipschitz layers and activations with known derivatives."""
-    if not _supported(g):
+    if not supported(g):
         return g(x), None
     lin = Linearization(g, x)  # type: ignore[arg-type]
     return lin.output, lin

@@ -16,7 +16,12 @@ Gradients either flow through the series by ordinary backprop, or come from the
 ``d/dtheta log det(I+J) = E[(sum_{k=0}^{n} (-1)^k / P(N>=k) v^T J^k) dJ/dtheta v]``,
 whose memory does not grow with ``n``. With **backward-in-forward** the gradient of
 the logdet with respect to the block's input and parameters is computed during the
-forward pass and its graph freed at once (§3.2).
+forward pass and its graph freed at once (§3.2; :mod:`resflow.layers.residual.in_forward`).
+
+>>> survival(1, 2, "poisson", 0.5, 2.0)  # the first terms are always computed
+1.0
+>>> draw_terms(3, "none", 0.5, 2.0)
+(3, [1.0, 1.0, 1.0, 1.0])
 """
 
 from __future__ import annotations
@@ -24,12 +29,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from resflow.config import Config, param
 from resflow.layers.residual.jacobian import VJP, Linearization
@@ -275,50 +280,6 @@ def neumann_pairs(
     return value / est.n_hutchinson, pairs
 
 
-NOT_UNIFORM = (
-    "backward-in-forward needs the same upstream gradient for every sample's "
-    "logdet (a batch-mean or batch-sum loss); got per-sample weights. "
-    "Use LogdetEstimator(grad_in_forward=False) for weighted losses."
-)
-
-
-def check_uniform(grad: Tensor) -> Tensor:
-    scale = grad[0]
-    if not torch.allclose(grad, scale.expand_as(grad), rtol=1e-4, atol=1e-12):
-        raise RuntimeError(NOT_UNIFORM)
-    return scale
-
-
-def reads_are_free(t: Tensor) -> bool:
-    """Whether reading ``t`` on the host costs no wait for a device (CPU tensors)."""
-    return t.device.type == "cpu"
-
-
-_pending: list[Tensor] = []  # checks queued in the running backward pass
-
-
-def uniform_scale(grad: Tensor) -> Tensor:
-    """``grad[0]``, once every sample's logdet is known to get the same upstream
-    gradient. On the CPU it is checked at once (:func:`check_uniform`); on an
-    accelerator the check is queued on the device and read once, when the backward
-    pass ends -- one wait per backward, not one per residual block."""
-    if reads_are_free(grad):
-        return check_uniform(grad)
-    scale = grad[0]
-    bad = ~torch.isclose(grad, scale.expand_as(grad), rtol=1e-4, atol=1e-12).all()
-    if not _pending:
-        torch.autograd.Variable._execution_engine.queue_callback(_verify_pending)
-    _pending.append(bad)
-    return scale
-
-
-def _verify_pending() -> None:
-    bad = bool(torch.stack(_pending).any())
-    _pending.clear()
-    if bad:
-        raise RuntimeError(NOT_UNIFORM)
-
-
 def estimate_logdet(
     gx: Tensor,
     x: Tensor,
@@ -337,53 +298,19 @@ def estimate_logdet(
     return series_logdet(gx, x, est, n, weights, create_graph, vjp)
 
 
-class _GradInForward(torch.autograd.Function):
-    """``(g(x), logdet)`` whose logdet gradient is computed in the forward pass.
-
-    The logdet's own graph is freed before returning; only ``g``'s graph is kept.
-    The stored parameter gradient is a sum over the batch, so the upstream gradient
-    of the logdet must be the same for every sample (e.g. a batch-mean loss).
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        run: Callable[[Tensor], tuple[Tensor, Tensor]],
-        x: Tensor,
-        *params: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        with torch.enable_grad():
-            xd = x.detach().requires_grad_(True)
-            gx, logdet = run(xd)
-            grads = torch.autograd.grad(
-                logdet.sum(), (xd, *params), retain_graph=True, allow_unused=True
-            )
-        ctx.gx, ctx.xd, ctx.params, ctx.grads = gx, xd, params, grads
-        return gx.detach(), logdet.detach()
-
-    @staticmethod
-    def backward(ctx, grad_gx: Tensor, grad_logdet: Tensor):  # type: ignore[override]
-        gx, xd, params, grads = ctx.gx, ctx.xd, ctx.params, ctx.grads
-        del ctx.gx, ctx.xd, ctx.grads
-        scale = check_uniform(grad_logdet)
-        with torch.enable_grad():
-            dg = torch.autograd.grad(gx, (xd, *params), grad_gx, allow_unused=True)
-        shape = (-1,) + (1,) * (xd.dim() - 1)
-        out = []
-        for i, (a, b) in enumerate(zip(dg, grads)):
-            if b is not None:
-                b = b * (grad_logdet.view(shape) if i == 0 else scale)
-            out.append(b if a is None else (a if b is None else a + b))
-        return (None, *out)
-
-
-def grad_in_forward(
-    g: nn.Module, run: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor
-) -> tuple[Tensor, Tensor]:
-    """``run(x) = (g(x), logdet)`` with the memory-saving backward-in-forward trick
-    (``g`` gives the parameters that receive gradients)."""
-    params = [p for p in g.parameters() if p.requires_grad]
-    return _GradInForward.apply(run, x, *params)  # type: ignore[no-untyped-call]
+BlockPath = Literal["auto", "fused", "closed_form", "in_forward", "autograd", "graph_free"]
+"""How a residual block computes ``g(x)``, its logdet and their gradients
+(:meth:`~resflow.layers.residual.block.ResidualBlock.choose_path` says when each
+applies): ``"auto"`` the fastest that applies; ``"fused"`` the exact logdet of a small
+dense branch as two pure functions (:mod:`resflow.layers.residual.fused`);
+``"closed_form"`` the branch's cached linearization with the closed-form (exact or
+Neumann-series) gradient, computed in the forward pass
+(:func:`~resflow.layers.residual.jacobian.neumann_branch`); ``"in_forward"`` autograd
+products with the gradient computed in the forward pass
+(:func:`~resflow.layers.residual.in_forward.grad_in_forward`); ``"autograd"`` autograd
+products, backpropagated through the estimate (no graph kept when no gradient is
+wanted); ``"graph_free"`` no gradients, products without autograd."""
+BLOCK_PATHS: tuple[str, ...] = get_args(BlockPath)
 
 
 @dataclass
@@ -397,7 +324,9 @@ class EstimatorConfig(Config):
     blocks of at most :data:`AUTO_EXACT_MAX_DIM` dimensions, else ``eval_exact_terms`` +
     an unbiased tail over ``eval_dist`` (default: ``dist``, or Poisson when training
     truncates). ``biased_eval_terms > 0`` also reports a truncated series of that many
-    terms (i-ResNet's paper figure), labelled as biased beside the true one.
+    terms (i-ResNet's paper figure), labelled as biased beside the true one. ``path``
+    forces one computation path on every block (:data:`BlockPath`; default ``"auto"``,
+    the fastest that applies, the same numbers).
     """
 
     train_method: Method = param("series", help="exact, series or auto (exact for small blocks)")
@@ -416,9 +345,16 @@ class EstimatorConfig(Config):
     biased_eval_terms: int = param(
         0, ge=0, help="also report a series truncated after this many terms (biased), 0: off"
     )
+    path: BlockPath = param(
+        "auto",
+        help="computation path of every block: auto (the fastest that applies), fused, "
+        "closed_form, in_forward, autograd or graph_free (for checks and measurements)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.path not in BLOCK_PATHS:
+            raise ValueError(f"unknown block path {self.path!r}; use one of {BLOCK_PATHS}")
         if self.eval_dist == "none":
             raise ValueError(
                 "estimator.eval_dist=none would print a biased figure (a truncated series) "

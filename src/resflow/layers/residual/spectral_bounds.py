@@ -1,15 +1,17 @@
-"""Certified upper bounds on the operator norms of linear and convolutional layers.
+"""Certified upper bounds on the 2-norm (spectral norm) of dense and convolution
+operators, and the Cholesky test that confirms a guessed bound.
 
 A power iteration only ever gives a *lower* bound on ``||W||``; rescaling a weight by a
 lower bound does not make it contractive. This module gives the matching upper bounds
-used by :mod:`resflow.layers.residual.lipschitz` to certify ``||W||_{p->q} <= c``.
+used by :mod:`resflow.layers.residual.spectral` to certify ``||W||_2 <= c`` (mixed
+norms ``p -> q``: :mod:`resflow.layers.residual.mixed_norms`).
 
-**2 -> 2, dense.** ``sigma_max(W)`` exactly: the largest eigenvalue of the smaller Gram
+**Dense.** ``sigma_max(W)`` exactly: the largest eigenvalue of the smaller Gram
 matrix (``W^T W`` or ``W W^T``) by a symmetric eigensolver in float64 (backward
 stable: the computed eigenvalue is within ``O(n eps) ||G||`` of the true one), with a
 relative margin :data:`MARGIN` that covers that rounding.
 
-**2 -> 2, convolution** (stride 1, zero padding ``p``, input ``C x H x W``). With ``A``
+**Convolution** (stride 1, zero padding ``p``, input ``C x H x W``). With ``A``
 the operator on the actual input shape:
 
 * *exact* when the smaller Gram matrix of ``A`` has at most :data:`EXACT_LIMIT` rows:
@@ -30,25 +32,15 @@ the operator on the actual input shape:
   For 3x3 kernels with padding 1 this is ``N = n + 1``; the bound is loose by a few
   percent on small images, which is why small operators are done exactly.
 
-**Mixed norms** ``||W||_{p->q}`` (Residual Flows, Chen et al. 2019, Appendix D):
-exact for ``p = 1`` (largest column ``q``-norm), ``q = inf`` (largest row
-``p*``-norm) and ``p = q = 2``; every other pair gets the least of these safe upper
-bounds (:func:`mixed_norm_bound`):
-
-* ``|| (||w_j||_q)_j ||_{p*}`` over the columns ``w_j`` (Hoelder on ``sum_j x_j w_j``)
-  and ``|| (||w^i||_{p*})_i ||_q`` over the rows;
-* Riesz--Thorin: ``log ||W||_{p->q}`` is convex in ``(1/p, 1/q)`` (for complex
-  scalars; the complex norm bounds the real one and equals it on the exact pairs
-  above), so interpolation between exact pairs bounds the points between them, which
-  are all pairs with ``p <= q``;
-* for ``p > q`` the inclusions ``||x||_r <= n^{1/r - 1/p} ||x||_p`` (``r <= p``) and
-  ``||y||_q <= m^{1/q - 1/s} ||y||_s`` (``s >= q``) move to a pair with ``r <= s``.
+>>> import torch
+>>> float(spectral_norm(torch.diag(torch.tensor([3.0, 1.0])))) >= 3.0
+True
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -59,14 +51,12 @@ EXACT_LIMIT = 4096
 """Largest Gram matrix (rows) of a convolution whose norm is computed exactly."""
 MARGIN = 1e-8
 """Relative margin for the float64 rounding of the Gram matrix and its eigensolver."""
-INF = math.inf
 
 
 @contextmanager
 def one_thread() -> Iterator[None]:
     """Run small dense factorizations on one thread: multi-threaded LAPACK on matrices
-    of a few hundred rows gains little and is 30x slower when the cores are shared
-    (measured: 784 x 784 ``eigh`` 0.1 s on one thread, 3.4 s on two busy cores)."""
+    of a few hundred rows gains little and is much slower when the cores are shared."""
     before = torch.get_num_threads()
     if before == 1:
         yield
@@ -334,176 +324,6 @@ def top_singular_vector(
         top = torch.nn.grad.conv2d_input((1, c, h, wd), w, u, padding=padding)[0]
     sigma = lam[-1].clamp_min(0.0).sqrt() * (1.0 + MARGIN)
     return sigma, top / top.norm().clamp_min(1e-300)
-
-
-# ---- mixed norms --------------------------------------------------------------------------
-NormVector = Callable[[float], Tensor]
-"""``r -> `` the vector of ``r``-norms of an operator's columns (or rows)."""
-
-
-def _pnorm(x: Tensor, p: float, repeat: int = 1) -> Tensor:
-    """``||x||_p`` of ``x`` with every entry repeated ``repeat`` times."""
-    if p == INF:
-        return x.max()
-    return repeat ** (1.0 / p) * torch.linalg.vector_norm(x, ord=p)
-
-
-def _conj(p: float) -> float:
-    if p == 1.0:
-        return INF
-    if p == INF:
-        return 1.0
-    return p / (p - 1.0)
-
-
-def _order(a: float) -> float:
-    """The norm order ``p`` of the coordinate ``a = 1/p``."""
-    return INF if a <= 0.0 else 1.0 / a
-
-
-def is_exact_pair(p: float, q: float) -> bool:
-    """Whether ``||.||_{p->q}`` has a closed form here: ``p = 1``, ``q = inf`` or
-    ``p = q = 2``."""
-    return p == 1.0 or q == INF or (p == 2.0 and q == 2.0)
-
-
-@dataclass(frozen=True)
-class OperatorFacts:
-    """What a mixed-norm bound needs to know about an operator ``R^n -> R^m``.
-
-    Attributes:
-        columns: ``r -> `` the ``r``-norms of the columns (or upper bounds on them);
-            every entry stands for ``repeat`` columns.
-        rows: ``r -> `` the ``r``-norms of the rows, likewise.
-        spectral: a certified ``||A||_{2->2}``.
-        n_in, n_out: ``n`` and ``m``.
-        repeat: how many columns (rows) each entry of ``columns`` (``rows``) stands for.
-    """
-
-    columns: NormVector
-    rows: NormVector
-    spectral: Callable[[], Tensor]
-    n_in: int
-    n_out: int
-    repeat: int = 1
-
-    def exact(self, a: float, b: float) -> Tensor:
-        """The closed form at ``(1/p, 1/q)`` on the lines ``a = 1`` or ``b = 0`` or at
-        ``(1/2, 1/2)``."""
-        if a >= 1.0:
-            return self.columns(_order(b)).max()
-        if b <= 0.0:
-            return self.rows(_conj(_order(a))).max()
-        assert a == b == 0.5
-        return self.spectral()
-
-
-def _interpolated(f: OperatorFacts, a: float, b: float, steps: int) -> Tensor | None:
-    """The Riesz--Thorin bound at ``(a, b)`` with ``a >= b`` (else ``None``): the least
-    of ``N(P0)^(1-t) N(P1)^t`` over pairs of exact points with ``(1-t) P0 + t P1 = (a, b)``
-    -- one on ``a = 1`` and one on ``b = 0`` (``steps + 1`` values of ``t``), or
-    ``(1/2, 1/2)`` and one on either line."""
-    if a < b:
-        return None
-    if (a, b) == (0.5, 0.5):
-        return f.exact(0.5, 0.5)
-
-    def mix(t: float, p0: tuple[float, float], p1: tuple[float, float]) -> Tensor:
-        n0, n1 = f.exact(*p0).double(), f.exact(*p1).double()
-        return n0 ** (1.0 - t) * n1**t
-
-    candidates = []
-    lo, hi = 1.0 - a, 1.0 - b  # (a, b) = (1 - t) (1, b / (1 - t)) + t ((a - 1 + t) / t, 0)
-    for i in range(steps + 1):
-        t = lo + (hi - lo) * i / steps
-        if t <= 0.0:
-            candidates.append(f.exact(1.0, b).double())
-        elif t >= 1.0:
-            candidates.append(f.exact(a, 0.0).double())
-        else:
-            b0, a1 = min(b / (1.0 - t), 1.0), min(max((a - 1.0 + t) / t, 0.0), 1.0)
-            candidates.append(mix(t, (1.0, b0), (a1, 0.0)))
-    if a > 0.5:  # (a, b) = (1 - t) (1/2, 1/2) + t (1, beta)
-        t = 2.0 * a - 1.0
-        beta = (b - (1.0 - t) / 2.0) / t
-        if 0.0 <= beta <= 1.0:
-            candidates.append(mix(t, (0.5, 0.5), (1.0, beta)))
-    if b < 0.5:  # (a, b) = (1 - t) (1/2, 1/2) + t (alpha, 0)
-        t = 1.0 - 2.0 * b
-        alpha = (a - (1.0 - t) / 2.0) / t
-        if 0.0 <= alpha <= 1.0:
-            candidates.append(mix(t, (0.5, 0.5), (alpha, 0.0)))
-    return torch.stack(candidates).min()
-
-
-def mixed_norm_bound(f: OperatorFacts, p: float, q: float, steps: int = 32) -> Tensor:
-    """A certified upper bound on ``||A||_{p->q}``, float64 (exact where
-    :func:`is_exact_pair`).
-
-    The least of: the column bound ``|| (||a_j||_q)_j ||_{p*}``, the row bound
-    ``|| (||a^i||_{p*})_i ||_q``, the Riesz--Thorin interpolation of exact pairs (for
-    ``p <= q``), and for ``p > q`` the norm inclusions onto the diagonal ``r = s`` in
-    ``[q, p]``: ``n^{1/r - 1/p} m^{1/q - 1/r} ||A||_{r->r}`` (``steps + 1`` points).
-    """
-    a, b = (0.0 if p == INF else 1.0 / p), (0.0 if q == INF else 1.0 / q)
-    if a >= 1.0 or b <= 0.0 or (a, b) == (0.5, 0.5):
-        return f.exact(a, b).double()
-    ps = _conj(p)
-    best = torch.minimum(
-        _pnorm(f.columns(q).double(), ps, f.repeat), _pnorm(f.rows(ps).double(), q, f.repeat)
-    )
-    inner = _interpolated(f, a, b, steps)
-    if inner is not None:
-        return torch.minimum(best, inner)
-    for i in range(steps + 1):  # p > q
-        c = a + (b - a) * i / steps
-        diag = _interpolated(f, c, c, steps)
-        assert diag is not None
-        best = torch.minimum(best, f.n_in ** (c - a) * f.n_out ** (b - c) * diag)
-    return best
-
-
-def _once(fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
-    cache: list[Tensor] = []
-
-    def get() -> Tensor:
-        if not cache:
-            cache.append(fn())
-        return cache[0]
-
-    return get
-
-
-def dense_facts(w: Tensor) -> OperatorFacts:
-    """:class:`OperatorFacts` of a dense matrix ``w`` (``m x n``)."""
-    wd = w.detach().double()
-    return OperatorFacts(
-        columns=lambda r: torch.linalg.vector_norm(wd, ord=r, dim=0),
-        rows=lambda r: torch.linalg.vector_norm(wd, ord=r, dim=1),
-        spectral=_once(lambda: spectral_norm(wd)),
-        n_in=wd.shape[1],
-        n_out=wd.shape[0],
-    )
-
-
-def conv_facts(kernel: Tensor, size: tuple[int, int], padding: tuple[int, int]) -> OperatorFacts:
-    """:class:`OperatorFacts` of a stride-1 'same' convolution on ``C_in x size``.
-
-    A column of the operator is the input slice ``K[:, c]`` of the kernel placed at a
-    pixel (cropped at the border), a row the output slice ``K[o]``; the whole slices
-    bound them, with equality at interior pixels. Each stands for ``H W`` columns.
-    """
-    k = kernel.detach().double()
-    o, c = k.shape[:2]
-    hw = size[0] * size[1]
-    return OperatorFacts(
-        columns=lambda r: torch.linalg.vector_norm(k.transpose(0, 1).reshape(c, -1), ord=r, dim=1),
-        rows=lambda r: torch.linalg.vector_norm(k.reshape(o, -1), ord=r, dim=1),
-        spectral=_once(lambda: conv_spectral_norm(k, size, padding).value),
-        n_in=c * hw,
-        n_out=o * hw,
-        repeat=hw,
-    )
 
 
 def rounding_margin(dtype: torch.dtype, dim: int) -> float:

@@ -1,0 +1,299 @@
+"""Batched refresh and certification of groups of equal dense spectral-norm layers.
+
+Dense layers under the spectral norm (``p = q = 2``, fixed) with equal weight shape,
+dtype and device form a group (:func:`groups`); a group's power iterations run as one
+batched product per step (each layer stopping on its own criterion, the same iterates
+as one layer at a time), its certificates take one batched Cholesky test, and inside a
+shared scope its rescaled weights come from one stacked computation
+(:func:`rescaled_weights`). Every other layer does its own work
+(:meth:`~resflow.layers.residual.spectral.LipschitzLayer.refresh`,
+:meth:`~resflow.layers.residual.spectral.LipschitzLayer.certify`).
+
+The layers are used through what they hold (:class:`NormLayer`); a layer class marks
+itself as dense with ``dense_operator = True`` (its operator is ``F.linear(v, weight)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, TypeGuard
+
+import torch
+from torch import Tensor, nn
+
+from resflow.layers.residual.norms import NormOrder, Order
+from resflow.layers.residual.spectral_bounds import (
+    EXACT_LIMIT,
+    MARGIN,
+    one_thread,
+    rounding_margin,
+)
+
+
+class NormLayer(Protocol):
+    """What the batched work reads and writes on a Lipschitz layer (see
+    :class:`~resflow.layers.residual.spectral.LipschitzLayer` for the meanings)."""
+
+    dense_operator: bool
+    weight: Tensor
+    v: Tensor
+    sigma: Tensor
+    ratio: Tensor
+    upper: Tensor
+    coeff: float
+    domain: Order
+    codomain: Order
+    atol: float
+    rtol: float
+    max_iter: int
+
+    def refresh(
+        self, atol: float | None = None, rtol: float | None = None, max_iter: int | None = None
+    ) -> int: ...
+
+    def certify(
+        self,
+        atol: float | None = None,
+        rtol: float | None = None,
+        max_iter: int | None = None,
+        settled: tuple[Tensor, Tensor, Tensor, int] | None = None,
+    ) -> int: ...
+
+
+def spectral_dense(m: nn.Module) -> TypeGuard[NormLayer]:
+    """Whether ``m`` is a dense Lipschitz layer under the spectral norm (``p = q = 2``,
+    fixed): its ``sigma`` is ``r ||W v||_2 / ||v||_2``."""
+    return (
+        getattr(m, "dense_operator", False) is True
+        and not isinstance(m.domain, NormOrder)
+        and not isinstance(m.codomain, NormOrder)
+        and float(m.domain) == 2.0
+        and float(m.codomain) == 2.0
+    )
+
+
+def groups(layers: list[NormLayer]) -> list[list[NormLayer]]:
+    """The layers whose norm work can be batched, in groups of two or more: dense,
+    spectral norm (:func:`spectral_dense`), equal weight shape, dtype and device."""
+    groups: dict[tuple[object, ...], list[NormLayer]] = {}
+    for m in layers:
+        if spectral_dense(m):
+            key = (tuple(m.weight.shape), m.weight.dtype, m.weight.device)
+            groups.setdefault(key, []).append(m)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def rescaled_weights(group: list[NormLayer]) -> Tensor:
+    """The stacked ``W / max(1, sigma / c)`` of a group, as
+    :meth:`LipschitzLayer.constrained_weight` computes each (in the weights'
+    precision, also under autocast)."""
+    w = torch.stack([m.weight for m in group])
+    with torch.autocast(w.device.type, enabled=False):
+        v = torch.cat([m.v for m in group])
+        ratio = torch.stack([m.ratio for m in group])
+        coeff = w.new_tensor([m.coeff for m in group])
+        sigma = ratio * _estimates(w, v)[1]
+        return w / torch.clamp(sigma / coeff, min=1.0)[:, None, None]
+
+
+@torch.no_grad()
+def refresh_all(
+    layers: list[NormLayer],
+    atol: float | None = None,
+    rtol: float | None = None,
+    max_iter: int | None = None,
+) -> int:
+    """:meth:`LipschitzLayer.refresh` of every layer; returns the largest iteration
+    count. Dense spectral-norm layers of equal shape run their power iterations
+    together, one batched product per step for the whole group, each layer stopping
+    on its own criterion (the same iterates as one at a time)."""
+    return _per_group(
+        layers,
+        lambda m: m.refresh(atol=atol, rtol=rtol, max_iter=max_iter),
+        lambda group: _refresh_group(group, atol, rtol, max_iter),
+        lambda group: [group],
+    )
+
+
+def _per_group(
+    layers: list[NormLayer],
+    one: Callable[[NormLayer], int],
+    batched: Callable[[list[NormLayer]], int],
+    parts: Callable[[list[NormLayer]], list[list[NormLayer]]],
+) -> int:
+    """``one`` on every layer outside a group (:func:`groups`), ``batched`` on every
+    part of every group; the largest iteration count."""
+    found = groups(layers)
+    grouped = {id(m) for g in found for m in g}
+    most = max((one(m) for m in layers if id(m) not in grouped), default=0)
+    for group in found:
+        for part in parts(group):
+            most = max(most, batched(part))
+    return most
+
+
+def _unit(x: Tensor) -> Tensor:
+    """Each row of ``x`` over its 2-norm (as ``dual(x, 2)`` per layer)."""
+    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def _estimates(w: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``(W v, ||W v|| / ||v||)`` for stacked weights ``[n, out, in]`` and vectors."""
+    wv = torch.bmm(w, v.unsqueeze(-1)).squeeze(-1)
+    norm_v = torch.linalg.vector_norm(v, dim=1).clamp_min(1e-30)
+    return wv, torch.linalg.vector_norm(wv, dim=1) / norm_v
+
+
+def _power_steps(w: Tensor, wv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One power-iteration step of every stacked layer (``_power_step`` per layer)."""
+    v = _unit(torch.bmm(_unit(wv).unsqueeze(1), w).squeeze(1))
+    return (v, *_estimates(w, v))
+
+
+def _refresh_group(
+    group: list[NormLayer], atol: float | None, rtol: float | None, max_iter: int | None
+) -> int:
+    out_v = torch.cat([m.v for m in group])  # [n, in]
+    out_sigma = torch.stack([m.sigma for m in group])
+    # after a training step most layers settle in two steps while a few with close
+    # singular values take tens (the 2-D paper model's 300 layers: up to 30), so the
+    # stack shrinks to the running layers whenever half of it has stopped (stopped
+    # layers still in it iterate on, unread); ``rows`` are the stack's places in the group
+    limits = [m.max_iter if max_iter is None else max_iter for m in group]
+    live = [i for i, n in enumerate(limits) if n > 0]
+    if not live:  # no iterations allowed: nothing changes
+        return 0
+    rows = torch.tensor(live, dtype=torch.long, device=out_v.device)
+    w = torch.stack([group[i].weight for i in live])
+    v, sigma = out_v[rows], out_sigma[rows]
+
+    def each(given: float | None, name: str) -> Tensor:
+        """The running layers' ``name`` (or ``given``), in float64 as refresh() uses it."""
+        return w.new_tensor(
+            [getattr(group[i], name) if given is None else given for i in live], dtype=torch.float64
+        )
+
+    tol_a, tol_r, limit = each(atol, "atol"), each(rtol, "rtol"), each(max_iter, "max_iter")
+    active = torch.ones_like(rows, dtype=torch.bool)
+    wv = torch.bmm(w, v.unsqueeze(-1)).squeeze(-1)
+    it, running = 0, len(live)
+    while running:
+        it += 1
+        v, wv, sigma_new = _power_steps(w, wv)
+        done = (sigma_new - sigma).abs().double() <= tol_a + tol_r * sigma_new.double()
+        sigma = sigma_new
+        stop = active & (done | (limit <= it))
+        stopped = int(stop.sum())
+        if stopped:
+            out_v[rows[stop]], out_sigma[rows[stop]] = v[stop], sigma[stop]
+            active, running = active & ~stop, running - stopped
+            if running and 2 * running <= len(rows):
+                rows, w, v, wv, sigma = (
+                    rows[active],
+                    w[active],
+                    v[active],
+                    wv[active],
+                    sigma[active],
+                )
+                tol_a, tol_r, limit = tol_a[active], tol_r[active], limit[active]
+                active = active[active]
+    for i, m in enumerate(group):
+        m.v.copy_(out_v[i : i + 1])
+        m.sigma.copy_(out_sigma[i])
+    return it
+
+
+@torch.no_grad()
+def certify_all(
+    layers: list[NormLayer],
+    atol: float | None = None,
+    rtol: float | None = None,
+    max_iter: int | None = None,
+) -> int:
+    """:meth:`LipschitzLayer.certify` of every layer; returns the largest iteration
+    count. Dense spectral-norm layers of equal shape settle their power iterations
+    together (each on its own criterion, as in :func:`refresh_all`) and take the
+    Cholesky test of their bounds in one batched factorization; a layer the batched
+    test leaves open (its bound not confirmed, a zero weight or a null-space vector)
+    is certified on its own from where it started."""
+    return _per_group(
+        layers,
+        lambda m: m.certify(atol=atol, rtol=rtol, max_iter=max_iter),
+        lambda group: _certify_group(group, atol, rtol, max_iter),
+        _chunks,
+    )
+
+
+def _chunks(group: list[NormLayer]) -> list[list[NormLayer]]:
+    """A group in parts of at most :data:`CPU_CHUNK` layers on the CPU, where their
+    float64 Gram matrices then stay in cache (faster than whole or one at a time; the
+    power-iteration refresh gains nothing from parts); whole on an accelerator, where
+    each operation and each read of the device costs more than the arithmetic."""
+    if group[0].weight.device.type != "cpu":
+        return [group]
+    return [group[k : k + CPU_CHUNK] for k in range(0, len(group), CPU_CHUNK)]
+
+
+CPU_CHUNK = 16
+
+
+def _certify_group(
+    group: list[NormLayer], atol: float | None, rtol: float | None, max_iter: int | None
+) -> int:
+    """:func:`certify_all` for one group (see :meth:`LipschitzLayer.certify` and
+    :meth:`LipschitzLayer._gap_closing_power_iteration`, whose quick path this is)."""
+    if min(group[0].weight.shape) > EXACT_LIMIT:  # no exact test: each on its own
+        return max(m.certify(atol=atol, rtol=rtol, max_iter=max_iter) for m in group)
+    w = torch.stack([m.weight.detach() for m in group])  # [n, out, in]
+    eps = torch.finfo(w.dtype).eps
+    tol_r = w.new_tensor(
+        [max(m.rtol if rtol is None else rtol, 64 * eps + 4e-8) for m in group],
+        dtype=torch.float64,
+    )
+    limit = w.new_tensor([m.max_iter if max_iter is None else max_iter for m in group])
+    v = torch.cat([m.v for m in group])  # [n, in]
+    wv, sigma = _estimates(w, v)
+    # the cases certify() treats apart go there: a zero weight, v in the null space, no
+    # iterations allowed
+    apart = (w.abs().amax((1, 2)) == 0) | (sigma <= 0) | (limit <= 0)
+    iters = torch.zeros_like(limit)
+    # settle: each layer until its estimate moves < rtol / 4; the products run on the
+    # layers still settling only (a slow one would otherwise keep the whole part busy)
+    work = (~apart).nonzero().squeeze(1)
+    w_work, prev = w[work], sigma.double()
+    while work.numel():
+        iters[work] += 1
+        v_new, wv_new, new = _power_steps(w_work, wv[work])
+        v[work], wv[work], sigma[work] = v_new, wv_new, new
+        moved = (new.double() - prev[work]).abs()
+        prev[work] = new.double()
+        going = (moved > 0.25 * tol_r[work] * new.double()) & (iters[work] < limit[work])
+        if not bool(going.all()):
+            work, w_work = work[going], w_work[going]
+    guess = sigma.double() * (1.0 + tol_r)
+    m64 = w.double()
+    gram = m64.mT @ m64 if w.shape[-1] <= w.shape[-2] else m64 @ m64.mT
+    eye = torch.eye(gram.shape[-1], dtype=torch.float64, device=w.device)
+    with one_thread():
+        info = torch.linalg.cholesky_ex(guess[:, None, None] ** 2 * eye - gram)[1]
+    holds = (info == 0) & ~apart
+    _, est = _estimates(w, v)
+    margin = rounding_margin(w.dtype, min(w.shape[-2:]))
+    upper = guess * (1.0 + MARGIN)
+    ratio = torch.where(est > 0, upper * (1.0 + margin) / est.double(), 1.0).clamp_min(1.0)
+    most = 0
+    flags, aside, counts = holds.tolist(), apart.tolist(), iters.tolist()
+    for i, m in enumerate(group):
+        if flags[i]:
+            m.v.copy_(v[i : i + 1])
+            m.sigma.copy_(sigma[i])
+            m.upper.copy_(upper[i])
+            m.ratio.fill_(float(ratio[i]))
+            it = int(counts[i])
+        elif aside[i]:  # from its own start, on its own
+            it = m.certify(atol=atol, rtol=rtol, max_iter=max_iter)
+        else:  # not confirmed: on its own from the settled state
+            state = (v[i : i + 1], wv[i : i + 1], sigma[i], int(counts[i]))
+            it = m.certify(atol=atol, rtol=rtol, max_iter=max_iter, settled=state)
+        most = max(most, it)
+    return most
