@@ -4,7 +4,7 @@ For every residual block ``x + g(x)``:
 
 * the Lipschitz bound actually enforced: a certified upper bound on the operator norm
   of each constrained weight *as used in the forward pass* (``W / max(1, sigma / c)``)
-  from :mod:`resflow.layers.residual.norm_bounds` -- exact for a dense weight (its
+  from :mod:`resflow.layers.residual.spectral_bounds` -- exact for a dense weight (its
   largest singular value), for a convolution whose operator on its input shape is
   small enough (its Gram matrix), and for mixed norms with a closed form; a safe
   bound otherwise (circular convolution, Riesz--Thorin interpolation), marked so. The

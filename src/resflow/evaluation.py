@@ -28,7 +28,7 @@ from resflow.io import atomic_write
 from resflow.layers.base import Sequential, after_optimizer_step
 from resflow.layers.base import is_stochastic as stochastic_layer
 from resflow.layers.guidance import guidance as guidance_weight
-from resflow.layers.hooks import DensityNote, implementers
+from resflow.layers.hooks import Classifier, DensityNote, implementers, implements
 from resflow.layers.residual.block import ResidualBlock, biased_figure, evaluation_estimators
 from resflow.preprocess.noise import GaussianNoise
 
@@ -100,8 +100,7 @@ def is_stochastic(model: torch.nn.Module) -> bool:
         return (est.resolve(dim) if dim is not None else est).method != "exact"
 
     return any(
-        stochastic_layer(m) or (isinstance(m, ResidualBlock) and series(m))
-        for m in model.modules()
+        stochastic_layer(m) or (isinstance(m, ResidualBlock) and series(m)) for m in model.modules()
     )
 
 
@@ -178,7 +177,7 @@ def _per_example(
         raise ValueError(f"{len(labels)} labels for {len(data)} examples")
     if model.n_classes is not None and labels is None:
         raise ValueError("a class-conditional model is evaluated with the data's labels")
-    classify = labels is not None and callable(getattr(model, "log_prob_and_logits", None))
+    classify = labels is not None and implements(model, Classifier)
     was_training = model.training
     model.eval()
     device = device or model_device(model)

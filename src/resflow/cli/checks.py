@@ -12,6 +12,7 @@ import torch
 
 from resflow.checkpoint import CheckpointError
 from resflow.data import DataConfig
+from resflow.models.configs import is_vector_config
 from resflow.runs import RunFolder, check_outputs
 
 MAX_THREADS_PER_CORE = 4
@@ -147,7 +148,7 @@ def _outputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
             model = RunFolder(args.run).read_config().model
         except CheckpointError:
             model = None  # the command says what is wrong with the run
-        if getattr(model, "dim", None) == 2 and getattr(model, "image_shape", None) is None:
+        if is_vector_config(model) and model.dim == 2:
             outputs.append(("--out", out.with_suffix(".png")))
     return outputs
 

@@ -11,6 +11,7 @@ from resflow.cli.checks import ACTIVATION_BYTES, check_memory, widest_channels
 from resflow.cli.common import run_data, run_model, sample_labels
 from resflow.evaluation import decode, interpolate, save_image_grid
 from resflow.latent import conceptual_compression, manifold_interpolation
+from resflow.models.configs import is_image_config
 from resflow.runs import RunFolder
 
 
@@ -81,9 +82,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def _resize(args: argparse.Namespace) -> list[str]:
     """``--set image_shape=...`` for ``--size HxW`` (fully convolutional image models)."""
     cfg = RunFolder(args.run).read_config().model
-    shape = getattr(cfg, "image_shape", None)
-    if shape is None:
+    if not is_image_config(cfg):
         raise ValueError("--size: this run models vectors, not images")
+    shape = cfg.image_shape
     h, w = args.size
     return [f"image_shape=[{shape[0]},{h},{w}]"]
 

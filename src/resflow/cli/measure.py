@@ -14,6 +14,7 @@ from resflow.cli.common import report_benchmark, run_data, run_model, sample_lab
 from resflow.config import replace
 from resflow.data import DataConfig, data_kind, load_data
 from resflow.evaluation import evaluate, evaluate_bounds
+from resflow.layers.hooks import Classifier, implements
 from resflow.runs import RunFolder
 
 
@@ -93,7 +94,7 @@ def _score_input(args: argparse.Namespace, model: Any, name: str) -> tuple[Any, 
         inp = ScoreInput(f"{name} (test)", [str(i) for i in range(len(test))], test)
     if args.max is not None:
         inp = ScoreInput(inp.source, inp.names[: args.max], inp.data[: args.max])
-    keep = model.n_classes is not None or callable(getattr(model, "log_prob_and_logits", None))
+    keep = model.n_classes is not None or implements(model, Classifier)
     if labels is not None and keep:
         return inp, labels[: len(inp.data)]
     return inp, None

@@ -23,6 +23,7 @@ from resflow.models import (
     presets_of,
     resolve_model,
 )
+from resflow.models.configs import ClassConditionalConfig, is_class_conditional, is_image_config
 from resflow.preprocess.noise import GaussianNoise
 from resflow.runs import RunFolder, recorded_settings, restart_note, resume_note
 from resflow.train_config import TrainConfig
@@ -140,8 +141,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _conditional(model_cfg: Any, name: str, data: Any) -> Any:
     """``model_cfg`` made class-conditional on the classes of ``data``."""
-    if not hasattr(model_cfg, "n_classes"):
-        able = sorted(e.name for _, e in MODELS.items() if "n_classes" in _fields(e.config))
+    if not is_class_conditional(model_cfg):
+        able = sorted(
+            e.name for _, e in MODELS.items() if issubclass(e.config, ClassConditionalConfig)
+        )
         raise ValueError(
             f"--conditional: model {name} has no class-conditional form (models with one: "
             f"{', '.join(able)})"
@@ -151,19 +154,13 @@ def _conditional(model_cfg: Any, name: str, data: Any) -> Any:
     return replace(model_cfg, n_classes=max(2, data.n_classes))
 
 
-def _fields(cls: type) -> set[str]:
-    import dataclasses
-
-    return {f.name for f in dataclasses.fields(cls)}
-
-
 def cmd_presets(args: argparse.Namespace) -> int:
     for family, entries in families().items():
         print(f"{family}:")
         for entry in entries:
             for p in presets_of(entry.name):
                 cfg = p.config
-                shape = getattr(cfg, "image_shape", None) or (getattr(cfg, "dim", "?"),)
+                shape = cfg.image_shape if is_image_config(cfg) else (cfg.dim,)
                 count = ""
                 if args.count:
                     count = f" {count_parameters(entry.build(cfg)):>12,} parameters"

@@ -21,6 +21,7 @@ hook                       what it is for
 :class:`DataInitialized`   data-dependent initialisation (a 0-dim bool buffer
                            ``initialized``), broadcast under distributed training
 :class:`BatchStatistics`   statistics of a batch, averaged over processes
+:class:`Classifier`        a model that also classifies (hybrid models)
 =========================  ====================================================
 
 Stochastic layers are declared by :attr:`resflow.layers.base.FlowLayer.stochastic`.
@@ -106,10 +107,14 @@ class Guided(Protocol):
 
 @runtime_checkable
 class DataInitialized(Protocol):
-    """A layer initialised from its first batch; ``initialized`` is a 0-dim bool
-    buffer (so that it is saved, and broadcast from rank 0 under torchrun)."""
+    """A layer initialised from its first batch by ``initialize(x)`` (and, when its
+    first use is an inverse pass, ``initialize_inverse(y)``, which may be absent);
+    ``initialized`` is a 0-dim bool buffer (so that it is saved, and broadcast from
+    rank 0 under torchrun)."""
 
     initialized: Tensor
+
+    def initialize(self, x: Tensor) -> None: ...
 
 
 @runtime_checkable
@@ -118,6 +123,16 @@ class BatchStatistics(Protocol):
     distributed training replaces by the statistics over every process's batch."""
 
     def batch_statistics(self, x: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+@runtime_checkable
+class Classifier(Protocol):
+    """A model that also classifies its input (a hybrid model): ``n_labels`` classes,
+    and the log-density and class logits from one forward pass."""
+
+    n_labels: int
+
+    def log_prob_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
 H = TypeVar("H")

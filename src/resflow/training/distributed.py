@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from resflow.data import DataConfig, DataSplit, load_data
 from resflow.evaluation import EvalResult
+from resflow.layers.hooks import BatchStatistics, DataInitialized, TransientState, implementers
 from resflow.training.objectives import Batch, Objective
 from resflow.training.process_group import (
     Distributed,
@@ -104,15 +105,13 @@ def global_initialization(model: nn.Module, ctx: Distributed) -> Iterator[None]:
         yield
         return
     patched: list[tuple[nn.Module, str]] = []
-    for m in model.modules():
-        flag = getattr(m, "initialized", None)
-        if not isinstance(flag, Tensor) or bool(flag):
+    for m in implementers(model, DataInitialized):
+        if bool(m.initialized):
             continue
-        for name in ("initialize", "initialize_inverse"):
-            fn = getattr(m, name, None)
-            if callable(fn):
-                setattr(m, name, _on_gathered(fn))
-                patched.append((m, name))
+        names = ("initialize", "initialize_inverse")
+        for name in (n for n in names if callable(getattr(type(m), n, None))):
+            setattr(m, name, _on_gathered(getattr(m, name)))
+            patched.append((m, name))
     try:
         yield
     finally:
@@ -135,8 +134,8 @@ def synchronize_batch_statistics(model: nn.Module, ctx: Distributed) -> int:
     if not ctx.enabled:
         return 0
     n = 0
-    for m in model.modules():
-        if callable(getattr(m, "batch_statistics", None)) and "batch_statistics" not in vars(m):
+    for m in implementers(model, BatchStatistics):
+        if "batch_statistics" not in vars(m):  # not synchronized already
             m.batch_statistics = _synced_statistics(m, ctx.world_size)  # type: ignore[method-assign]
             n += 1
     return n
@@ -226,7 +225,7 @@ def unused_parameters(flow: nn.Module, objective: Objective, batch: Batch) -> li
     """Names of the trainable parameters that one training step on ``batch`` leaves
     without a gradient (the model's buffers, gradients and random state are restored)."""
     buffers = [b.detach().clone() for b in flow.buffers()]
-    transient = [(m, m.transient_state()) for m in flow.modules() if hasattr(m, "transient_state")]
+    transient = [(m, m.transient_state()) for m in implementers(flow, TransientState)]
     with torch.random.fork_rng():
         loss, _ = objective(flow, batch)  # type: ignore[arg-type]
         loss.backward()

@@ -20,6 +20,7 @@ from resflow.evaluation import (
 )
 from resflow.flow import Flow
 from resflow.layers.base import after_optimizer_step, preserved_transient_state
+from resflow.layers.hooks import Classifier, implements
 from resflow.train_config import TrainConfig
 from resflow.training import distributed as ddp
 from resflow.training.distributed import Distributed
@@ -58,7 +59,7 @@ class Reporting:
         if data is None:
             raise ValueError("the data have no validation split (set n_valid)")
         test = data if max_examples is None else data[:max_examples]
-        uses_labels = self.model.n_classes or hasattr(self.model, "n_labels")  # hybrid: accuracy
+        uses_labels = self.model.n_classes or implements(self.model, Classifier)  # accuracy
         labels = getattr(self.data, f"{split}_labels") if uses_labels else None
         if labels is not None:
             labels = labels[: len(test)]
