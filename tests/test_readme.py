@@ -47,3 +47,12 @@ def test_variational_inference_example_runs():
     exec(compile(short, "README", "exec"), namespace)
     assert namespace["vae"].cfg.posterior == "iaf-dsf"
     assert not namespace["iaf"].training  # fitted, left in evaluation mode
+
+
+def test_conditional_flow_example_runs():
+    example = next(b for b in _python_blocks() if "as_distribution(" in b)
+    namespace: dict = {}
+    exec(compile("import torch\n" + example, "README", "exec"), namespace)
+    assert namespace["draws"].shape == (100, 5, 2)
+    assert namespace["d"].batch_shape == (5,)
+    namespace["loss"].backward()
