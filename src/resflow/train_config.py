@@ -31,7 +31,7 @@ class TrainConfig(Config):
     weight_decay: float = param(5e-4, ge=0, help="decoupled weight decay")
     betas: tuple[float, float] = param((0.9, 0.99), ge=0, lt=1, help="Adam betas")
     warmup: int = param(1000, ge=0, help="steps of linear learning-rate warm-up")
-    grad_clip: float = param(1.0, gt=0, help="gradient-norm clipping")
+    grad_clip: float = param(1.0, ge=0, help="gradient-norm clipping (0: none)")
     ema_decay: float = param(0.999, ge=0, lt=1, help="EMA decay of the weights used to evaluate")
     eval_every: int = param(500, ge=1, help="steps between test evaluations")
     eval_batch_size: int = param(256, ge=1, help="examples per evaluation batch")

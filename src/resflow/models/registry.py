@@ -208,3 +208,28 @@ _ABSENT_MEANS: dict[str, dict[str, Any]] = {
 """Fields whose default changed after checkpoints without them were written: such a
 checkpoint was trained with this value (the papers' unbounded maps), so it reloads with
 it and gives the density it was trained with."""
+
+
+def recommended_training(config: Any) -> tuple[TrainConfig, str | None]:
+    """The training settings recommended for a model config, and the preset they come
+    from: the preset whose config is ``config``; else, among the presets of the same
+    model, the one whose config differs from it in the fewest fields (a preset changed
+    with ``get_preset(name, **changes)``); else the defaults (``TrainConfig()``, None).
+
+    >>> recommended_training(get_preset("toy2d"))[1]
+    'toy2d'
+    >>> train, name = recommended_training(get_preset("iresnet-digits", n_blocks=(2, 2)))
+    >>> name, train == PRESETS.get("iresnet-digits").train
+    ('iresnet-digits', True)
+    """
+    candidates = [p for _, p in PRESETS.items() if type(p.config) is type(config)]
+    if not candidates:
+        return TrainConfig(), None
+    mine = to_dict(config)
+
+    def distance(preset: Preset) -> int:
+        theirs = to_dict(preset.config)
+        return sum(mine.get(k) != v for k, v in theirs.items())
+
+    best = min(candidates, key=distance)  # registration order breaks ties
+    return best.train, best.name

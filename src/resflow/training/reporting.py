@@ -3,8 +3,10 @@ TensorBoard logs and the final result of a run."""
 
 from __future__ import annotations
 
+import copy
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -25,6 +27,13 @@ from resflow.train_config import TrainConfig
 from resflow.training import distributed as ddp
 from resflow.training.distributed import Distributed
 from resflow.training.ema import EMA
+
+Weights = Literal["ema", "raw"]
+
+
+def _check_weights(weights: str) -> None:
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
 
 
 class Reporting:
@@ -47,12 +56,17 @@ class Reporting:
         def _init_lazy_state(self) -> None: ...
 
     def evaluate(
-        self, max_examples: int | None = None, progress: bool = False, split: str = "test"
+        self,
+        max_examples: int | None = None,
+        progress: bool = False,
+        split: str = "test",
+        weights: Weights = "ema",
     ) -> EvalResult:
-        """Test (or ``split="valid"``: validation) metric with the EMA weights (20 exact
-        terms + unbiased tail by default)."""
+        """Test (or ``split="valid"``: validation) metric with the EMA weights (or
+        ``weights="raw"``: the optimizer's), 20 exact terms + unbiased tail by default."""
         self._init_lazy_state()
         assert self.ema is not None
+        _check_weights(weights)
         if split not in ("test", "valid"):
             raise ValueError(f"split must be 'test' or 'valid', got {split!r}")
         data = self.data.test if split == "test" else self.data.valid
@@ -65,7 +79,7 @@ class Reporting:
             labels = labels[: len(test)]
         with torch.random.fork_rng(), preserved_transient_state(self.model):
             torch.manual_seed(self.cfg.seed + 17 + 1009 * self.dist.rank)
-            with self.ema.swapped(self.model):
+            with self._weights(weights):
                 if self.dist.enabled:  # each rank a slice, the results combined
                     result = ddp.sharded(
                         lambda a, b: evaluate(
@@ -90,24 +104,43 @@ class Reporting:
         temperature: float = 1.0,
         denoise: bool = False,
         guidance: float | None = None,
+        weights: Weights = "ema",
     ) -> Tensor:
-        """``n`` samples from the EMA model (a class-conditional model: classes
-        ``0, 1, ..., K-1, 0, ...`` in turn). ``denoise`` (a model trained with noise
-        augmentation) and ``guidance`` (a class-conditional one) are those of
-        :func:`resflow.evaluation.decode`."""
+        """``n`` samples from the EMA model (``weights="raw"``: the optimizer's weights;
+        a class-conditional model: classes ``0, 1, ..., K-1, 0, ...`` in turn).
+        ``denoise`` (a model trained with noise augmentation) and ``guidance`` (a
+        class-conditional one) are those of :func:`resflow.evaluation.decode`."""
         self._init_lazy_state()
         assert self.ema is not None
+        _check_weights(weights)
         k = self.model.n_classes
         labels = torch.arange(n, device=self.device) % k if k else None
         with torch.random.fork_rng(), preserved_transient_state(self.model):
             torch.manual_seed(self.cfg.seed + 29)
-            with self.ema.swapped(self.model):
+            with self._weights(weights):
                 self.model.eval()
                 after_optimizer_step(self.model)
                 z = self.model.sample_latent(n, temperature, labels)
                 out = decode(self.model, z, labels, denoise, guidance)
                 self.model.train()
         return out
+
+    def _weights(self, weights: Weights) -> AbstractContextManager[None]:
+        """Inside: the model holds the EMA weights (``"ema"``) or its own (``"raw"``)."""
+        assert self.ema is not None
+        return self.ema.swapped(self.model) if weights == "ema" else nullcontext()
+
+    def averaged_model(self) -> Flow:
+        """A copy of the model with the EMA weights, in eval mode and ready to use (the
+        weights :meth:`evaluate`, :meth:`sample` and ``best.pt`` use); :attr:`model`
+        keeps training with the raw weights."""
+        self._init_lazy_state()
+        assert self.ema is not None
+        with self.ema.swapped(self.model), preserved_transient_state(self.model):
+            model = copy.deepcopy(self.model)
+        model.eval()
+        after_optimizer_step(model)
+        return model
 
     def _save_samples(self, writer: Any) -> None:
         levels = self.model.levels or 256

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from resflow.allocator import keep_freed_memory
+from resflow.config import replace
 from resflow.data import DataConfig, DataSplit, load_data
 from resflow.evaluation import EvalResult
 from resflow.flow import Flow
 from resflow.layers.base import after_optimizer_step
 from resflow.layers.residual.kernels import set_compile
-from resflow.models import build_model
+from resflow.models import build_model, recommended_training
 from resflow.plots import plot_learning_curve
 from resflow.runs import RunConfig, RunFolder, check_resume, prepare_folder
 from resflow.train_config import TrainConfig
@@ -69,7 +71,11 @@ class Trainer(Checkpointing, Reporting):
         data: a :class:`DataSplit` or a :class:`DataConfig` to load (only a split that
             records its config -- as :func:`load_data` returns -- can be evaluated
             from the CLI later).
-        config: training settings.
+        config: training settings. ``None`` (default): the settings recommended with the
+            preset the model config comes from (as ``resflow train --preset`` uses them;
+            :func:`resflow.models.recommended_training`, recorded in
+            :attr:`settings_from`); a mapping such as ``{"steps": 2000}``: those settings
+            changed; a :class:`TrainConfig`: exactly these settings.
         out_dir: the run folder (:class:`resflow.runs.RunFolder`): ``config.yaml``,
             ``last.pt``, ``best.pt``, ``metrics.jsonl``, ``curve.png``, ``tb/``,
             ``samples/``.
@@ -78,20 +84,32 @@ class Trainer(Checkpointing, Reporting):
             model: :class:`~resflow.training.objectives.Hybrid`).
         distributed: this process's place in a data-parallel run (default: from an
             initialised process group or torchrun's environment, else one process).
+
+    Which weights: :attr:`model` holds the raw weights the optimizer trains;
+    :meth:`evaluate`, :meth:`sample` and the checkpoints' ``best.pt`` use the EMA
+    average (:attr:`ema`, as the papers evaluate), and so does
+    :meth:`averaged_model`, a copy to keep; ``evaluate(weights="raw")`` and
+    ``sample(..., weights="raw")`` use the raw ones.
     """
 
     def __init__(
         self,
         model_config: Any,
         data: DataSplit | DataConfig,
-        config: TrainConfig | None = None,
+        config: TrainConfig | Mapping[str, Any] | None = None,
         out_dir: str | Path = "runs/run",
         resume: bool = False,
         objective: Objective | None = None,
         overwrite: bool = False,
         distributed: Distributed | None = None,
     ) -> None:
-        config = config or TrainConfig()
+        recommended, self.settings_from = recommended_training(model_config)
+        if config is None:
+            config = recommended
+        elif not isinstance(config, TrainConfig):  # changes to the recommended settings
+            config = replace(recommended, **dict(config))
+        else:
+            self.settings_from = None  # the caller's own settings, whole
         self.model_config = model_config
         self.data = data if isinstance(data, DataSplit) else load_data(data)
         data = self.data
@@ -217,8 +235,8 @@ class Trainer(Checkpointing, Reporting):
             while self.step < until and not self.stopped_early:
                 idx = batch_indices(len(self.data.train), cfg.batch_size, self.step, cfg.seed)
                 loss, extra = self._forward_backward(idx)
-                gnorm = torch.nn.utils.clip_grad_norm_(
-                    self.model.parameters(), cfg.grad_clip, foreach=self._foreach
+                gnorm = torch.nn.utils.clip_grad_norm_(  # the norm only, with grad_clip 0
+                    self.model.parameters(), cfg.grad_clip or math.inf, foreach=self._foreach
                 )
                 if not torch.isfinite(gnorm):
                     self._diverged(f"the gradient norm became {float(gnorm)}")
