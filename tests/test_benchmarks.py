@@ -3,6 +3,7 @@ only, the figures come from the full runs (docs/RESULTS.md)."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -123,3 +124,21 @@ def test_gpu_step_benchmark_runs_its_variants_in_fresh_processes(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device"):
             gpu_step.main([])
+
+
+def test_peers_benchmark_smoke():
+    """benchmarks/peers.py --quick: two resflow families and zuko's MAF on one data set,
+    the conditional toy for the two MAFs; every NLL and KL finite."""
+    pytest.importorskip("zuko")
+    import json
+
+    import peers
+
+    out = peers.main(["--quick", "--repeats", "1", "--datasets", "8gaussians",
+                      "--models", "maf", "realnvp-vector", "zuko-maf"])  # fmt: skip
+    saved = json.loads((BENCH / "out" / "peers_quick.json").read_text())
+    rows = saved["results"]["8gaussians"]["models"]
+    assert set(rows) == {"maf", "realnvp-vector", "zuko-maf"}
+    assert all(math.isfinite(r["nll"]) and r["samples_per_cpu_s"] > 0 for r in rows.values())
+    assert set(out["conditional"]) == {"maf", "zuko-maf"}
+    assert all(math.isfinite(r["kl"]) for r in out["conditional"].values())
