@@ -6,6 +6,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# scripts run as processes by the distributed tests, not test modules (nor doctests)
+collect_ignore = ["training/distributed_worker.py", "training/peer_killed_worker.py"]
 # one thread per worker under pytest-xdist (the README runs the suite on all cores)
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 

@@ -6,7 +6,6 @@ from torch import nn
 
 from resflow.layers.coupling import AlternateMask, ChannelMask, CheckerboardMask, Coupling
 from resflow.layers.transformers import Additive, Affine
-from resflow.nets import NETS
 from resflow.nets.conditioners import MLP, ConvNet
 
 from helpers import brute_logdet
@@ -168,7 +167,3 @@ def test_plain_module_conditioner_and_unconditional_nets_ignore_context():
     torch.testing.assert_close(layer.inverse(y), x)
     ld = Coupling.build((4,), ChannelMask(), Affine(), partial(MLP, zero_init=False))
     torch.testing.assert_close(ld(x, torch.randn(6, 7))[0], ld(x)[0])
-
-
-def test_registered_in_nets():
-    assert NETS.get("mlp") is MLP and NETS.get("conv") is ConvNet

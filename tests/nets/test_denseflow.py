@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from resflow.nets import NETS
 from resflow.nets.denseflow import (
     ContextDenseNet,
     CrossUnitNet,
@@ -97,7 +96,6 @@ def test_nets_start_at_zero_and_have_the_authors_sizes():
         DenseBlock(4, 5, 2, 2, residual=True)
     with pytest.raises(ValueError, match=r"DenseAttentionNet expects \[B, 6, H, W\]"):
         net(torch.randn(2, 5, 4, 4))
-    assert NETS.get("denseflow") is DenseAttentionNet
 
 
 def _authors_reference(x: torch.Tensor, qkv: torch.nn.Conv2d, out: torch.nn.Conv2d, m: int):

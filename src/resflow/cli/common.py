@@ -53,12 +53,17 @@ def run_data(args: argparse.Namespace, model: Any) -> Any:
     return data
 
 
-def report_benchmark(name: str, result: Any) -> None:
-    """The tabular benchmarks are reported as log-likelihoods: print it beside the paper's."""
+def report_benchmark(name: str, result: Any, model_config: Any = None) -> None:
+    """The tabular benchmarks are reported as log-likelihoods: print it beside the
+    paper's (the model family's own paper where it reports one, else NAF's)."""
     from resflow.data.tabular_benchmarks import REFERENCE_LOG_LIKELIHOOD
+    from resflow.models import entry_for
 
-    if name in REFERENCE_LOG_LIKELIHOOD:
-        print(
-            f"test log-likelihood {-result.mean:.4f} +- {result.stderr:.4f} nats "
-            f"(NAF-DDSF(5) in its paper: {REFERENCE_LOG_LIKELIHOOD[name]})"
-        )
+    if name not in REFERENCE_LOG_LIKELIHOOD:
+        return
+    reference = f"NAF-DDSF(5) in its paper: {REFERENCE_LOG_LIKELIHOOD[name]}"
+    if model_config is not None:
+        entry = entry_for(model_config)
+        own = entry.published(model_config, name) if entry.published else None
+        reference = own or reference
+    print(f"test log-likelihood {-result.mean:.4f} +- {result.stderr:.4f} nats ({reference})")

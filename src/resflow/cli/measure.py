@@ -33,7 +33,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     result = evaluate(model, test, args.batch_size, progress=not args.no_progress, labels=labels)
     print(f"test {result}")
-    report_benchmark(data.name, result)
+    report_benchmark(data.name, result, RunFolder(args.run).read_config().model)
     return 0
 
 

@@ -108,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result is None or result.n != len(data.test):
         result = trainer.evaluate(progress=train_cfg.progress)
     print(f"test {result}")
-    report_benchmark(data.name, result)
+    report_benchmark(data.name, result, model_cfg)
     if data.levels is not None:
         scale = max(1, 128 // data.shape[-1])
         temps = [args.temperature] + ([REDUCED_T] if args.temperature != REDUCED_T else [])

@@ -93,11 +93,19 @@ def build_nsf(cfg: NSFConfig) -> Flow:
     return Flow(Sequential(layers), (cfg.dim,), context_features=cfg.context_features)
 
 
+def published(cfg: NSFConfig, data_name: str) -> str | None:
+    """The paper's test log-likelihood of this variant on a tabular benchmark."""
+    figure = PAPER_LOG_LIKELIHOOD.get((cfg.transform, data_name))
+    tag = "C" if cfg.transform == "coupling" else "AR"
+    return None if figure is None else f"RQ-NSF ({tag}) in its paper: {figure}"
+
+
 register_model(
     "nsf",
     config=NSFConfig,
     build=build_nsf,
     kind="vector",
+    published=published,
     description="neural spline flow, rational-quadratic coupling or autoregressive "
     "(Durkan et al. 2019)",
 )

@@ -34,6 +34,10 @@ class ModelEntry:
     config: type
     build: Callable[[Any], Flow]
     description: str = ""
+    published: Callable[[Any, str], str | None] | None = None
+    """``published(config, data_name)``: the family's paper's test figure for a config on
+    a data set, with its label (e.g. ``"RQ-NSF (C) in its paper: 0.64 +- 0.01"``), or
+    ``None``; printed beside resflow's own figure."""
 
     def adapt(self, config: Any, shape: tuple[int, ...], levels: int | None) -> Any:
         """``config`` for data of ``shape`` (and ``levels`` for images): image configs
@@ -89,6 +93,7 @@ def register_model(
     kind: DataKind,
     family: str | None = None,
     description: str = "",
+    published: Callable[[Any, str], str | None] | None = None,
 ) -> ModelEntry:
     """Register model ``name`` (its config type must be unique to it, and derive from
     the base of its kind: :class:`~resflow.models.configs.ImageModelConfig` or
@@ -99,7 +104,8 @@ def register_model(
     for other in MODELS.items():
         if other[1].config is config:
             raise ValueError(f"config {config.__name__} is already used by model {other[0]!r}")
-    return MODELS.register(name, ModelEntry(name, family or name, kind, config, build, description))
+    entry = ModelEntry(name, family or name, kind, config, build, description, published)
+    return MODELS.register(name, entry)
 
 
 def register_preset(
