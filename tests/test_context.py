@@ -197,3 +197,69 @@ def test_image_flows_are_not_wrapped():
 
     with pytest.raises(ValueError, match="wraps flows of real vectors"):
         as_distribution(build_model(get_preset("glow-digits")))
+
+
+# ---- data files with context columns, through the command line ----------------------------
+def _table(path, n: int = 1200) -> None:
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(3)
+    x, c = _conditional_gaussian(n, gen)
+    np.savetxt(path, torch.cat([c, x], 1).numpy(), delimiter=",", header="c,x0,x1",
+               comments="")  # fmt: skip
+
+
+def test_train_on_a_table_whose_chosen_columns_are_the_context(tmp_path, capsys):
+    from resflow.cli import main
+    from resflow.data import load_data
+    from resflow.runs import RunFolder
+
+    table = tmp_path / "table.csv"
+    _table(table)
+    split = load_data(str(table), context_columns=(0,))
+    assert split.shape == (2,) and split.context_features == 1
+    assert split.valid_context is not None and len(split.valid_context) == len(split.valid)
+    run = tmp_path / "run"
+    code = main(["train", "--model", "maf", "--data", str(table), "--context-columns", "[0]",
+                 "--steps", "30", "--batch-size", "128", "--eval-every", "30", "--out", str(run),
+                 "--no-progress", "--no-tensorboard"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "nats" in out, out
+    model = RunFolder(run).load_model()
+    assert model.context_features == 1
+    assert main(["eval", "--run", str(run), "--no-progress"]) == 0  # the test contexts
+    assert main(["check", "--run", str(run), "--n", "32"]) == 0
+    capsys.readouterr()
+    code = main(["sample", "--run", str(run), "--out", str(tmp_path / "s.npy")])
+    err = capsys.readouterr().err
+    assert code == 2 and "conditional on a context of 1 feature(s)" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("columns", "message"),
+    [
+        ("[5]", r"context_columns \(5,\): .* has column\(s\) \[5\] beyond its 3"),
+        ("[0,1,2]", "no column of .* is left as data"),
+        ("[1,1]", "a column named twice"),
+    ],
+)
+def test_bad_context_columns_are_refused_in_one_line(tmp_path, capsys, columns, message):
+    import re
+
+    from resflow.cli import main
+
+    table = tmp_path / "table.csv"
+    _table(table, 100)
+    code = main(["train", "--model", "maf", "--data", str(table), "--context-columns", columns,
+                 "--steps", "2", "--out", str(tmp_path / "r"), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(message, err), err
+    assert not (tmp_path / "r").exists()
+
+
+def test_context_columns_belong_to_matrix_files_only():
+    from resflow.data import load_data
+
+    with pytest.raises(ValueError, match="only a matrix file .* has context columns"):
+        load_data("8gaussians", context_columns=(0,))

@@ -183,14 +183,16 @@ def certify(
     model: Flow, data: Tensor, n_examples: int = 256, labels: Tensor | None = None
 ) -> Certificate:
     """Certify the Lipschitz layers of ``model`` (eval mode) and check it on up to
-    ``n_examples`` of ``data`` (with their ``labels`` for a class-conditional model)."""
+    ``n_examples`` of ``data`` (with their ``labels`` for a class-conditional model, or
+    their contexts ``[N, k]`` for a model with ``context_features``)."""
     model.eval()
     bad = non_finite_weights(model)
     if bad:  # a diverged or damaged model: a failed certificate, whatever its family
         return Certificate([], 0, non_finite=bad)
     refresh_lipschitz(model)
     x = data[:n_examples]
-    y = None if labels is None or model.n_classes is None else labels[:n_examples]
+    conditional = model.n_classes is not None or model.context_features
+    y = None if labels is None or not conditional else labels[:n_examples]
     torch.manual_seed(0)
     inputs = _block_inputs(model, x, y)
     reports = []
@@ -208,8 +210,8 @@ def certify(
         if xin is not None:
             try:
                 with torch.no_grad():
-                    y, _ = m(xin)
-                    back = m.inverse(y)
+                    out, _ = m(xin)
+                    back = m.inverse(out)
                 error = float(((back - xin).abs() / (1 + xin.abs())).max())
             except InverseNotConvergedError:
                 error = math.inf

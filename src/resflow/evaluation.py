@@ -177,6 +177,8 @@ def _per_example(
         raise ValueError(f"{len(labels)} labels for {len(data)} examples")
     if model.n_classes is not None and labels is None:
         raise ValueError("a class-conditional model is evaluated with the data's labels")
+    if model.context_features and labels is None:
+        raise ValueError("a conditional model is evaluated with the data's contexts")
     classify = labels is not None and implements(model, Classifier)
     was_training = model.training
     model.eval()
@@ -189,7 +191,7 @@ def _per_example(
         for i in tqdm(batches, desc="eval", disable=not progress, leave=False):
             x = data[i : i + batch_size].to(device)
             y = None if labels is None else labels[i : i + batch_size].to(device)
-            context = y if model.n_classes is not None else None
+            context = y if model.n_classes is not None or model.context_features else None
             draws = []
             for r in range(repeats):
                 if classify:

@@ -53,6 +53,18 @@ def run_data(args: argparse.Namespace, model: Any) -> Any:
     return data
 
 
+def refuse_conditional(model: Any, command: str) -> None:
+    """A model conditioned on a continuous context needs one for every draw or score,
+    which this command's inputs do not carry: one line instead of a shape error."""
+    if model.context_features:
+        raise ValueError(
+            f"this run is conditional on a context of {model.context_features} feature(s), "
+            f"which {command} does not take; use it from Python (model.sample(n, context=c), "
+            "model.log_prob(x, c), resflow.as_distribution(model, c)); `resflow eval` uses "
+            "the test data's contexts"
+        )
+
+
 def report_benchmark(name: str, result: Any, model_config: Any = None) -> None:
     """The tabular benchmarks are reported as log-likelihoods: print it beside the
     paper's (the model family's own paper where it reports one, else NAF's)."""

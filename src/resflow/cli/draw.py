@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from resflow.cli.checks import ACTIVATION_BYTES, check_memory, widest_channels
-from resflow.cli.common import run_data, run_model, sample_labels
+from resflow.cli.common import refuse_conditional, run_data, run_model, sample_labels
 from resflow.evaluation import decode, interpolate, save_image_grid
 from resflow.latent import conceptual_compression, manifold_interpolation
 from resflow.models.configs import is_image_config
@@ -19,6 +19,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.size is not None:
         args.set = [*args.set, *_resize(args)]
     model = run_model(args)
+    refuse_conditional(model, "sample")
     if not args.temperature >= 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     out = Path(args.out)

@@ -10,7 +10,13 @@ import torch
 
 from resflow.certify import certify
 from resflow.cli.checks import check_memory
-from resflow.cli.common import report_benchmark, run_data, run_model, sample_labels
+from resflow.cli.common import (
+    refuse_conditional,
+    report_benchmark,
+    run_data,
+    run_model,
+    sample_labels,
+)
 from resflow.config import replace
 from resflow.data import DataConfig, data_kind, load_data
 from resflow.evaluation import evaluate, evaluate_bounds
@@ -22,7 +28,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = run_model(args)
     data = run_data(args, model)
     test = data.test if args.max is None else data.test[: args.max]
-    labels = None if data.test_labels is None else data.test_labels[: len(test)]
+    labels = data.test_context if model.context_features else data.test_labels
+    labels = None if labels is None else labels[: len(test)]
     torch.manual_seed(args.seed)
     if args.iw_samples:
         bounds = evaluate_bounds(
@@ -49,6 +56,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.plot is not None and Path(args.plot).suffix.lower() != ".png":
         raise ValueError(f"--plot {args.plot}: the histogram is a .png")
     model = run_model(args)
+    refuse_conditional(model, "score")
     inputs = [_score_input(args, model, name) for name in args.input]
     if args.repeats is not None:  # every draw of every input is kept (float64)
         n = sum(len(inp.data) for inp, _ in inputs)
@@ -132,7 +140,8 @@ def cmd_fid(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     model = run_model(args)
     data = run_data(args, model)
-    cert = certify(model, data.test, args.n, data.test_labels)
+    contexts = data.test_context if model.context_features else data.test_labels
+    cert = certify(model, data.test, args.n, contexts)
     for line in cert.lines():
         print(line)
     return 0 if cert.passed else 1

@@ -23,7 +23,12 @@ from resflow.models import (
     presets_of,
     resolve_model,
 )
-from resflow.models.configs import ClassConditionalConfig, is_class_conditional, is_image_config
+from resflow.models.configs import (
+    ClassConditionalConfig,
+    is_class_conditional,
+    is_image_config,
+    is_vector_config,
+)
 from resflow.preprocess.noise import GaussianNoise
 from resflow.runs import RunFolder, recorded_settings, restart_note, resume_note
 from resflow.train_config import TrainConfig
@@ -87,6 +92,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         data = load_data(data_cfg)
     if not resumed:
         model_cfg = override(entry.adapt(model_cfg, data.shape, data.levels), sets)
+        if data.context_features:  # conditioned on the data's context columns
+            if not is_vector_config(model_cfg):
+                raise ValueError(f"--context-columns: model {entry.name} models images")
+            model_cfg = replace(model_cfg, context_features=data.context_features)
         if args.conditional:
             model_cfg = _conditional(model_cfg, entry.name, data)
     trainer = Trainer(model_cfg, data, train_cfg, out, resume=args.resume, overwrite=args.overwrite)
@@ -119,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             imgs = trainer.sample(train_cfg.n_samples, args.temperature, denoise=True)
             path = save_image_grid(imgs, out / "samples_denoised.png", data.levels, scale=scale)
             print(f"samples after one-step denoising: {path}")
-    elif data.shape == (2,):
+    elif data.shape == (2,) and not data.context_features:
         from resflow.data.toy2d import TOY_DATASETS, toy_entropy
         from resflow.plots import plot_density_2d
 

@@ -17,6 +17,7 @@ from typing import Any
 from resflow.config import replace
 from resflow.data import formats as _formats  # noqa: F401  (registers the built-in formats)
 from resflow.data.config import DataConfig
+from resflow.data.formats.matrix import MATRIX
 from resflow.data.images import load_image_data
 from resflow.data.registry import DataKind, find_format
 from resflow.data.split import DataSplit
@@ -56,6 +57,11 @@ def load_data(
     else:
         cfg = DataConfig(name=name, data_dir=None if data_dir is None else str(data_dir), **kwargs)
     fmt = find_format(cfg.name)
+    if cfg.context_columns and fmt is not MATRIX:
+        raise ValueError(
+            f"context_columns: only a matrix file (.npy / .csv / .txt) has context columns, "
+            f"not {cfg.name!r}"
+        )
     if fmt.load is None:  # an image format: load_images reads its splits one by one
         return load_image_data(cfg)
     return fmt.load(cfg)

@@ -27,6 +27,12 @@ class DataConfig(Config):
     n_bits: int | None = param(None, ge=1, le=8, help="reduce images to n bits")
     image_size: int | None = param(None, ge=1, help="resize images to this size")
     download: bool = param(False, help="download missing data (checksummed)")
+    context_columns: tuple[int, ...] = param(
+        (),
+        ge=0,
+        help="matrix files: the 0-based columns that are the context the model is "
+        "conditioned on, not data (e.g. [2] or [2,3])",
+    )
 
     def resolved(self) -> DataConfig:
         """A copy with ``data_dir``, ``path`` and a file ``name`` made absolute."""

@@ -309,7 +309,8 @@ def sharded(evaluate: Callable[[int, int], EvalResult], n: int, ctx: Distributed
 SHARED_MEMORY = "/dev/shm"
 """Where :func:`load_shared` puts the one copy of a machine's data."""
 
-_TENSORS = ("train", "test", "valid", "train_labels", "test_labels", "valid_labels")
+_TENSORS = ("train", "test", "valid", "train_labels", "test_labels", "valid_labels",
+            "train_context", "test_context", "valid_context")  # fmt: skip
 
 
 def load_shared(config: DataConfig, ctx: Distributed) -> DataSplit:

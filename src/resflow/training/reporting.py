@@ -75,6 +75,8 @@ class Reporting:
         test = data if max_examples is None else data[:max_examples]
         uses_labels = self.model.n_classes or implements(self.model, Classifier)  # accuracy
         labels = getattr(self.data, f"{split}_labels") if uses_labels else None
+        if self.model.context_features:  # a conditional model: its data's contexts
+            labels = getattr(self.data, f"{split}_context")
         if labels is not None:
             labels = labels[: len(test)]
         with torch.random.fork_rng(), preserved_transient_state(self.model):
@@ -107,7 +109,8 @@ class Reporting:
         weights: Weights = "ema",
     ) -> Tensor:
         """``n`` samples from the EMA model (``weights="raw"``: the optimizer's weights;
-        a class-conditional model: classes ``0, 1, ..., K-1, 0, ...`` in turn).
+        a class-conditional model: classes ``0, 1, ..., K-1, 0, ...`` in turn; a
+        conditional one: the test contexts in turn).
         ``denoise`` (a model trained with noise augmentation) and ``guidance`` (a
         class-conditional one) are those of :func:`resflow.evaluation.decode`."""
         self._init_lazy_state()
@@ -115,6 +118,10 @@ class Reporting:
         _check_weights(weights)
         k = self.model.n_classes
         labels = torch.arange(n, device=self.device) % k if k else None
+        if self.model.context_features:  # the test contexts in turn
+            contexts = self.data.test_context
+            assert contexts is not None
+            labels = contexts[torch.arange(n) % len(contexts)].to(self.device)
         with torch.random.fork_rng(), preserved_transient_state(self.model):
             torch.manual_seed(self.cfg.seed + 29)
             with self._weights(weights):

@@ -145,6 +145,12 @@ class Trainer(Checkpointing, Reporting):
                     f"the data have {data.levels} levels but the model expects {self.model.levels}"
                 )
             _check_labels(self.model, data)
+            if self.model.context_features != data.context_features:
+                raise ValueError(
+                    f"the model takes a context of {self.model.context_features} feature(s), "
+                    f"the data have {data.context_features} context column(s): set the "
+                    f"model config's context_features={data.context_features}"
+                )
             if tuple(data.train.shape[1:]) != self.model.shape:
                 raise ValueError(
                     f"data shape {tuple(data.train.shape[1:])} does not match the model's "
@@ -185,11 +191,10 @@ class Trainer(Checkpointing, Reporting):
         if self.dist.enabled:  # this rank's shards; statistics over all ranks' shards
             idx = self.dist.first_shards(idx, self.cfg.update_freq)
             ddp.synchronize_batch_statistics(self.model, self.dist)
-        x = self.data.train[idx].to(self.device)
-        labels = self._labels(self.data.train_labels, idx)
+        batch = self._batch(idx)
         with torch.random.fork_rng(), ddp.global_initialization(self.model, self.dist):
             self.model.train()
-            _init_forward(self.model, x, labels)
+            _init_forward(self.model, batch)
         self.ema = EMA(self.model, self.cfg.ema_decay)
         if self.dist.enabled:
             self._distribute(idx)
@@ -357,15 +362,17 @@ class Trainer(Checkpointing, Reporting):
 
     def _batch(self, idx: Tensor) -> Batch:
         return Batch(
-            self.data.train[idx].to(self.device), self._labels(self.data.train_labels, idx)
+            self.data.train[idx].to(self.device),
+            self._labels(self.data.train_labels, idx),
+            self._labels(self.data.train_context, idx),
         )
 
 
-def _init_forward(model: Flow, x: Tensor, labels: Tensor | None) -> None:
+def _init_forward(model: Flow, batch: Batch) -> None:
     """One forward pass in train mode without gradients: ActNorm data-dependent init
     and lazily shaped power-iteration buffers."""
     with torch.no_grad():
-        model(x, labels if model.n_classes else None)
+        model(batch.x, batch.labels if model.n_classes else batch.context)
 
 
 def _check_labels(model: Flow, data: DataSplit) -> None:

@@ -3,6 +3,8 @@ set: rows shuffled, split and standardised by :func:`resflow.data.tabular.load_t
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from resflow.data.config import DataConfig
 from resflow.data.registry import DataFormat, register_format
 from resflow.data.split import DataSplit
@@ -12,9 +14,34 @@ __all__ = ["load_matrix_file"]
 
 
 def load_matrix_file(cfg: DataConfig) -> DataSplit:
-    """The matrix at path ``cfg.name``, split with seed ``cfg.seed``."""
+    """The matrix at path ``cfg.name``, split with seed ``cfg.seed``; its
+    ``cfg.context_columns`` (standardised like the rest) become the contexts."""
     tab = load_tabular(cfg.name, seed=cfg.seed)
-    return DataSplit(tab.train, tab.test, tab.name, valid=tab.val, config=cfg)
+    if not cfg.context_columns:
+        return DataSplit(tab.train, tab.test, tab.name, valid=tab.val, config=cfg)
+    d = tab.train.shape[1]
+    cols = list(cfg.context_columns)
+    bad = [c for c in cols if c >= d]
+    if bad or len(set(cols)) != len(cols):
+        what = f"column(s) {bad} beyond its {d}" if bad else "a column named twice"
+        raise ValueError(f"context_columns {tuple(cols)}: {cfg.name} has {what} (0-based)")
+    data_cols = [c for c in range(d) if c not in cols]
+    if not data_cols:
+        raise ValueError(f"context_columns {tuple(cols)}: no column of {cfg.name} is left as data")
+
+    def part(t: Tensor, which: list[int]) -> Tensor:
+        return t[:, which].contiguous()
+
+    return DataSplit(
+        part(tab.train, data_cols),
+        part(tab.test, data_cols),
+        tab.name,
+        valid=part(tab.val, data_cols),
+        config=cfg,
+        train_context=part(tab.train, cols),
+        test_context=part(tab.test, cols),
+        valid_context=part(tab.val, cols),
+    )
 
 
 MATRIX = register_format(
