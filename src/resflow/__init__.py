@@ -30,10 +30,10 @@ from resflow.models.residual_flow import ImageFlowConfig, VectorFlowConfig
 from resflow.runs import RunFolder, load_model
 from resflow.train_config import TrainConfig
 from resflow.training import Trainer
-
-__version__ = "0.2.0"
+from resflow.version import __version__
 
 __all__ = [
+    "__version__",
     "MODELS",
     "PRESETS",
     "ConfigError",

@@ -15,6 +15,7 @@ from resflow.config import add_flags
 from resflow.data import DataConfig
 from resflow.models import MODELS, PRESETS, families
 from resflow.train_config import TrainConfig
+from resflow.version import __version__
 from resflow.vi.reverse_kl import DEFAULTS as VI
 from resflow.vi.targets import DEFAULT_DIM, TARGETS
 
@@ -41,6 +42,7 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resflow", description=DESCRIPTION)
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    p.add_argument("--version", action="version", version=f"resflow {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser(
