@@ -174,18 +174,17 @@ def test_resflow_train_runs_unchanged_under_torchrun(tmp_path):
     assert (out / "last.pt").exists() and (out / "density.png").exists()
 
 
-@pytest.mark.parametrize("killed", [1, 0])
-def test_a_killed_peer_ends_the_other_rank_with_one_line(tmp_path, killed):
-    """One rank is killed (SIGKILL) at its second step; the other's collective fails and
-    it ends with one line and exit code 2, not gloo's traceback; the last checkpoint stays
-    whole. Rank 0 killed is the harder case: it hosts the rendezvous store and writes the
-    checkpoints. Two processes started with torchrun's environment (no agent, which would
-    terminate the survivor at a moment of its own choosing)."""
-    out = tmp_path / "run"
+def _two_ranks_one_killed(
+    tmp_path: Path, out: Path, steps: int, checkpoint_every: int, killed: int
+) -> list[subprocess.Popen]:  # type: ignore[type-arg]
+    """Two processes of a small ``resflow train`` started with torchrun's environment
+    (no agent, which would terminate the survivor at a moment of its own choosing);
+    rank ``killed`` is killed (SIGKILL) at its second step."""
     port = _free_port()
     flags = ("train --data 8gaussians --n-train 128 --n-test 32 --preset toy2d --set n_blocks=1 "
-             "--set hidden=[8] --steps 20 --batch-size 32 --eval-every 20 --checkpoint-every 1 "
-             "--no-progress --no-tensorboard --out").split()  # fmt: skip
+             f"--set hidden=[8] --steps {steps} --batch-size 32 --eval-every {steps} "
+             f"--checkpoint-every {checkpoint_every} --no-progress --no-tensorboard "
+             "--out").split()  # fmt: skip
     procs = []
     for rank in (0, 1):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
@@ -194,6 +193,17 @@ def test_a_killed_peer_ends_the_other_rank_with_one_line(tmp_path, killed):
         cmd = [sys.executable, str(HERE / "peer_killed_worker.py"), *flags, str(out)]
         procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))  # fmt: skip
+    return procs
+
+
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_killed_peer_ends_the_other_rank_with_one_line(tmp_path, killed):
+    """One rank is killed (SIGKILL) at its second step; the other's collective fails and
+    it ends with one line and exit code 2, not gloo's traceback; the last checkpoint stays
+    whole. Rank 0 killed is the harder case: it hosts the rendezvous store and writes the
+    checkpoints."""
+    out = tmp_path / "run"
+    procs = _two_ranks_one_killed(tmp_path, out, steps=20, checkpoint_every=1, killed=killed)
     errs = [p.communicate(timeout=120)[1] for p in procs]
     survivor = 1 - killed
     err = errs[survivor]
@@ -211,18 +221,7 @@ def test_a_two_process_run_killed_before_its_first_checkpoint_restarts_in_place(
     to resume, and ``--resume`` (here in one process) starts the run again from step 0
     with its recorded settings instead of saying there is nothing to resume."""
     out = tmp_path / "run"
-    port = _free_port()
-    flags = ("train --data 8gaussians --n-train 128 --n-test 32 --preset toy2d --set n_blocks=1 "
-             "--set hidden=[8] --steps 4 --batch-size 32 --eval-every 4 --checkpoint-every 100 "
-             "--no-progress --no-tensorboard --out").split()  # fmt: skip
-    procs = []
-    for rank in (0, 1):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port)}  # fmt: skip
-        cmd = [sys.executable, str(HERE / "peer_killed_worker.py"), *flags, str(out)]
-        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    procs = _two_ranks_one_killed(tmp_path, out, steps=4, checkpoint_every=100, killed=1)
     err0 = procs[0].communicate(timeout=120)[1]
     procs[1].communicate(timeout=120)
     assert procs[0].returncode == 2 and "--resume" in err0, err0

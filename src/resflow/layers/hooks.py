@@ -149,13 +149,21 @@ def _has(cls: type, name: str) -> bool:
     return any(name in vars(c) or name in getattr(c, "__annotations__", {}) for c in cls.__mro__)
 
 
+@cache
+def _has_data_members(hook: type) -> bool:
+    """Whether ``hook`` declares attributes, which an instance may hold without its
+    class declaring them (methods a class either has or has not)."""
+    return bool(getattr(hook, "__annotations__", {}))
+
+
 def implements(module: object, hook: type) -> bool:
     """Whether ``module`` implements ``hook``: every member the hook declares is a
     method or attribute of its class or of the instance (attributes set in
-    ``__init__`` and buffers count). A cheap ``isinstance(module, hook)``."""
+    ``__init__`` and buffers count). A cheap ``isinstance(module, hook)``: the class
+    decides, cached, unless the hook declares attributes and the class lacks them."""
     if _class_implements(type(module), hook):
         return True
-    return isinstance(module, hook)
+    return _has_data_members(hook) and isinstance(module, hook)
 
 
 def implementers(model: nn.Module, hook: type[H]) -> Iterator[H]:
