@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -71,7 +72,7 @@ class Flow(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The floating dtype of the model's parameters (float32 unless moved)."""
-        for t in (*self.parameters(), *self.buffers()):
+        for t in itertools.chain(self.parameters(), self.buffers()):  # stops at the first
             if t.is_floating_point():
                 return t.dtype
         return torch.get_default_dtype()

@@ -29,8 +29,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        params = [p for n, p in model.named_parameters() if n in self.shadow]
-        shadows = [self.shadow[n] for n, p in model.named_parameters() if n in self.shadow]
+        pairs = [(p, self.shadow[n]) for n, p in model.named_parameters() if n in self.shadow]
+        params, shadows = [p for p, _ in pairs], [s for _, s in pairs]
         d = min(self.decay, (1.0 + self.n_updates) / (10.0 + self.n_updates))
         torch._foreach_lerp_(shadows, params, 1.0 - d)
         self.n_updates += 1
