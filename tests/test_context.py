@@ -11,10 +11,12 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
-from resflow.config import ConfigError
 from resflow.flow_distribution import as_distribution
+from resflow.layers import ResidualBlock
+from resflow.layers.residual.logdet import EstimatorConfig
 from resflow.models import build_model
 from resflow.models.glow import GlowVectorConfig
+from resflow.models.iresnet import IResNetVectorConfig
 from resflow.models.naf import MAFConfig, NAFConfig
 from resflow.models.nsf import NSFConfig
 from resflow.models.realnvp import RealNVPVectorConfig
@@ -23,6 +25,7 @@ from resflow.models.residual_flow import VectorFlowConfig
 from helpers import brute_logdet
 
 K = 3  # context features
+_EXACT = EstimatorConfig(train_method="exact", eval_method="exact")
 CONDITIONAL = {
     "maf": lambda: MAFConfig(dim=3, n_flows=2, hidden=(16,), context_features=K),
     "naf": lambda: NAFConfig(
@@ -44,6 +47,12 @@ CONDITIONAL = {
         dim=3, n_couplings=3, hidden=(16,), context_features=K
     ),  # fmt: skip
     "glow-vector": lambda: GlowVectorConfig(dim=3, depth=2, hidden=(16,), context_features=K),
+    "residual-flow-vector": lambda: VectorFlowConfig(
+        dim=3, n_blocks=2, hidden=(16,), context_features=K, estimator=_EXACT
+    ),  # fmt: skip
+    "iresnet-vector": lambda: IResNetVectorConfig(
+        dim=3, n_blocks=2, hidden=(16,), context_features=K, estimator=_EXACT
+    ),  # fmt: skip
 }
 
 
@@ -95,9 +104,58 @@ def test_a_missing_or_malformed_context_is_refused(name):
         model.log_prob(x, bad)
 
 
-def test_residual_flows_refuse_a_context_they_cannot_use_yet():
-    with pytest.raises(ConfigError, match="residual blocks take no continuous context"):
-        VectorFlowConfig(dim=2, context_features=2)
+# ---- residual flows: the context shifts each branch's first layer, g(x; c) ----------------
+def _shifts(model) -> list[torch.Tensor]:
+    return [m.g.shift for m in model.modules() if isinstance(m, ResidualBlock)]
+
+
+@pytest.mark.parametrize("name", ["residual-flow-vector", "iresnet-vector"])
+def test_a_conditional_residual_flow_is_certified_with_its_unconditional_bound(name):
+    """The context's map ``V`` is unconstrained and leaves ``Lip(g)`` in ``x`` alone: the
+    certificate of a conditional model (with a large ``V``) passes, and its blocks'
+    bounds are those of the unconditional model with the same weights."""
+    from resflow.certify import certify
+
+    cfg = CONDITIONAL[name]()
+    torch.manual_seed(0)
+    cond = build_model(cfg).double()
+    torch.manual_seed(0)  # V draws no random numbers: the same branch weights
+    plain = build_model(type(cfg)(**{**vars(cfg), "context_features": 0})).double()
+    with torch.no_grad():
+        for v in _shifts(cond):
+            v.copy_(5 * torch.randn_like(v))
+    x = torch.randn(32, 3, dtype=torch.float64)
+    c = torch.randn(32, K, dtype=torch.float64)
+    got, want = certify(cond, x, labels=c), certify(plain, x)
+    assert got.passed, "\n".join(got.lines())
+    assert [b.name for b in got.blocks] == [b.name for b in want.blocks]
+    for b, u in zip(got.blocks, want.blocks):
+        assert b.bound == pytest.approx(u.bound, rel=1e-12) and b.bound < 1
+        assert b.inverse_error <= 1e-9
+    assert got.density_gap is not None and got.density_ok
+
+
+@pytest.mark.parametrize("name", ["residual-flow-vector", "iresnet-vector"])
+def test_a_conditional_residual_flow_trains_its_context_map_and_passes_gradients_to_the_context(
+    name,
+):
+    """With the families' own training estimators (a series, its gradient in the forward
+    pass), the loss reaches every block's ``V`` and the context."""
+    cfg = CONDITIONAL[name]()
+    cfg = type(cfg)(**{**vars(cfg), "estimator": EstimatorConfig()})
+    torch.manual_seed(0)
+    model = build_model(cfg).double().train()
+    x = torch.randn(16, 3, dtype=torch.float64)
+    c = torch.randn(16, K, dtype=torch.float64, requires_grad=True)
+    (-model.log_prob(x, c).mean()).backward()
+    assert all(v.grad is not None and v.grad.abs().max() > 0 for v in _shifts(model))
+    assert c.grad is not None and c.grad.abs().max() == 0  # V = 0: no dependence yet
+    with torch.no_grad():
+        for v in _shifts(model):
+            v.normal_()
+    c.grad = None
+    (-model.log_prob(x, c).mean()).backward()
+    assert c.grad is not None and c.grad.abs().max() > 0
 
 
 def _conditional_gaussian(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,6 +292,23 @@ def test_train_on_a_table_whose_chosen_columns_are_the_context(tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 2 and "conditional on a context of 1 feature(s)" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_train_and_check_a_conditional_residual_flow_on_a_table(tmp_path, capsys):
+    from resflow.cli import main
+
+    table = tmp_path / "table.csv"
+    _table(table, 600)
+    run = tmp_path / "run"
+    code = main(["train", "--model", "residual-flow-vector", "--data", str(table),
+                 "--context-columns", "[0]", "--set", "n_blocks=2", "--set", "hidden=[16]",
+                 "--steps", "20", "--batch-size", "64", "--eval-every", "20", "--out", str(run),
+                 "--no-progress", "--no-tensorboard"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "nats" in out, out
+    assert main(["check", "--run", str(run), "--n", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "certificate: PASSED" in out and "2 residual block(s)" in out, out
 
 
 @pytest.mark.parametrize(

@@ -160,16 +160,20 @@ def enforced_norm(m: LipschitzLayer) -> tuple[float, str]:
     return float(value), "bound (no closed form: interpolation / inclusion)" + at
 
 
-def _block_inputs(model: Flow, x: Tensor, labels: Tensor | None) -> dict[str, Tensor]:
-    inputs: dict[str, Tensor] = {}
+def _block_inputs(
+    model: Flow, x: Tensor, labels: Tensor | None
+) -> dict[str, tuple[Tensor, Tensor | None]]:
+    """Each residual block's input and context in one pass of ``model`` on ``x``."""
+    inputs: dict[str, tuple[Tensor, Tensor | None]] = {}
     handles = []
     for name, m in model.named_modules():
         if isinstance(m, ResidualBlock):
 
-            def hook(mod: nn.Module, args: tuple[Tensor, ...], name: str = name) -> None:
-                inputs[name] = args[0].detach()
+            def hook(mod: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
+                context = args[1] if len(args) > 1 else kwargs.get("context")
+                inputs[name] = (args[0].detach(), None if context is None else context.detach())
 
-            handles.append(m.register_forward_pre_hook(hook))
+            handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             model(x, labels)
@@ -205,13 +209,14 @@ def certify(
                 value, method = enforced_norm(layer)
                 norms.append(LayerNorm(f"g.{lname}", layer.coeff, value, method))
         bound = math.prod(n.norm for n in norms) if norms else 0.0
-        xin = inputs.get(name)
+        recorded = inputs.get(name)
         error = float("nan")
-        if xin is not None:
+        if recorded is not None:
+            xin, cin = recorded
             try:
                 with torch.no_grad():
-                    out, _ = m(xin)
-                    back = m.inverse(out)
+                    out, _ = m(xin, cin)
+                    back = m.inverse(out, cin)
                 error = float(((back - xin).abs() / (1 + xin.abs())).max())
             except InverseNotConvergedError:
                 error = math.inf

@@ -52,7 +52,12 @@ def _check_size(what: str, n_weights: int) -> None:
 
 @dataclass
 class VectorFlowConfig(VectorModelConfig):
-    """Residual Flow for vectors / 2-D data: ``[ActNorm] -> (ResBlock -> [ActNorm]) x n``."""
+    """Residual Flow for vectors / 2-D data: ``[ActNorm] -> (ResBlock -> [ActNorm]) x n``.
+
+    With ``context_features`` every branch is conditioned on the context ``c``
+    (:class:`~resflow.nets.residual.ConditionedBranch`: its first layer shifted by
+    ``V c``, which leaves ``Lip(g)`` in ``x`` unchanged).
+    """
 
     n_blocks: int = param(10, ge=1, le=MAX_BLOCKS, help="residual blocks")
     hidden: tuple[int, ...] = param(
@@ -74,8 +79,6 @@ class VectorFlowConfig(VectorModelConfig):
         widths = (self.dim, *self.hidden, self.dim)
         per_block = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
         _check_size("n_blocks x hidden", self.n_blocks * per_block)
-        if self.context_features:
-            raise ConfigError("context_features: residual blocks take no continuous context yet")
 
 
 @dataclass
@@ -128,12 +131,24 @@ def build_vector_flow(cfg: VectorFlowConfig) -> Flow:
     layers: list[FlowLayer] = [ActNorm(cfg.dim)] if cfg.actnorm else []
     for _ in range(cfg.n_blocks):
         g = residual_mlp(
-            cfg.dim, cfg.hidden, cfg.coeff, cfg.activation, True, cfg.norm_orders, cfg.learn_orders
+            cfg.dim,
+            cfg.hidden,
+            cfg.coeff,
+            cfg.activation,
+            True,
+            cfg.norm_orders,
+            cfg.learn_orders,
+            context_features=cfg.context_features,
         )
         layers.append(ResidualBlock.from_config(g, cfg.estimator))
         if cfg.actnorm:
             layers.append(ActNorm(cfg.dim))
-    flow = Flow(Sequential(layers), (cfg.dim,), base=make_base((cfg.dim,), cfg.prior))
+    flow = Flow(
+        Sequential(layers),
+        (cfg.dim,),
+        base=make_base((cfg.dim,), cfg.prior),
+        context_features=cfg.context_features,
+    )
     set_certify_every(flow, cfg.certify_every)
     return flow
 

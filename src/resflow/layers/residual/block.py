@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +62,20 @@ class InverseInfo:
     plateau: bool
 
 
+@runtime_checkable
+class ContextBranch(Protocol):
+    """A branch ``g(x; c)`` conditioned on a context of ``context_features`` features,
+    contractive in ``x`` for every ``c`` (:class:`~resflow.nets.residual.ConditionedBranch`);
+    a :class:`ResidualBlock` passes its context to such a branch only, on every call."""
+
+    context_features: int
+
+    def __call__(self, x: Tensor, context: Tensor) -> Tensor: ...
+
+
+GENERAL_PATHS = ("in_forward", "autograd")  # the paths that take a ContextBranch
+
+
 class _ImplicitGradient(torch.autograd.Function):
     """Identity in the forward pass; ``solve`` maps the incoming gradient in backward
     (unlike a tensor hook, it does not fire when the tensor is an ``autograd.grad``
@@ -81,7 +95,10 @@ class ResidualBlock(FlowLayer):
     """``y = x + g(x)``; ``g`` must be contractive (built from Lipschitz layers).
 
     Args:
-        g: the residual branch, e.g. :func:`resflow.models.nets.residual_mlp`.
+        g: the residual branch, e.g. :func:`resflow.nets.residual.residual_mlp`; a
+            :class:`ContextBranch` ``g(x; c)`` is given the context of every call
+            (``forward``, ``inverse`` and the implicit gradient of the inverse), which
+            only the :data:`GENERAL_PATHS` pass to it.
         train_estimator: logdet estimator in training mode (default: 2 exact terms +
             Poisson(2) roulette, Neumann gradient, backward-in-forward).
         eval_estimator: logdet estimator in eval mode (default: the exact logdet for
@@ -138,6 +155,8 @@ class ResidualBlock(FlowLayer):
         self.inverse_rtol = inverse_rtol
         self.inverse_max_iter = inverse_max_iter
         self.path: BlockPath = path
+        # whether g takes a context, asked once (a protocol check costs microseconds)
+        self.conditional = isinstance(g, ContextBranch)
 
     @classmethod
     def from_config(cls, g: nn.Module, config: EstimatorConfig) -> ResidualBlock:
@@ -176,21 +195,40 @@ class ResidualBlock(FlowLayer):
         return self.estimator.resolve(x[0].numel())
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        c = self._branch_context(context)
         if torch.is_autocast_enabled(x.device.type):
             # the power series cancels alternating terms: it keeps the weights' precision
             with torch.autocast(x.device.type, enabled=False):
-                return self._forward(x.to(self.geom_p.dtype))
-        return self._forward(x)
+                dtype = self.geom_p.dtype
+                return self._forward(x.to(dtype), None if c is None else c.to(dtype))
+        return self._forward(x, c)
 
-    def _wants_grad(self, x: Tensor) -> bool:
-        """Whether this pass needs gradients (grad mode on and ``x`` or a parameter of
-        ``g`` requiring them)."""
+    def _branch_context(self, context: Tensor | None) -> Tensor | None:
+        """The context the branch takes: ``None`` for an unconditional branch (a context
+        for other layers, e.g. a class-conditional prior's, is not its to use)."""
+        if not self.conditional:
+            return None
+        if context is None:
+            k = self.g.context_features
+            raise ValueError(f"this block's branch is conditional: pass a context [batch, {k}]")
+        return context
+
+    def _g(self, x: Tensor, c: Tensor | None) -> Tensor:
+        """``g(x)``, or ``g(x; c)`` for a conditional branch."""
+        return self.g(x) if c is None else self.g(x, c)
+
+    def _wants_grad(self, x: Tensor, c: Tensor | None = None) -> bool:
+        """Whether this pass needs gradients (grad mode on and ``x``, the branch's
+        context or a parameter of ``g`` requiring them)."""
         return torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.g.parameters())
+            x.requires_grad
+            or (c is not None and c.requires_grad)
+            or any(p.requires_grad for p in self.g.parameters())
         )
 
-    def choose_path(self, x: Tensor) -> BlockPath:
-        """The path of a forward pass on ``x`` now (mode, grad mode, estimator).
+    def choose_path(self, x: Tensor, context: Tensor | None = None) -> BlockPath:
+        """The path of a forward pass on ``x`` (with ``context``) now (mode, grad mode,
+        estimator, branch).
 
         ``"auto"`` takes, without gradients, ``"graph_free"`` where ``g`` is a plain
         sequence of Lipschitz layers and activations with known derivatives
@@ -200,11 +238,14 @@ class ResidualBlock(FlowLayer):
         ``neumann_grad``): ``"fused"`` for the exact logdet of a small dense branch
         (:func:`~resflow.layers.residual.fused.supported`), else ``"closed_form"`` where
         ``g`` is supported; then ``"in_forward"`` where the estimator has
-        ``grad_in_forward``; else ``"autograd"``. A forced path is returned as it is,
-        after checking that it applies; ``ValueError`` says why where it does not.
+        ``grad_in_forward``; else ``"autograd"``. A conditional branch
+        (:class:`ContextBranch`) takes one of the :data:`GENERAL_PATHS` only. A forced
+        path is returned as it is, after checking that it applies; ``ValueError`` says
+        why where it does not.
         """
+        c = self._branch_context(context)
         est = self.estimator_for(x)
-        wants_grad = self._wants_grad(x)
+        wants_grad = self._wants_grad(x, c)
         if self.path == "auto":
             return self._auto_path(x, est, wants_grad)
         reason = self._why_not(self.path, x, est, wants_grad)
@@ -213,6 +254,8 @@ class ResidualBlock(FlowLayer):
         return self.path
 
     def _auto_path(self, x: Tensor, est: LogdetEstimator, wants_grad: bool) -> BlockPath:
+        if self.conditional:
+            return "in_forward" if wants_grad and est.grad_in_forward else "autograd"
         if not wants_grad:
             return "graph_free" if jacobian.supported(self.g) else "autograd"
         if est.grad_in_forward and (est.method == "exact" or est.neumann_grad):
@@ -224,6 +267,11 @@ class ResidualBlock(FlowLayer):
 
     def _why_not(self, path: str, x: Tensor, est: LogdetEstimator, wants_grad: bool) -> str:
         """Why ``path`` cannot serve this pass (``""`` where it can)."""
+        if self.conditional and path not in GENERAL_PATHS:
+            return (
+                "the branch takes a context, which only the general paths "
+                f"({', '.join(map(repr, GENERAL_PATHS))}) pass to it"
+            )
         if path == "fused":
             if est.method != "exact":
                 return f"it computes the exact logdet, the estimator is {est.method!r}"
@@ -243,9 +291,9 @@ class ResidualBlock(FlowLayer):
             return "it computes no gradients, and this pass needs them (use torch.no_grad())"
         return ""
 
-    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _forward(self, x: Tensor, c: Tensor | None = None) -> tuple[Tensor, Tensor]:
         est = self.estimator_for(x)
-        path = self.choose_path(x)
+        path = self.choose_path(x, c)
         if path == "graph_free":
             with torch.no_grad():
                 gx, lin = linearize(self.g, x)
@@ -259,21 +307,26 @@ class ResidualBlock(FlowLayer):
             assert out is not None
             gx, logdet = out
         elif path == "in_forward":
-            gx, logdet = grad_in_forward(self.g, lambda xd: self._run(xd, True), x)
-        elif not self._wants_grad(x):  # autograd, no graph kept
+            # a context that requires grad gets its gradient as the parameters do
+            extra = (c,) if c is not None and c.requires_grad else ()
+            gx, logdet = grad_in_forward(self.g, lambda xd: self._run(xd, True, c), x, extra)
+        elif not self._wants_grad(x, c):  # autograd, no graph kept
             with torch.enable_grad():
                 xd = x.detach().requires_grad_(True)
-                gx, logdet = self._run(xd, create_graph=False)
+                gx, logdet = self._run(xd, False, c)
             return x + gx.detach(), logdet.detach()
         else:  # autograd, backpropagated through the estimate
             xg = x if x.requires_grad else x.detach().requires_grad_(True)
-            gx, logdet = self._run(xg, create_graph=True)
+            gx, logdet = self._run(xg, True, c)
         return x + gx, logdet
 
-    def _run(self, x: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
-        """``(g(x), logdet)`` with autograd products; graphs to ``x`` and the parameters
-        when ``create_graph``."""
-        gx, lin = linearize(self.g, x)
+    def _run(self, x: Tensor, create_graph: bool, c: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(g(x), logdet)`` (``g(x; c)`` for a conditional branch) with autograd
+        products; graphs to ``x``, ``c`` and the parameters when ``create_graph``."""
+        if c is None:
+            gx, lin = linearize(self.g, x)
+        else:
+            gx, lin = self.g(x, c), None
         p, lam = self.roulette()
         vjp = lin.vjp if lin is not None else None
         return gx, estimate_logdet(gx, x, self.estimator_for(x), p, lam, create_graph, vjp)
@@ -293,23 +346,22 @@ class ResidualBlock(FlowLayer):
     def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         """``f^{-1}(y)`` by the fixed-point iteration of :meth:`fixed_point`.
 
-        When gradients are needed (``y`` or the branch's parameters require them),
-        the result is differentiated implicitly: ``x = y - g(x)`` gives
+        When gradients are needed (``y``, the branch's context or its parameters
+        require them), the result is differentiated implicitly: ``x = y - g(x)`` gives
         ``dL/dy = w`` with ``w (I + J_g) = dL/dx``, solved by the fixed-point iteration
         ``w <- dL/dx - w J_g`` (a contraction, since ``Lip(g) < 1``), and
-        ``dL/dtheta = -w dg/dtheta``.
+        ``dL/dtheta = -w dg/dtheta`` (likewise ``dL/dc = -w dg/dc`` for the context
+        ``c`` of a conditional branch: the products are taken at ``g(x*; c)``).
         """
+        c = self._branch_context(context)
         with torch.no_grad():
-            x = self.fixed_point(y)
+            x = self.fixed_point(y, context=c)
         assert isinstance(x, Tensor)
-        wants_grad = torch.is_grad_enabled() and (
-            y.requires_grad or any(p.requires_grad for p in self.g.parameters())
-        )
-        return self._implicit(x, y) if wants_grad else x
+        return self._implicit(x, y, c) if self._wants_grad(y, c) else x
 
-    def _implicit(self, x_star: Tensor, y: Tensor) -> Tensor:
+    def _implicit(self, x_star: Tensor, y: Tensor, c: Tensor | None = None) -> Tensor:
         x0 = x_star.detach().requires_grad_(True)
-        gx = self.g(x0)
+        gx = self._g(x0, c)  # the backward pass differentiates this graph, context included
         x = y - gx  # equals x_star; gradients are corrected by the hook below
         max_iter = self.inverse_max_iter
         rtol = max(self.tolerances(y.dtype)[1], 16 * torch.finfo(y.dtype).eps)
@@ -342,9 +394,10 @@ class ResidualBlock(FlowLayer):
 
     @torch.no_grad()
     def fixed_point(
-        self, y: Tensor, return_info: bool = False
+        self, y: Tensor, return_info: bool = False, context: Tensor | None = None
     ) -> Tensor | tuple[Tensor, InverseInfo]:
-        """Fixed-point iteration ``x_{k+1} = y - g(x_k)`` from ``x_0 = y``.
+        """Fixed-point iteration ``x_{k+1} = y - g(x_k)`` (``g(x_k; c)`` for a
+        conditional branch and its ``context`` ``c``) from ``x_0 = y``.
 
         Stopping rule, sound in float32, float64 and bfloat16:
 
@@ -365,6 +418,7 @@ class ResidualBlock(FlowLayer):
         """
         if not torch.isfinite(y).all():
             raise ValueError("the inverse got non-finite input (NaN or inf)")
+        c = self._branch_context(context)
         eps = torch.finfo(y.dtype).eps
         atol, rtol = self.tolerances(y.dtype)
         x = y
@@ -373,7 +427,7 @@ class ResidualBlock(FlowLayer):
         rho_avg = math.nan
         info = None
         for k in range(1, self.inverse_max_iter + 1):
-            x_new = y - self.g(x)
+            x_new = y - self._g(x, c)
             if not torch.isfinite(x_new).all():
                 raise InverseNotConvergedError(
                     f"the fixed-point inverse became non-finite at iteration {k} (average "

@@ -15,7 +15,7 @@ closed-form versions are :mod:`resflow.layers.residual.jacobian` and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -105,9 +105,13 @@ class _GradInForward(torch.autograd.Function):
 
 
 def grad_in_forward(
-    g: nn.Module, run: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor
+    g: nn.Module,
+    run: Callable[[Tensor], tuple[Tensor, Tensor]],
+    x: Tensor,
+    extra: Sequence[Tensor] = (),
 ) -> tuple[Tensor, Tensor]:
     """``run(x) = (g(x), logdet)`` with the memory-saving backward-in-forward trick
-    (``g`` gives the parameters that receive gradients)."""
+    (``g`` gives the parameters that receive gradients; ``extra``, other tensors that
+    ``run`` reads and that require grad, e.g. the context of a conditional branch)."""
     params = [p for p in g.parameters() if p.requires_grad]
-    return _GradInForward.apply(run, x, *params)  # type: ignore[no-untyped-call]
+    return _GradInForward.apply(run, x, *params, *extra)  # type: ignore[no-untyped-call]
