@@ -24,3 +24,7 @@ $PY activations.py --steps 300 | tee out/activations.log
 $PY norms.py --data checkerboard --steps 400 | tee out/norms_checkerboard.log
 $PY hybrid.py --steps 300 | tee out/hybrid.log
 $PY densities.py --steps 300 --data 8gaussians checkerboard --papers | tee out/densities.log
+# issues 31 and 33: the peers (zuko, normflows, nflows: pip install -e ".[peers]"; skipped
+# when absent) and the small presets' fingerprints (diff two commits' outputs)
+$PY peers.py --budget 20 --repeats 2 | tee out/peers.log
+$PY identity.py | tee out/identity.log
