@@ -40,12 +40,13 @@ import importlib.util
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from common import OUT, machine, save_json
+from densities import vector_families
 from torch import Tensor, nn
 
 from resflow.config import replace
@@ -55,7 +56,7 @@ from resflow.data.toy2d import toy_entropy
 from resflow.flow import Flow
 from resflow.layers.base import after_optimizer_step
 from resflow.models import MODELS, build_model, count_parameters, get_preset
-from resflow.models.registry import Preset, default_preset
+from resflow.models.registry import Preset
 from resflow.training import Trainer
 
 TOY = ("8gaussians", "checkerboard")
@@ -250,16 +251,6 @@ PEERS: tuple[Peer, ...] = (
          nflows_nsf_autoregressive),
 )  # fmt: skip
 CONDITIONAL = ("maf", "nsf", "zuko-maf", "zuko-nsf")
-
-
-def vector_presets() -> Iterator[tuple[str, Preset]]:
-    """Every registered vector model with the preset the CLI picks for vector data."""
-    for name, entry in MODELS.items():
-        if entry.kind == "vector":
-            preset = default_preset(entry, "vector")
-            if preset is None:
-                raise LookupError(f"vector model {name!r} has no preset with default_for=vector")
-            yield name, preset
 
 
 def importable(library: str) -> bool:
@@ -582,7 +573,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     missing = sorted({q.library for q in PEERS if not importable(q.library)})
     for lib in missing:
         print(f"skipped: {lib} is not importable (pip install resflow[peers])", flush=True)
-    presets = {n: q for n, q in vector_presets() if keep(n)}
+    presets = {n: q for n, q in vector_families() if keep(n)}
     peers = [q for q in PEERS if keep(q.name) and q.library not in missing]
     print(f"{machine()}; {budget:g} CPU-s per model, data set and repeat", flush=True)
     for name, preset in presets.items():
