@@ -155,7 +155,7 @@ SUBFLOORS: dict[str, dict[str, float]] = {
         "norms": 0, "conv_ops": 0, "spectral_bounds": 0, "in_forward": 0, "kernels": 0,
         "mixed_norms": 1, "refresh": 1, "activations": 1,
         "spectral": 2, "lipschitz_layers": 3, "jacobian": 4, "logdet": 5, "fused": 6,
-        "block": 7,
+        "block": 7, "model_estimators": 8,
     },
     "resflow.models": {
         "limits": 0, "multiscale": 0, "dequantization": 1, "configs": 2, "registry": 3,

@@ -25,14 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from resflow.flow import Flow, non_finite_weights
-from resflow.layers.residual.block import (
-    InverseNotConvergedError,
-    ResidualBlock,
-    evaluation_estimators,
-)
+from resflow.layers.residual.block import InverseNotConvergedError, ResidualBlock
 from resflow.layers.residual.lipschitz_layers import LipschitzConv2d
 from resflow.layers.residual.logdet import EXACT_ESTIMATOR
 from resflow.layers.residual.mixed_norms import is_exact_pair
+from resflow.layers.residual.model_estimators import evaluation_estimators
 from resflow.layers.residual.norms import NormOrder
 from resflow.layers.residual.spectral import LipschitzLayer, refresh_lipschitz
 from resflow.layers.residual.spectral_bounds import conv_spectral_norm

@@ -29,7 +29,8 @@ from resflow.layers.base import Sequential, after_optimizer_step
 from resflow.layers.base import is_stochastic as stochastic_layer
 from resflow.layers.guidance import guidance as guidance_weight
 from resflow.layers.hooks import Classifier, DensityNote, implementers, implements
-from resflow.layers.residual.block import ResidualBlock, biased_figure, evaluation_estimators
+from resflow.layers.residual.block import ResidualBlock
+from resflow.layers.residual.model_estimators import biased_figure, evaluation_estimators
 from resflow.preprocess.noise import GaussianNoise
 
 
@@ -234,7 +235,7 @@ def evaluate(
     hooks run first (Lipschitz estimates are refreshed); the caller's mode is restored.
 
     A model whose paper reports a biased figure (i-ResNet's truncated series,
-    :func:`~resflow.layers.residual.block.biased_figure`) gets it in ``result.extra``,
+    :func:`~resflow.layers.residual.model_estimators.biased_figure`) gets it in ``result.extra``,
     under a label that says so, beside the true figure (``biased=False``: not computed).
     """
     v, predicted = _per_example(model, data, batch_size, progress, device, labels)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from resflow.evaluation import evaluate
-from resflow.layers.residual.block import ResidualBlock, biased_figure, evaluation_estimators
+from resflow.layers.residual.block import ResidualBlock
 from resflow.layers.residual.logdet import AUTO_EXACT_MAX_DIM, EstimatorConfig, LogdetEstimator
+from resflow.layers.residual.model_estimators import biased_figure, evaluation_estimators
 from resflow.models import build_model, get_preset
 
 from helpers import brute_logdet, strong_block

@@ -8,8 +8,7 @@ et al. 2019).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -482,36 +481,3 @@ class ResidualBlock(FlowLayer):
         biased = "" if self.biased_estimator is None else f", biased={self.biased_estimator}"
         path = "" if self.path == "auto" else f", path={self.path!r}"
         return f"train={self.train_estimator}, eval={self.eval_estimator}{biased}{path}"
-
-
-@contextmanager
-def evaluation_estimators(
-    model: nn.Module, choose: Callable[[ResidualBlock], LogdetEstimator]
-) -> Iterator[list[ResidualBlock]]:
-    """Every residual block of ``model`` evaluates with ``choose(block)`` inside the
-    context (the exact logdet for a check, more Hutchinson vectors, the biased figure
-    reported beside the true one); the blocks' own estimators are restored after it.
-    Yields the blocks."""
-    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
-    saved = [b.eval_estimator for b in blocks]
-    try:
-        for b in blocks:
-            b.eval_estimator = choose(b)
-        yield blocks
-    finally:
-        for b, est in zip(blocks, saved):
-            b.eval_estimator = est
-
-
-def biased_figure(model: nn.Module) -> str | None:
-    """A label for the biased figure ``model``'s residual blocks report beside the true
-    one (:attr:`ResidualBlock.biased_estimator`), or ``None`` when they report none."""
-    found = {
-        m.biased_estimator
-        for m in model.modules()
-        if isinstance(m, ResidualBlock) and m.biased_estimator is not None
-    }
-    if not found:
-        return None
-    terms = "/".join(str(e.n_exact_terms) for e in sorted(found, key=lambda e: e.n_exact_terms))
-    return f"biased: series truncated after {terms} terms, as the i-ResNet paper evaluates"
