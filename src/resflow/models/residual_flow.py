@@ -20,7 +20,11 @@ from resflow.layers.base import FlowLayer, Sequential, Shape
 from resflow.layers.multiscale import Flatten
 from resflow.layers.residual.block import ResidualBlock
 from resflow.layers.residual.logdet import EstimatorConfig
-from resflow.layers.residual.spectral import CERTIFY_EVERY, set_certify_every
+from resflow.layers.residual.spectral import (
+    CERTIFY_EVERY,
+    set_certify_every,
+    set_power_iterations,
+)
 from resflow.models.configs import (
     MAX_CLASSES,
     MAX_SIDE,
@@ -72,6 +76,13 @@ class VectorFlowConfig(VectorModelConfig):
     certify_every: int = param(
         CERTIFY_EVERY, ge=1, le=1_000_000, help="training steps between certified norm bounds"
     )
+    power_iterations: int = param(
+        0,
+        ge=0,
+        le=10_000,
+        help="power iterations between certificates: 0 until the estimate settles, k > 0 "
+        "exactly k with no value read on the host (the authors' --n-lipschitz-iters)",
+    )
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
 
     def __post_init__(self) -> None:
@@ -114,6 +125,13 @@ class ImageFlowConfig(ClassConditionalConfig, ImageModelConfig):
     certify_every: int = param(
         CERTIFY_EVERY, ge=1, le=1_000_000, help="training steps between certified norm bounds"
     )
+    power_iterations: int = param(
+        0,
+        ge=0,
+        le=10_000,
+        help="power iterations between certificates: 0 until the estimate settles, k > 0 "
+        "exactly k with no value read on the host (the authors' --n-lipschitz-iters)",
+    )
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
 
     def __post_init__(self) -> None:
@@ -150,6 +168,7 @@ def build_vector_flow(cfg: VectorFlowConfig) -> Flow:
         context_features=cfg.context_features,
     )
     set_certify_every(flow, cfg.certify_every)
+    set_power_iterations(flow, cfg.power_iterations)
     return flow
 
 
@@ -219,6 +238,7 @@ def build_image_flow(cfg: ImageFlowConfig) -> Flow:
         n_classes=cfg.n_classes or None,
     )
     set_certify_every(flow, cfg.certify_every)
+    set_power_iterations(flow, cfg.power_iterations)
     return flow
 
 

@@ -65,6 +65,11 @@ Its cost per step is measured in docs/RESULTS.md §9."""
 
 
 class LipschitzLayer(nn.Module):
+    #: power iterations of a refresh between certificates: 0 stops when the estimate
+    #: settles (reading it on the host every iteration); ``k > 0`` runs exactly ``k``
+    #: and reads nothing (the Residual Flows authors' ``--n-lipschitz-iters``).
+    fixed_iter: int = 0
+
     """Shared machinery of the constrained layers: norm estimate, certificate, rescaling.
 
     Subclasses define ``_op(v)`` (the operator without bias, on a single domain
@@ -161,6 +166,7 @@ class LipschitzLayer(nn.Module):
         settles, ``|sigma_k - sigma_{k-1}| <= atol + rtol sigma_k``, or ``max_iter``
         iterations; the correction ``r`` of the last certificate is kept. Returns the
         iterations. This alone guarantees nothing (see :meth:`certify`)."""
+        fixed = self.fixed_iter if atol is None and rtol is None and max_iter is None else 0
         atol = self.atol if atol is None else atol
         rtol = self.rtol if rtol is None else rtol
         max_iter = self.max_iter if max_iter is None else max_iter
@@ -172,6 +178,12 @@ class LipschitzLayer(nn.Module):
             return 0  # a convolution that has not seen an input yet
         v, sigma, it = self.v, self.sigma.clone(), 0
         wv = self._op(v)
+        if fixed:  # exactly ``fixed`` steps, no value read on the host
+            for _ in range(fixed):
+                v, wv, sigma = self._power_step(v, wv)
+            self.v.copy_(v)
+            self.sigma.copy_(sigma)
+            return fixed
         while it < max_iter:
             it += 1
             v, wv, new = self._power_step(v, wv)
@@ -435,6 +447,17 @@ def refresh_lipschitz(
     if not certified:
         return refresh_all(layers, atol, rtol, max_iter)
     return certify_all(layers, atol, rtol, max_iter)
+
+
+def set_power_iterations(model: nn.Module, iterations: int) -> None:
+    """Refresh the Lipschitz layers of ``model`` between certificates with exactly
+    ``iterations`` power iterations (``0``: until the estimate settles). Certificates
+    are unchanged: they still iterate until the bound is certified."""
+    if iterations < 0:
+        raise ValueError(f"power_iterations must be >= 0, got {iterations}")
+    for m in model.modules():
+        if isinstance(m, LipschitzLayer):
+            m.fixed_iter = iterations
 
 
 def set_certify_every(model: nn.Module, every: int) -> None:
