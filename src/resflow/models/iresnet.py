@@ -95,7 +95,8 @@ register_model(
 # squeezes first (32 -> 16 -> 8 -> 4), MNIST does not (28 -> 14 -> 7).
 _PAPER_TRAIN = TrainConfig(lr=3e-3, weight_decay=0.0, warmup=1000, batch_size=64)
 _IRESNET_TRAINING = (
-    "adaptive power iteration (theirs: 5 per training pass), ActNorm initialised from the "
+    "adaptive power iteration (theirs: 5 per training pass; power_iterations=5), ActNorm "
+    "initialised from the "
     "first batch (theirs: 1024 images), AdamW (0.9, 0.99) at batch 64 with a 1000-step warm-up, "
     "clipping and EMA (theirs: Adamax (0.9, 0.999) at batch 128, one epoch of warm-up, neither "
     "clipping nor EMA)"

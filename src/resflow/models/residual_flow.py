@@ -386,6 +386,7 @@ register_preset(
     description="the authors' 2-D default (100 blocks of 4x128; 5,018,500 parameters, their "
     "count); differs from their train_toy.py: exact logdet in training (theirs: 2 exact terms "
     "+ a geometric roulette, exact only at evaluation), adaptive power iteration (theirs: 5 per "
-    "step), last layer not scaled down at init (theirs: /1000), AdamW (0.9, 0.99) with decoupled "
-    "weight decay, warm-up, clipping and EMA (theirs: Adam (0.9, 0.999), none of these applied)",
+    "step; power_iterations=5), last layer not scaled down at init (theirs: /1000), AdamW "
+    "(0.9, 0.99) with decoupled weight decay, warm-up, clipping and EMA (theirs: Adam (0.9, "
+    "0.999), none of these applied; grad_clip=0 turns clipping off)",
 )
