@@ -28,3 +28,4 @@ $PY densities.py --steps 300 --data 8gaussians checkerboard --papers | tee out/d
 # when absent) and the small presets' fingerprints (diff two commits' outputs)
 $PY peers.py --budget 20 --repeats 2 | tee out/peers.log
 $PY identity.py | tee out/identity.log
+$PY host_reads.py | tee out/host_reads.log

@@ -14,7 +14,26 @@ from torch import Tensor, nn
 from resflow.layers.base import FlowLayer
 
 
-class ActNorm(FlowLayer):
+class _FirstBatchInit(nn.Module):
+    """The initialisation flag (a buffer) read on the host until it is seen set, then
+    remembered there, so that a forward pass reads no device value; loading a state
+    dict forgets it."""
+
+    initialized: Tensor
+    _seen_initialized: bool = False
+
+    def _needs_init(self) -> bool:
+        if self._seen_initialized:
+            return False
+        self._seen_initialized = bool(self.initialized)
+        return not self._seen_initialized
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self._seen_initialized = False
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+class ActNorm(_FirstBatchInit, FlowLayer):
     """Per-channel affine flow with data-dependent initialisation.
 
     Works on vectors ``[B, C]`` and images ``[B, C, H, W]`` (channel dim 1). The
@@ -53,7 +72,7 @@ class ActNorm(FlowLayer):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x)
-        if not bool(self.initialized):
+        if self._needs_init():
             self.initialize(x)
         y = (x + self._view(self.bias, x)) * self._view(self.log_scale.exp(), x)
         pixels = x[0, 0].numel()
@@ -77,7 +96,7 @@ class ActNorm(FlowLayer):
         """``x = y exp(-log_scale) - bias``; an uninitialised layer in training mode
         first initialises from ``y`` (:meth:`initialize_inverse`)."""
         self._check(y)
-        if self.training and not bool(self.initialized):
+        if self.training and self._needs_init():
             self.initialize_inverse(y)
         return y * self._view((-self.log_scale).exp(), y) - self._view(self.bias, y)
 
@@ -86,7 +105,7 @@ class ActNorm(FlowLayer):
         return self.inverse(y), logdet.expand(y.shape[0])
 
 
-class ElementActNorm(FlowLayer):
+class ElementActNorm(_FirstBatchInit, FlowLayer):
     """``y = (x + bias) * exp(log_scale)`` with a bias and scale per *element* of an
     example of ``shape``, initialised from the first batch (zero mean and unit variance
     of every element over the batch). Flow++'s ``Norm`` (Ho et al. 2019).
@@ -123,7 +142,7 @@ class ElementActNorm(FlowLayer):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x)
-        if not bool(self.initialized):
+        if self._needs_init():
             self.initialize(x)
         y = (x + self.bias) * self.log_scale.exp()
         return y, self.log_scale.sum().expand(x.shape[0])

@@ -69,6 +69,8 @@ class LipschitzLayer(nn.Module):
     #: settles (reading it on the host every iteration); ``k > 0`` runs exactly ``k``
     #: and reads nothing (the Residual Flows authors' ``--n-lipschitz-iters``).
     fixed_iter: int = 0
+    #: the training-step count as last read or followed on the host (None: read it)
+    _host_steps: int | None = None
 
     """Shared machinery of the constrained layers: norm estimate, certificate, rescaling.
 
@@ -137,6 +139,7 @@ class LipschitzLayer(nn.Module):
         raise NotImplementedError
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self._host_steps = None  # the loaded count is read at the next step
         for name in ("ratio", "upper", "steps"):  # checkpoints from before certificates
             if prefix + name not in state_dict:
                 state_dict[prefix + name] = getattr(self, name).clone()
@@ -348,10 +351,14 @@ class LipschitzLayer(nn.Module):
             self.refresh()
 
     def _count_step_certifies(self) -> bool:
-        """Count a training step (in training mode); whether this use certifies."""
-        if self.training:
-            self.steps += 1
-        return not self.training or int(self.steps) % self.certify_every == 0
+        """Count a training step (in training mode); whether this use certifies. The
+        count is read on the host once and then followed there (``_host_steps``), so
+        that the schedule costs no read of a device value per step."""
+        if not self.training:
+            return True
+        self.steps += 1
+        self._host_steps = int(self.steps) if self._host_steps is None else self._host_steps + 1
+        return self._host_steps % self.certify_every == 0
 
     @classmethod
     def after_optimizer_step_all(cls, layers: list[LipschitzLayer]) -> None:
@@ -387,6 +394,7 @@ class LipschitzLayer(nn.Module):
                 self.steps.clone())  # fmt: skip
 
     def load_transient_state(self, state: tuple[Tensor, ...]) -> None:
+        self._host_steps = None  # read again at the next step
         self.v = state[0]
         for buf, value in zip((self.sigma, self.ratio, self.upper, self.steps), state[1:]):
             buf.copy_(value)
