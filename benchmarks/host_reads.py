@@ -128,9 +128,10 @@ def main() -> int:
                 rows.append(measure(preset, k, args.steps, Path(tmp)))
                 r = rows[-1]
                 cert = "-" if r["reads_certify_step"] is None else f"{r['reads_certify_step']:.0f}"
+                ops = r["aten_ops_per_step"]
                 print(f"{preset:16s} power_iterations={k}: {r['reads_refresh_step']:7.1f} host "
-                      f"reads per refresh step, {cert} per certifying step, "
-                      f"{r['aten_ops_per_step']:,} aten operators per step", flush=True)  # fmt: skip
+                      f"reads per refresh step, {cert} per certifying step, {ops:,} aten "
+                      "operators per step", flush=True)  # fmt: skip
                 for site, n in list(r["refresh_step_sites"].items())[:4]:
                     print(f"    {n:6.1f} per step at {site}")
     save_json("host_reads", {"machine": machine(), "rows": rows})
