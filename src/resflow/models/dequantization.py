@@ -19,7 +19,7 @@ also the step of the Flow++ model (:mod:`resflow.models.flowpp`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +34,12 @@ from resflow.layers.logistic_mixture import LogisticMixtureCDF
 from resflow.layers.transformers import Affine, Transformer
 from resflow.models.limits import MAX_WIDTH
 from resflow.nets.flowpp import ContextProcessor, FlowppNet
-from resflow.preprocess import Dequantizer, UniformDequantizer, VariationalDequantizer
+from resflow.preprocess import (
+    Dequantizer,
+    UniformDequantizer,
+    VariationalDequantizer,
+    image_preprocessing,
+)
 
 CouplingKind = Literal["mixlog", "affine"]
 
@@ -131,3 +136,16 @@ def build_dequantizer(
         ColumnConcat(), ContextProcessor(2 * c, cfg.context_hidden, cfg.context_blocks, cfg.dropout)
     )
     return VariationalDequantizer(levels, Sequential(layers), processor, cfg.base)
+
+
+def centred_input(cfg: Any) -> list[FlowLayer]:
+    """Glow's input for an image config: the config's dequantizer, optional flips, then
+    ``x - 1/2`` on ``[0, 1)`` (no logit)."""
+    c = cfg.image_shape[0]
+    return image_preprocessing(
+        cfg.levels,
+        None,
+        cfg.horizontal_flip,
+        build_dequantizer(cfg.dequantization, cfg.levels, cfg.image_shape),
+        normalize=((0.5,) * c, (1.0,) * c),
+    )

@@ -48,12 +48,11 @@ from resflow.models.configs import (
     ImageModelConfig,
     VectorModelConfig,
 )
-from resflow.models.dequantization import build_dequantizer
+from resflow.models.dequantization import centred_input
 from resflow.models.multiscale import count_scales, flatten_end, multiscale
 from resflow.models.registry import register_model, register_preset
 from resflow.nets.conditioners import MLP
 from resflow.nets.glow import GlowNet, ZeroConv2d
-from resflow.preprocess import image_preprocessing
 from resflow.train_config import TrainConfig
 
 Kind = Literal["affine", "additive"]
@@ -192,14 +191,7 @@ def build_glow(cfg: GlowConfig) -> Flow:
             return flatten_end(shape)
         return [GlowTopPrior(shape, cfg.learn_top, cfg.n_classes), Flatten(shape)]
 
-    c = cfg.image_shape[0]
-    layers = image_preprocessing(
-        cfg.levels,
-        None,
-        cfg.horizontal_flip,
-        build_dequantizer(cfg.dequantization, cfg.levels, cfg.image_shape),
-        normalize=((0.5,) * c, (1.0,) * c),
-    )
+    layers = centred_input(cfg)
     layers += multiscale(
         cfg.image_shape,
         n,

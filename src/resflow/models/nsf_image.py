@@ -28,11 +28,10 @@ from resflow.layers.conv1x1 import InvertibleConv1x1
 from resflow.layers.coupling import ChannelMask, Coupling
 from resflow.layers.splines import RationalQuadraticSpline
 from resflow.models.configs import MAX_WIDTH, ClassConditionalConfig, ImageModelConfig
-from resflow.models.dequantization import build_dequantizer
+from resflow.models.dequantization import centred_input
 from resflow.models.multiscale import count_scales, multiscale
 from resflow.models.registry import register_model, register_preset
 from resflow.nets.conditioners import ResidualConvNet
-from resflow.preprocess import image_preprocessing
 from resflow.train_config import TrainConfig
 
 
@@ -69,14 +68,7 @@ def build_nsf_image(cfg: NSFImageConfig) -> Flow:
             layers += [ActNorm(shape[0]), InvertibleConv1x1(shape[0], lu=True), coupling]
         return layers
 
-    c = cfg.image_shape[0]
-    layers = image_preprocessing(
-        cfg.levels,
-        None,
-        cfg.horizontal_flip,
-        build_dequantizer(cfg.dequantization, cfg.levels, cfg.image_shape),
-        normalize=((0.5,) * c, (1.0,) * c),
-    )
+    layers = centred_input(cfg)
     layers += multiscale(cfg.image_shape, n, step, squeeze_first=True,
                          factor_out=cfg.multi_scale, split_first=True)  # fmt: skip
     body = Sequential(layers)
