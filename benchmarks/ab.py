@@ -54,6 +54,30 @@ DEVICE = os.environ.get("AB_DEVICE", "cpu")
 # name -> (preset, overrides, batch, data, timed steps); ``eval64`` times evaluation
 CONFIGS: dict[str, tuple[str, dict[str, Any], int, str, int]] = {
     "toy2d-paper": ("toy2d-paper", {}, 500, "8gaussians", 5),
+    # the authors' toy script: 2 exact terms + a geometric roulette, backpropagated
+    # through the series (the estimator's fields are made into an EstimatorConfig)
+    "toy2d-paper-series": (
+        "toy2d-paper",
+        {
+            "estimator": {
+                "train_method": "series",
+                "dist": "geometric",
+                "neumann_grad": False,
+                "grad_in_forward": False,
+            }
+        },
+        500,
+        "8gaussians",
+        5,
+    ),
+    # resflow's default series training: Poisson roulette, Neumann gradient in the forward
+    "toy2d-paper-neumann": (
+        "toy2d-paper",
+        {"estimator": {"train_method": "series"}},
+        500,
+        "8gaussians",
+        5,
+    ),
     "mnist-1block": ("mnist", {"n_blocks": (1, 1, 1)}, 64, "mnist", 4),
     "mnist-paper": ("mnist", {}, 64, "mnist", 1),
     "toy2d": ("toy2d", {}, 500, "8gaussians", 10),
@@ -118,6 +142,10 @@ def measure(name: str) -> dict[str, Any]:
     if keep_freed_memory is not None:
         keep_freed_memory()
     preset, overrides, batch, data_name, steps = CONFIGS[name]
+    if isinstance(overrides.get("estimator"), dict):
+        from resflow.layers.residual.logdet import EstimatorConfig
+
+        overrides = {**overrides, "estimator": EstimatorConfig(**overrides["estimator"])}
     torch.manual_seed(0)
     model = build_model(get_preset(preset, **overrides)).to(DEVICE)
     evaluating = name == "eval64"

@@ -55,6 +55,10 @@ LOSSES = {
     "both": lambda y, ld: (y.pow(2).sum(1) - ld).mean(),
     "logdet only": lambda y, ld: -ld.sum(),
     "output only": lambda y, ld: y.pow(2).mean() + 0.0 * ld.mean(),
+    # each sample's upstream gradient scales its own cotangent (no batch mean assumed)
+    "per-sample weights": lambda y, ld: (
+        (y.pow(2).sum(1) - ld) * torch.linspace(0.2, 3.0, len(ld), dtype=ld.dtype)
+    ).sum(),
 }
 
 
@@ -123,12 +127,73 @@ def test_products_onto_few_columns_equal_matmul(a, b):
     torch.testing.assert_close(got, a @ b, rtol=1e-5, atol=1e-5)
 
 
-def test_per_sample_logdet_weights_are_refused():
-    block = _block(2, True)
-    x = torch.randn(6, 2, dtype=torch.float64)
-    _, ld = block(x)
-    with pytest.raises(RuntimeError, match="same upstream gradient"):
-        (ld * torch.arange(1.0, 7.0, dtype=torch.float64)).sum().backward()
+SERIES = {
+    "geometric, backprop through the series": LogdetEstimator(
+        dist="geometric", neumann_grad=False, grad_in_forward=False
+    ),
+    "poisson, Neumann gradient": LogdetEstimator(dist="poisson"),
+    "truncated at 5, two Hutchinson vectors": LogdetEstimator(
+        n_exact_terms=5, dist="none", n_hutchinson=2, neumann_grad=False
+    ),
+    "geometric, Neumann, three vectors": LogdetEstimator(
+        dist="geometric", n_hutchinson=3, grad_in_forward=False
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SERIES))
+@pytest.mark.parametrize("preact", [True, False])
+def test_fused_series_equals_autograd_through_the_series(name, preact):
+    """The series estimate from the explicit 2x2 Jacobians: the same draws, value and
+    gradients (of the series, or the Neumann estimator's) as the autograd path's
+    vector-Jacobian products, for every loss, per-sample weights included."""
+    block = _block(2, preact, hidden=(16, 12))
+    block.train_estimator = SERIES[name]
+    x = torch.randn(9, 2, dtype=torch.float64)
+    block(x)  # lazy state
+    for loss_name, loss_fn in LOSSES.items():
+        outs = []
+        for path in ("autograd", "fused"):
+            block.path = path
+            assert block.choose_path(x.requires_grad_(True)) == path
+            for seed in (0, 1):  # two draws: different numbers of terms
+                torch.manual_seed(seed)
+                outs.append((path, _fused(block, x.detach(), loss_fn)))
+        ref, got = outs[:2], outs[2:]
+        if loss_name != "output only":  # the two draws differ
+            assert not torch.equal(ref[0][1][0], ref[1][1][0])
+        for (_, (ref_loss, ref_grads)), (_, (loss, grads)) in zip(ref, got):
+            msg = f"{name}, {loss_name}"
+            torch.testing.assert_close(loss, ref_loss, atol=1e-12, rtol=1e-10, msg=msg)
+            for a, b in zip(grads, ref_grads):
+                a = torch.zeros_like(b) if a is None and b is not None else a
+                b = torch.zeros_like(a) if b is None and a is not None else b
+                if a is not None:
+                    torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-8, msg=msg)
+
+
+def test_the_series_cotangent_is_the_derivative_of_the_estimate():
+    """``series_from_jacobian``'s cotangent against autograd through its own value, on
+    random (non-symmetric) Jacobians and a long draw."""
+    from resflow.layers.residual.logdet import series_from_jacobian
+
+    jac = (0.4 * torch.randn(5, 3, 3, dtype=torch.float64)).requires_grad_(True)
+    est = LogdetEstimator(n_exact_terms=2, dist="geometric", n_hutchinson=2, neumann_grad=False)
+    weights = [1.0, 1.0, 1.0, 2.0, 4.0, 8.0, 16.0]
+    torch.manual_seed(3)
+    value, cot = series_from_jacobian(jac, est, 6, weights)
+    (grad,) = torch.autograd.grad(value.sum(), jac)
+    torch.testing.assert_close(cot, grad, atol=1e-12, rtol=1e-10)
+    # the value is the series of v^T J^k v
+    torch.manual_seed(3)
+    want = torch.zeros(5, dtype=torch.float64)
+    for _ in range(2):
+        v = torch.randn(5, 3, 1, dtype=torch.float64)
+        w = v
+        for k in range(1, 7):
+            w = jac @ w
+            want = want + (-1.0) ** (k + 1) / k * weights[k] * (v * w).sum((1, 2)) / 2
+    torch.testing.assert_close(value, want.detach(), atol=1e-12, rtol=1e-10)
 
 
 def test_only_dense_lipswish_branches_on_small_vectors_are_taken():

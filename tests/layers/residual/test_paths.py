@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from resflow.layers import ResidualBlock
+from resflow.layers.residual import fused
 from resflow.layers.residual.logdet import (
     BLOCK_PATHS,
     EVAL_ESTIMATOR,
@@ -18,6 +19,8 @@ from resflow.nets import residual_cnn, residual_mlp
 
 EXACT = LogdetEstimator(method="exact")
 SERIES = LogdetEstimator(method="series", n_exact_terms=3, n_hutchinson=2)
+#: the authors' toy script: a geometric roulette, backpropagated through the series
+THROUGH = LogdetEstimator(dist="geometric", neumann_grad=False, grad_in_forward=False)
 CLOSE = dict(rtol=1e-9, atol=1e-11)
 
 
@@ -28,6 +31,17 @@ def _dense(estimator: LogdetEstimator) -> tuple[ResidualBlock, torch.Tensor]:
         for p in g.parameters():
             p.add_(0.2 * torch.randn_like(p))
     return ResidualBlock(g, train_estimator=estimator), torch.randn(6, 2, dtype=torch.float64)
+
+
+def _wide(estimator: LogdetEstimator) -> tuple[ResidualBlock, torch.Tensor]:
+    """A dense branch on more dimensions than the fused path takes."""
+    torch.manual_seed(0)
+    d = fused.MAX_DIM + 1
+    g = residual_mlp(d, (8, 8), coeff=0.9).double()
+    with torch.no_grad():
+        for p in g.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return ResidualBlock(g, train_estimator=estimator), torch.randn(6, d, dtype=torch.float64)
 
 
 def _conv(estimator: LogdetEstimator) -> tuple[ResidualBlock, torch.Tensor]:
@@ -63,6 +77,8 @@ def _assert_same(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
     "build, estimator, path",
     [
         (_dense, EXACT, "fused"),
+        (_dense, SERIES, "fused"),
+        (_dense, THROUGH, "fused"),
         (_dense, EXACT, "closed_form"),
         (_dense, EXACT, "in_forward"),
         (_dense, SERIES, "closed_form"),
@@ -94,10 +110,12 @@ def test_the_graph_free_path_equals_the_general_path(build):
     "build, estimator, grad, want",
     [
         (_dense, EXACT, True, "fused"),
-        (_dense, SERIES, True, "closed_form"),
+        (_dense, SERIES, True, "fused"),
+        (_dense, THROUGH, True, "fused"),
+        (_wide, SERIES, True, "closed_form"),
         (_conv, EXACT, True, "closed_form"),
-        (_dense, LogdetEstimator(neumann_grad=False), True, "in_forward"),
-        (_dense, LogdetEstimator(grad_in_forward=False), True, "autograd"),
+        (_wide, LogdetEstimator(neumann_grad=False), True, "in_forward"),
+        (_wide, LogdetEstimator(grad_in_forward=False), True, "autograd"),
         (_dense, SERIES, False, "graph_free"),
         (_conv, SERIES, False, "graph_free"),
     ],
@@ -136,7 +154,7 @@ def test_auto_without_known_derivatives_takes_autograd():
 @pytest.mark.parametrize(
     "build, estimator, path, grad, match",
     [
-        (_dense, SERIES, "fused", True, "exact logdet"),
+        (_wide, SERIES, "fused", True, "dense spectral-norm layers"),
         (_conv, EXACT, "fused", True, "dense spectral-norm layers"),
         (_dense, LogdetEstimator(neumann_grad=False), "closed_form", True, "neumann_grad=False"),
         (_dense, SERIES, "graph_free", True, "computes no gradients"),

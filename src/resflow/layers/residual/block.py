@@ -7,6 +7,7 @@ et al. 2019).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from resflow.layers.residual.logdet import (
     estimate_logdet,
     exact_pairs,
     neumann_pairs,
+    series_from_jacobian,
 )
 
 
@@ -232,12 +234,12 @@ class ResidualBlock(FlowLayer):
         ``"auto"`` takes, without gradients, ``"graph_free"`` where ``g`` is a plain
         sequence of Lipschitz layers and activations with known derivatives
         (:func:`~resflow.layers.residual.jacobian.supported`), else ``"autograd"``
-        (no graph kept). With gradients, where the estimator computes them in the
-        forward pass from a closed form (``grad_in_forward`` and the exact logdet or
-        ``neumann_grad``): ``"fused"`` for the exact logdet of a small dense branch
-        (:func:`~resflow.layers.residual.fused.supported`), else ``"closed_form"`` where
-        ``g`` is supported; then ``"in_forward"`` where the estimator has
-        ``grad_in_forward``; else ``"autograd"``. A conditional branch
+        (no graph kept). With gradients: ``"fused"`` for a small dense branch
+        (:func:`~resflow.layers.residual.fused.supported`; any estimator, its own
+        gradient); else, where the estimator computes them in the forward pass from a
+        closed form (``grad_in_forward`` and the exact logdet or ``neumann_grad``),
+        ``"closed_form"`` where ``g`` is supported; then ``"in_forward"`` where the
+        estimator has ``grad_in_forward``; else ``"autograd"``. A conditional branch
         (:class:`ContextBranch`) takes one of the :data:`GENERAL_PATHS` only. A forced
         path is returned as it is, after checking that it applies; ``ValueError`` says
         why where it does not.
@@ -257,9 +259,9 @@ class ResidualBlock(FlowLayer):
             return "in_forward" if wants_grad and est.grad_in_forward else "autograd"
         if not wants_grad:
             return "graph_free" if jacobian.supported(self.g) else "autograd"
+        if fused.supported(self.g, x):
+            return "fused"
         if est.grad_in_forward and (est.method == "exact" or est.neumann_grad):
-            if est.method == "exact" and fused.supported(self.g, x):
-                return "fused"
             if jacobian.supported(self.g):
                 return "closed_form"
         return "in_forward" if est.grad_in_forward else "autograd"
@@ -272,8 +274,6 @@ class ResidualBlock(FlowLayer):
                 f"({', '.join(map(repr, GENERAL_PATHS))}) pass to it"
             )
         if path == "fused":
-            if est.method != "exact":
-                return f"it computes the exact logdet, the estimator is {est.method!r}"
             if not fused.supported(self.g, x):
                 return (
                     "it needs dense spectral-norm layers with bias alternating with LipSwish "
@@ -300,7 +300,7 @@ class ResidualBlock(FlowLayer):
             p, lam = self.roulette()
             return x + gx, estimate_logdet(gx, x, est, p, lam, False, lin.vjp)
         if path == "fused":
-            gx, logdet = fused.exact_branch(self.g, x)  # type: ignore[arg-type]
+            gx, logdet = fused.fused_branch(self.g, x, self._fused_head(est))  # type: ignore[arg-type]
         elif path == "closed_form":
             out = self._closed_form(x, est)
             assert out is not None
@@ -329,6 +329,14 @@ class ResidualBlock(FlowLayer):
         p, lam = self.roulette()
         vjp = lin.vjp if lin is not None else None
         return gx, estimate_logdet(gx, x, self.estimator_for(x), p, lam, create_graph, vjp)
+
+    def _fused_head(self, est: LogdetEstimator) -> fused.Head:
+        """The logdet of the fused path from the explicit Jacobians: exact, or the
+        series with this step's roulette draw (drawn here, as the other paths do)."""
+        if est.method == "exact":
+            return fused.exact_head
+        n, weights = draw_terms(est.n_exact_terms, est.dist, *self.roulette())
+        return functools.partial(series_from_jacobian, est=est, n_terms=n, weights=weights)
 
     def _closed_form(self, x: Tensor, est: LogdetEstimator) -> tuple[Tensor, Tensor] | None:
         """Backward-in-forward with the closed-form gradient of the exact logdet or of the

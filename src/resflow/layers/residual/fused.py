@@ -1,32 +1,40 @@
-"""The exact log-determinant of a dense residual branch as two pure functions.
+"""The log-determinant of a dense residual branch on small vectors as two pure functions.
 
 For vectors of a few dimensions (the 2-D models: ``g = L_n o a o ... o a o L_1`` with
 dense Lipschitz layers and LipSwish activations) the step is many small products and
-elementwise operations per block. Here :class:`_NeumannBranch`'s exact-logdet work
-(see :mod:`resflow.layers.residual.jacobian`) is written as two functions of plain
-tensor lists, with the same arithmetic:
+elementwise operations per block. Here the branch, its ``d x d`` Jacobians and every
+gradient are written as two functions of plain tensor lists:
 
-* :func:`exact_forward`: each layer's spectral rescaling ``W / max(1, sigma / c)``,
-  ``g(x)``, the ``d`` tangents ``J e_j`` in one stacked pass, the logdet with
-  ``(I + J)^{-T}`` in closed form, and the pairs' cotangent pass giving the
-  first-order weight terms and the second-order terms ``r t a''``;
-* :func:`exact_backward`: one reverse pass for the output gradient and the
-  second-order terms together, the bias and ``beta`` gradients, and the raw weights'
-  gradients through the rescaling.
+* :func:`fused_forward`: each layer's spectral rescaling ``W / max(1, sigma / c)``,
+  ``g(x)``, and the ``d`` tangents ``J e_j`` in one stacked pass;
+* a *head* turns the Jacobians into the logdet and its cotangent ``dlogdet / dJ``:
+  the exact ``log|det(I + J)|`` with ``(I + J)^{-T}`` in closed form
+  (:func:`exact_head`), or the power series with its roulette, whose products
+  ``J^k v`` are ``d x d`` ones
+  (:func:`~resflow.layers.residual.logdet.series_from_jacobian`; the cotangent of the
+  series itself or of the Neumann gradient estimator);
+* :func:`fused_backward`: one reverse pass for the output gradient and, per column,
+  the cotangent of the tangents, which gives the first-order weight terms and the
+  second-order terms ``r t a''``; the bias and ``beta`` gradients, and the raw
+  weights' gradients through the rescaling.
 
-With compilation on (:func:`~resflow.layers.residual.kernels.set_compile`) each is one
-``torch.compile`` graph, its elementwise chains fused and its per-operation overhead
-gone; otherwise the same functions run op by op.
+Each sample's upstream gradient scales its own cotangent in the backward pass, so the
+path needs no batch-mean loss and reads nothing on the host. With compilation on
+(:func:`~resflow.layers.residual.kernels.set_compile`) each pass is one
+``torch.compile`` graph of fixed shapes (the head, whose number of series terms varies,
+stays outside); otherwise the same functions run op by op.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from resflow.layers.residual.activations import LipSwish, lipswish_derivatives
-from resflow.layers.residual.in_forward import uniform_scale
 from resflow.layers.residual.kernels import fusable
 from resflow.layers.residual.lipschitz_layers import LipschitzLinear
 from resflow.layers.residual.logdet import logdet_and_inverse_t
@@ -116,7 +124,7 @@ def _raw_grads(gws: list[Tensor], norms: Norms) -> list[Tensor]:
 Saved = tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor], Norms]
 
 
-def _exact_forward(
+def _fused_forward(
     x: Tensor,
     raw: list[Tensor],
     vs: list[Tensor],
@@ -126,17 +134,17 @@ def _exact_forward(
     betas: list[Tensor],
     pre: bool,
 ) -> tuple[Tensor, Tensor, Saved]:
-    """``(g(x), logdet, saved)`` for layers of raw weights ``raw`` (rescaled here, see
+    """``(g(x), J, saved)`` for layers of raw weights ``raw`` (rescaled here, see
     :func:`_constrained`) and ``biases``, with an activation of ``betas[k]`` after every
-    layer but the last (and, with ``pre``, ``betas[0]`` before the first). ``saved``:
-    ``x``; per layer its input and the pairs' first-order weight gradient; per
-    activation ``a'`` and the pairs' second-order term ``sum_j r_j t_j a''``; the
-    rescaling's terms."""
+    layer but the last (and, with ``pre``, ``betas[0]`` before the first); ``J``:
+    ``[batch, i, j] = dg_i / dx_j`` from the ``d`` tangents ``J e_j`` of one stacked
+    pass. ``saved``: ``x``; per layer its input; per activation the tangents entering
+    it, ``a'`` and ``a''``; the rescaling's terms."""
     weights, norms = _constrained(raw, vs, ratios, coeffs)
     n = len(weights)
     b, d = x.shape
     acts = betas[1:] if pre else betas
-    d1s, d2s, act_tangents, inputs, layer_tangents = [], [], [], [], []
+    d1s, d2s, act_tangents, inputs = [], [], [], []
     h = x
     basis = torch.eye(d, dtype=x.dtype, device=x.device).unsqueeze(1)  # [j, 1, i]
     t = basis
@@ -148,7 +156,6 @@ def _exact_forward(
         t = basis * d1
     for i in range(n):
         inputs.append(h)
-        layer_tangents.append(t)
         # written as a difference so that the compiler adds the bias in the next fused
         # kernel instead of rewriting the pair as ``addmm`` (one more pass: on the CPU
         # ``addmm`` first copies the bias into every row of its output)
@@ -161,93 +168,113 @@ def _exact_forward(
             d1s.append(d1)
             d2s.append(d2)
             t = t * d1
-    jac = t.permute(1, 2, 0) + torch.eye(d, dtype=x.dtype, device=x.device)  # [b, i, j]
-    logdet, inv_t = logdet_and_inverse_t(jac)
-    r = inv_t.permute(2, 0, 1)  # r[j] = (I + J)^{-T} e_j, per sample
-    first: list[Tensor] = [x] * n
-    injects: list[Tensor] = [x] * len(d1s)
-    off = 1 if pre else 0  # activation k + off follows layer k
-    for i in range(n - 1, -1, -1):
-        t_in = layer_tangents[i]
-        if i == 0 and not pre:  # the tangents entering the first layer are the e_j
-            first[0] = r.sum(1).t()
-            break
-        first[i] = _mm(r.reshape(-1, r.shape[-1]).t(), t_in.expand(d, b, -1).reshape(d * b, -1))
-        r = _mm(r, weights[i])
-        k = i - 1 + off  # the activation before layer i
-        injects[k] = (r * act_tangents[k]).sum(0) * d2s[k]
-        r = r * d1s[k]
-    return h, logdet, (x, inputs, first, d1s, injects, norms)
+    jac = t.expand(d, b, d).permute(1, 2, 0)  # [b, i, j]
+    return h, jac, (x, inputs, act_tangents, d1s, d2s, norms)
 
 
-def _exact_backward(
-    c: Tensor, up: Tensor, biases: list[Tensor], betas: list[Tensor], pre: bool, saved: Saved
+def _fused_backward(
+    c: Tensor,
+    cot: Tensor | None,
+    biases: list[Tensor],
+    betas: list[Tensor],
+    pre: bool,
+    saved: Saved,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """``(dL/dx, raw weight grads, bias grads, beta grads)`` for the output gradient
-    ``c`` and the logdet's upstream gradient ``up`` (a scalar tensor, the same for
-    every sample; 0 where the logdet is not used)."""
-    x, inputs, first, d1s, injects, norms = saved
+    ``c`` and the cotangent ``cot`` of ``J`` (``[batch, i, j]``: the logdet's cotangent
+    times each sample's upstream gradient; ``None`` where the logdet is not used).
+
+    Two reverse passes in one loop: ``c`` through ``g``, and per column ``j`` the
+    cotangent ``r_j`` of the tangent ``J e_j``, which gives the first-order weight terms
+    ``r^T t`` and the second-order terms ``sum_j r_j t_j a''`` added to ``c``."""
+    x, inputs, act_tangents, d1s, d2s, norms = saved
     weights = norms[0]
     n = len(weights)
+    d = x.shape[1]
     off = 1 if pre else 0
+    r = cot.permute(2, 0, 1) if cot is not None else None  # r[j] = cotangent of J e_j
     gws: list[Tensor] = [c] * n
     gbs: list[Tensor] = [c] * n
     gbetas: list[Tensor] = [c] * len(betas)
     for i in range(n - 1, -1, -1):
         gw = _mm(c.t(), inputs[i])
         gb = c.sum(0)
-        gws[i] = gw + up * first[i]
+        k = i - 1 + off  # the activation before layer i
+        gws[i] = gw
+        if r is not None:
+            if k < 0:  # the tangents entering the first layer are the e_j
+                gws[i] = gw + r.sum(1).t()
+            else:
+                t_in = (act_tangents[k] * d1s[k]).expand(d, *inputs[i].shape)
+                first = _mm(r.reshape(-1, r.shape[-1]).t(), t_in.reshape(-1, t_in.shape[-1]))
+                gws[i] = gw + first
         gbs[i] = gb
         if i < n - 1:  # the activation after this layer: <c_in, z> = <W, dW> + <b, db>
-            k = i + off
-            gbetas[k] = (gbetas[k] + (gw * weights[i]).sum() + (gb * biases[i]).sum()) / betas[k]
+            j = i + off
+            gbetas[j] = (gbetas[j] + (gw * weights[i]).sum() + (gb * biases[i]).sum()) / betas[j]
         c = _mm(c, weights[i])
-        if i > 0 or pre:
-            k = i - 1 + off  # the activation before layer i
+        if k >= 0:
             gbetas[k] = -(c * inputs[i]).sum()  # -<c_out, a>
-            c = c * d1s[k] + up * injects[k]
+            c = c * d1s[k]
+            if r is not None:
+                r = _mm(r, weights[i])
+                c = c + (r * act_tangents[k]).sum(0) * d2s[k]
+                r = r * d1s[k]
     if pre:  # no layer before it: <c_in, z> directly
         gbetas[0] = (gbetas[0] + (c * x).sum()) / betas[0]
     return c, _raw_grads(gws, norms), gbs, gbetas
 
 
-exact_forward = fusable(_exact_forward)
-exact_backward = fusable(_exact_backward)
+fused_forward = fusable(_fused_forward)
+fused_backward = fusable(_fused_backward)
+
+#: the logdet and its cotangent from the Jacobians ``[batch, d, d]``
+Head = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
-class _ExactBranch(torch.autograd.Function):
-    """``(g(x), logdet)`` of a supported branch (see :func:`supported`) with the exact
-    logdet's closed-form gradient. ``norms``: per layer the power-iteration vector, the
-    ratio ``r`` and the bound ``c`` (no gradients); the inputs after it are the
-    branch's parameters in its order: each layer's raw weight and bias, each
-    activation's ``beta``."""
+def exact_head(jac: Tensor) -> tuple[Tensor, Tensor]:
+    """``log|det(I + J)|`` and its cotangent ``(I + J)^{-T}``."""
+    return logdet_and_inverse_t(jac + torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device))
+
+
+class _FusedBranch(torch.autograd.Function):
+    """``(g(x), logdet)`` of a supported branch (see :func:`supported`), the logdet
+    from ``head`` (exact or series), with the closed-form gradient of either. ``norms``:
+    per layer the power-iteration vector, the ratio ``r`` and the bound ``c`` (no
+    gradients); the inputs after it are the branch's parameters in its order: each
+    layer's raw weight and bias, each activation's ``beta``. Each sample's upstream
+    gradient scales its own cotangent: no batch-mean loss is assumed."""
 
     @staticmethod
-    def forward(ctx, x, pre, n_layers, norms, *params):  # type: ignore[no-untyped-def, override]
+    def forward(ctx, x, pre, n_layers, norms, head, *params):  # type: ignore[no-untyped-def, override]
         ctx.set_materialize_grads(False)
         weights, biases, betas = _split(params, pre, n_layers)
-        gx, logdet, saved = exact_forward(x, weights, *norms, biases, betas, pre)
-        ctx.pre, ctx.saved = pre, (biases, betas, saved)
+        gx, jac, saved = fused_forward(x, weights, *norms, biases, betas, pre)
+        logdet, cot = head(jac.detach())
+        # saved as autograd saves tensors: freed once this node has run, kept where the
+        # graph is retained (repeated backward passes, e.g. a brute-force Jacobian)
+        leaves, ctx.spec = tree_flatten((biases, betas, saved, cot))
+        ctx.save_for_backward(*leaves)
+        ctx.pre = pre
         return gx, logdet
 
     @staticmethod
     def backward(ctx, grad_gx, grad_logdet):  # type: ignore[no-untyped-def, override]
-        biases, betas, saved = ctx.saved
-        del ctx.saved
+        biases, betas, saved, cot = tree_unflatten(list(ctx.saved_tensors), ctx.spec)
         if grad_gx is None:  # only the logdet is used
             grad_gx = torch.zeros_like(saved[0])  # g maps R^d to R^d
-        if grad_logdet is None:  # the logdet is not used: only g's own gradient
-            up = grad_gx.new_zeros(())
-        else:
-            up = uniform_scale(grad_logdet)
-        gx, gws, gbs, gbetas = exact_backward(grad_gx, up, biases, betas, ctx.pre, saved)
+        if grad_logdet is not None:
+            cot = cot * grad_logdet.view(-1, 1, 1)
+        else:  # the logdet is not used: only g's own gradient
+            cot = None
+        gx, gws, gbs, gbetas = fused_backward(grad_gx, cot, biases, betas, ctx.pre, saved)
         grads: list[Tensor | None] = [gbetas[0]] if ctx.pre else []
         off = 1 if ctx.pre else 0
         for i in range(len(gws)):
             grads += [gws[i], gbs[i]]
             if i < len(gws) - 1:
                 grads.append(gbetas[i + off])
-        return (gx if ctx.needs_input_grad[0] else None, None, None, None, *grads)
+        return (gx if ctx.needs_input_grad[0] else None, None, None, None, None, *grads)
 
 
 def _split(
@@ -261,10 +288,12 @@ def _split(
     return weights, biases, betas
 
 
-def exact_branch(g: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(g(x), log|det(I + J_g(x))|)`` with the closed-form gradient, for a branch that
-    :func:`supported` accepts. Each layer's weight is rescaled inside the pass (see
-    :func:`_constrained`)."""
+def fused_branch(g: nn.Sequential, x: Tensor, head: Head = exact_head) -> tuple[Tensor, Tensor]:
+    """``(g(x), logdet)`` with the closed-form gradient, for a branch that
+    :func:`supported` accepts; ``head`` turns the Jacobians into the logdet and its
+    cotangent (:func:`exact_head`, or a series estimate, see
+    :func:`~resflow.layers.residual.logdet.series_from_jacobian`). Each layer's weight
+    is rescaled inside the pass (see :func:`_constrained`)."""
     params: list[Tensor] = []
     vs: list[Tensor] = []
     ratios: list[Tensor] = []
@@ -280,4 +309,4 @@ def exact_branch(g: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:
             params.append(beta if beta.requires_grad else beta.detach())
     pre = type(g[0]) is LipSwish
     norms = (vs, ratios, tuple(coeffs))
-    return _ExactBranch.apply(x, pre, len(vs), norms, *params)  # type: ignore[no-untyped-call, no-any-return]
+    return _FusedBranch.apply(x, pre, len(vs), norms, head, *params)  # type: ignore[no-untyped-call, no-any-return]

@@ -219,6 +219,57 @@ def logdet_and_inverse_t(a: Tensor) -> tuple[Tensor, Tensor]:
     return torch.linalg.slogdet(a)[1], torch.linalg.inv(a).transpose(1, 2)
 
 
+def series_from_jacobian(
+    jac: Tensor, est: LogdetEstimator, n_terms: int, weights: Sequence[float]
+) -> tuple[Tensor, Tensor]:
+    """The power-series estimate per sample from the explicit Jacobians ``jac`` of a few
+    dimensions (``[batch, d, d]``, ``J`` without the identity), and its cotangent
+    ``G = d estimate / d J`` (``[batch, d, d]``): of the series itself, or of the Neumann
+    gradient estimator's surrogate ``w^T J v`` (``est.neumann_grad``). Draws the same
+    Hutchinson vectors as :func:`series_logdet` on inputs ``[batch, d]`` and gives its
+    value; the products ``J^k v`` are ``d x d`` ones instead of passes through ``g``.
+
+    With ``c_k = (-1)^{k+1} / (k P(N >= k))`` the estimate is ``sum_k c_k v^T J^k v``
+    and ``d (v^T J^k v) / dJ = sum_{m<k} (J^T)^m v (J^{k-1-m} v)^T``, so
+    ``G = A H B^T`` with ``A``, ``B`` the columns ``(J^T)^m v``, ``J^l v`` and
+    ``H[m, l] = c_{m+l+1}``.
+    """
+    b, d, _ = jac.shape
+    coef = [0.0] + [(1.0 if k % 2 else -1.0) / k * weights[k] for k in range(1, n_terms + 1)]
+    value = jac.new_zeros(b)
+    cot = jac.new_zeros(b, d, d)
+    jac_t = jac.transpose(1, 2)
+    if not est.neumann_grad:
+        idx = torch.arange(n_terms)
+        hankel = torch.tensor(coef + [0.0] * n_terms, dtype=jac.dtype)[idx[:, None] + idx + 1]
+        hankel = hankel.to(jac.device)
+    for _ in range(est.n_hutchinson):
+        v = torch.randn(b, d, 1, dtype=jac.dtype, device=jac.device)
+        powers = [v]  # J^k v
+        for _k in range(n_terms):
+            powers.append(torch.bmm(jac, powers[-1]))
+        right = torch.cat(powers, 2)  # [b, d, n + 1]
+        coefs = torch.tensor(coef, dtype=jac.dtype, device=jac.device)
+        value = value + ((v * right).sum(1) * coefs).sum(1)
+        if est.neumann_grad:  # d/dJ (w^T J v), w = sum_k (-1)^k / P(N >= k) (J^T)^k v
+            left = [v]
+            for _k in range(n_terms):
+                left.append(torch.bmm(jac_t, left[-1]))
+            signs = torch.tensor(
+                [(-1.0) ** k * weights[k] for k in range(n_terms + 1)],
+                dtype=jac.dtype,
+                device=jac.device,
+            )
+            w = (torch.cat(left, 2) * signs).sum(2, keepdim=True)
+            cot = cot + w @ v.transpose(1, 2)
+        elif n_terms > 0:
+            left = [v]
+            for _k in range(n_terms - 1):
+                left.append(torch.bmm(jac_t, left[-1]))
+            cot = cot + torch.cat(left, 2) @ hankel @ right[:, :, :n_terms].transpose(1, 2)
+    return value / est.n_hutchinson, cot / est.n_hutchinson
+
+
 def series_logdet(
     gx: Tensor,
     x: Tensor,
