@@ -10,7 +10,7 @@ import resflow
 PACKAGE = Path(resflow.__file__).resolve().parent
 
 FLOORS = {
-    "config": 0, "registry": 0, "io": 0, "allocator": 0, "version": 0,
+    "config": 0, "value_checks": 0, "registry": 0, "io": 0, "allocator": 0, "version": 0,
     "train_config": 0.5, "checkpoint": 0.5,
     "layers": 1, "distributions": 1,
     "preprocess": 2, "nets": 2,

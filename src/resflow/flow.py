@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from resflow.distributions import StandardNormal
 from resflow.layers.base import FlowLayer, Sequential, check_finite, is_stochastic, shared_scope
 from resflow.layers.hooks import Penalty, implementers
+from resflow.value_checks import require
 
 
 class Flow(nn.Module):
@@ -127,9 +128,15 @@ class Flow(nn.Module):
             raise ValueError(f"expected {n} class labels of shape [{n}], got {list(context.shape)}")
         if context.is_floating_point() or context.is_complex():
             raise TypeError(f"class labels must be integers, got {context.dtype}")
-        if len(context) and (int(context.min()) < 0 or int(context.max()) >= k):
-            bad = context[(context < 0) | (context >= k)][0]
-            raise ValueError(f"class label {int(bad)} is out of range: this model has {k} classes")
+        if len(context):
+
+            def error() -> ValueError:
+                bad = context[(context < 0) | (context >= k)][0]
+                return ValueError(
+                    f"class label {int(bad)} is out of range: this model has {k} classes"
+                )
+
+            require((context.min() < 0) | (context.max() >= k), error)
         onehot = torch.nn.functional.one_hot(context.long(), k)
         return onehot.to(device=context.device, dtype=self.dtype)
 

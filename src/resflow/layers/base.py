@@ -52,6 +52,7 @@ from resflow.layers.hooks import (
     classes_implementing,
     implementers,
 )
+from resflow.value_checks import require
 
 Shape = tuple[int, ...]
 
@@ -158,10 +159,14 @@ class Inverse(FlowLayer):
 
 
 def check_finite(x: Tensor, name: str = "input") -> None:
-    """Raise a clear ``ValueError`` when ``x`` holds NaN or infinite values."""
-    if not torch.isfinite(x).all():
+    """Raise a clear ``ValueError`` when ``x`` holds NaN or infinite values (at once, or
+    when the checks are verified inside :func:`resflow.value_checks.deferred`)."""
+
+    def error() -> ValueError:
         n_bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{name} contains {n_bad} non-finite value(s) (NaN or inf)")
+        return ValueError(f"{name} contains {n_bad} non-finite value(s) (NaN or inf)")
+
+    require(~torch.isfinite(x).all(), error)
 
 
 def after_optimizer_step(model: nn.Module) -> None:

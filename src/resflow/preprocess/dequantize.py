@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from resflow.layers.base import FlowLayer
+from resflow.value_checks import require
 
 
 class Dequantizer(FlowLayer):
@@ -46,16 +47,20 @@ class Dequantizer(FlowLayer):
     def _check(self, x: Tensor) -> Tensor:
         xf = x.float() if not x.is_floating_point() else x
         top = self.levels - 1
-        if bool((xf < 0).any()) or bool((xf > top).any()):
-            raise ValueError(
+        require(
+            ((xf < 0) | (xf > top)).any(),
+            lambda: ValueError(
                 f"expected integer levels in [0, {top}], got values in "
                 f"[{float(xf.min()):g}, {float(xf.max()):g}]"
-            )
-        if xf.is_floating_point() and bool((xf != torch.floor(xf)).any()):
-            raise ValueError(
+            ),
+        )
+        require(
+            (xf != torch.floor(xf)).any(),
+            lambda: ValueError(
                 f"expected integer levels in [0, {top}], got non-integer values "
                 "(pass the raw quantized data, not data already scaled or dequantized)"
-            )
+            ),
+        )
         return xf
 
     def scale_logdet(self, y: Tensor) -> Tensor:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from resflow.layers.base import FlowLayer, zero_logdet
+from resflow.value_checks import require
 
 
 class GaussianNoise(FlowLayer):
@@ -108,11 +109,13 @@ class QuantizedGaussianNoise(GaussianNoise):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         top = self.levels - 1
-        if bool((x < 0).any()) or bool((x > top).any()) or bool((x != torch.floor(x)).any()):
-            raise ValueError(
+        require(
+            ((x < 0) | (x > top) | (x != torch.floor(x))).any(),
+            lambda: ValueError(
                 f"expected integer levels in [0, {top}], got values in "
                 f"[{float(x.min()):g}, {float(x.max()):g}] (pass the raw quantized data)"
-            )
+            ),
+        )
         y = x / top + self.std * torch.randn_like(x)
         return y, self._scale_logdet(y)
 

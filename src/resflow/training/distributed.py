@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from resflow.data import DataConfig, DataSplit, load_data
 from resflow.evaluation import EvalResult
 from resflow.layers.hooks import BatchStatistics, DataInitialized, TransientState, implementers
-from resflow.training.objectives import Batch, Objective
+from resflow.training.objectives import Batch, Metrics, Objective
 from resflow.training.process_group import (
     Distributed,
     PeerError,
@@ -187,7 +187,7 @@ class ObjectiveModule(nn.Module):
 
     def forward(
         self, x: Tensor, labels: Tensor | None, context: Tensor | None
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, Metrics]:
         return self.objective(self.flow, Batch(x, labels, context))  # type: ignore[arg-type]
 
 

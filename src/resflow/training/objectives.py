@@ -2,7 +2,8 @@
 
 An objective is a callable ``objective(model, batch) -> (loss, metrics)`` where
 ``batch`` is a :class:`Batch` (data and optional labels / context) and ``metrics``
-holds floats to log. Maximum likelihood is the default; hybrid
+holds values to log (floats, or one-element tensors that the trainer reads only at the
+steps it logs). Maximum likelihood is the default; hybrid
 (``lambda log p(x) + log p(y | x)``) and reverse-KL objectives plug in the same way.
 """
 
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from resflow.flow import Flow
 from resflow.models.hybrid import HybridFlow
+from resflow.value_checks import require
 
 
 @dataclass
@@ -28,12 +30,15 @@ class Batch:
     context: Tensor | None = None
 
 
+Metrics = dict[str, float | Tensor]
+
+
 class Objective(Protocol):
-    """``objective(model, batch) -> (scalar loss, {name: float})``."""
+    """``objective(model, batch) -> (scalar loss, {name: value})``."""
 
     unit: str
 
-    def __call__(self, model: Flow, batch: Batch) -> tuple[Tensor, dict[str, float]]: ...
+    def __call__(self, model: Flow, batch: Batch) -> tuple[Tensor, Metrics]: ...
 
 
 class MaximumLikelihood:
@@ -45,7 +50,7 @@ class MaximumLikelihood:
     def __init__(self, model: Flow) -> None:
         self.unit = "bpd" if model.levels is not None else "nll"
 
-    def __call__(self, model: Flow, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def __call__(self, model: Flow, batch: Batch) -> tuple[Tensor, Metrics]:
         context = batch.context
         if context is None and model.n_classes is not None:
             if batch.labels is None:
@@ -75,22 +80,27 @@ class Hybrid:
         if not self.lam >= 0:
             raise ValueError(f"lambda must be >= 0, got {self.lam}")
 
-    def __call__(self, model: Flow, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def __call__(self, model: Flow, batch: Batch) -> tuple[Tensor, Metrics]:
         assert isinstance(model, HybridFlow)
         y = batch.labels
         if y is None:
             raise ValueError("a hybrid model needs labelled training data")
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= model.n_labels):
-            bad = int(y[(y < 0) | (y >= model.n_labels)][0])
-            raise ValueError(f"label {bad} is out of range: the classifier has {model.n_labels}")
+        n = model.n_labels
+
+        def out_of_range() -> ValueError:
+            bad = int(y[(y < 0) | (y >= n)][0])
+            return ValueError(f"label {bad} is out of range: the classifier has {n}")
+
+        if len(y):
+            require((y.min() < 0) | (y.max() >= n), out_of_range)
         log_px, logits = model.log_prob_and_logits(batch.x)
         xent = F.cross_entropy(logits, y)
         loss = xent if self.lam == 0 else xent - self.lam * log_px.mean()
         scale = model.dim * math.log(2) if model.levels is not None else 1.0
         name = "bpd" if model.levels is not None else "nll"
         acc = (logits.argmax(1) == y).float().mean()
-        metrics = {name: float(-log_px.detach().mean() / scale), "xent": float(xent.detach()),
-                   "acc": float(acc)}  # fmt: skip
+        metrics: Metrics = {name: -log_px.detach().mean() / scale, "xent": xent.detach(),
+                            "acc": acc}  # fmt: skip
         return loss + model.penalty().to(loss.device), metrics
 
 

@@ -123,11 +123,16 @@ class Checkpointing:
             atomic_write_text(self.run.metrics, lines)
 
     def _diverged(self, what: str) -> None:
+        raise self._divergence(what, self.step)
+
+    def _divergence(self, what: str, step: int) -> FloatingPointError:
+        """The error of a run that became non-finite at ``step`` (the step's number
+        before it was counted)."""
         if self.saved_step is None:
             where = "no checkpoint was written yet"
         else:
             where = f"{self.run.last} holds the last finite state (step {self.saved_step})"
-        raise FloatingPointError(
-            f"{what} at step {self.step}; nothing non-finite was saved: {where}. Lower the "
+        return FloatingPointError(
+            f"{what} at step {step}; nothing non-finite was saved: {where}. Lower the "
             "learning rate (--lr) or check the data"
         )

@@ -41,7 +41,7 @@ from resflow.train_config import TrainConfig
 from resflow.training import distributed as ddp
 from resflow.training.distributed import Distributed
 from resflow.training.ema import EMA
-from resflow.training.objectives import Batch, Objective, default_objective
+from resflow.training.objectives import Batch, Metrics, Objective, default_objective
 from resflow.training.optim import (
     batch_indices,
     make_optimizer,
@@ -50,6 +50,7 @@ from resflow.training.optim import (
 )
 from resflow.training.reporting import Reporting, _writer
 from resflow.training.state import Checkpointing
+from resflow.value_checks import DeferredChecks, deferred, require
 
 __all__ = ["Trainer", "TrainResult", "batch_indices", "make_optimizer", "make_scheduler"]
 
@@ -236,15 +237,18 @@ class Trainer(Checkpointing, Reporting):
         t0, seen = time.perf_counter(), 0
         unit = self.objective.unit
         validate = self.data.valid is not None and len(self.data.valid) > 0
+        # the step's value checks (inputs, loss, gradient norm) stay on the device and are
+        # read together at the steps that log, evaluate, sample or save, and on any error
+        checks = DeferredChecks()
         try:
             while self.step < until and not self.stopped_early:
                 idx = batch_indices(len(self.data.train), cfg.batch_size, self.step, cfg.seed)
-                loss, extra = self._forward_backward(idx)
-                gnorm = torch.nn.utils.clip_grad_norm_(  # the norm only, with grad_clip 0
-                    self.model.parameters(), cfg.grad_clip or math.inf, foreach=self._foreach
-                )
-                if not torch.isfinite(gnorm):
-                    self._diverged(f"the gradient norm became {float(gnorm)}")
+                with deferred(checks):
+                    loss, extra = self._forward_backward(idx)
+                    gnorm = torch.nn.utils.clip_grad_norm_(  # the norm only, with grad_clip 0
+                        self.model.parameters(), cfg.grad_clip or math.inf, foreach=self._foreach
+                    )
+                    self._require_finite(gnorm, "the gradient norm")
                 self.opt.step()
                 self.sched.step()
                 after_optimizer_step(self.model)
@@ -253,8 +257,16 @@ class Trainer(Checkpointing, Reporting):
                 self.step += 1
                 seen += 1
                 bar.update(1)
-                rec: dict[str, float] = {"step": self.step, "loss": float(loss.detach()), **extra}
                 logged = self.step % cfg.log_every == 0 or self.step == cfg.steps
+                evaluated = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+                sampling = bool(cfg.sample_every) and self.step % cfg.sample_every == 0
+                saving = self.step % cfg.checkpoint_every == 0
+                if logged or evaluated or sampling or saving or len(checks) >= 256:
+                    checks.verify()
+                rec: dict[str, Any] = {}
+                if logged or evaluated:
+                    rec = {"step": self.step, "loss": float(loss.detach())}
+                    rec.update({k: float(v) for k, v in extra.items()})
                 if logged:
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix({unit: f"{rec['loss']:.4f}", "it/s": f"{rate:.2f}"})
@@ -262,7 +274,6 @@ class Trainer(Checkpointing, Reporting):
                     if writer is not None:
                         for k in ("loss", "lr", "grad_norm", "it_s"):
                             writer.add_scalar(f"train/{k}", rec[k], self.step)
-                evaluated = self.step % cfg.eval_every == 0 or self.step == cfg.steps
                 if evaluated:
                     res = self.evaluate(cfg.eval_max)
                     rec.update(test=res.mean, test_stderr=res.stderr)
@@ -298,12 +309,7 @@ class Trainer(Checkpointing, Reporting):
                                 f"score in {self.stale} evaluations (best {self.best:.4f} at "
                                 f"step {self.best_step}, whose weights are kept)"
                             )
-                if (
-                    main
-                    and cfg.sample_every
-                    and self.step % cfg.sample_every == 0
-                    and self.model.levels
-                ):
+                if main and sampling and self.model.levels:
                     self._save_samples(writer)
                 if (
                     self.step % cfg.checkpoint_every == 0
@@ -311,6 +317,10 @@ class Trainer(Checkpointing, Reporting):
                     or self.stopped_early
                 ):
                     self._save(self.run.last)
+            checks.verify()  # the steps since the last logged one
+        except Exception:
+            checks.verify()  # a step that diverged explains what failed after it
+            raise
         finally:
             bar.close()
             if writer is not None:
@@ -323,22 +333,21 @@ class Trainer(Checkpointing, Reporting):
             final = next(h for h in self.history if h["step"] == self.best_step and "test" in h)
         return TrainResult(self.model, self.ema, self.step, self.history, self._final_result(final))
 
-    def _forward_backward(self, idx: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def _forward_backward(self, idx: Tensor) -> tuple[Tensor, Metrics]:
         """The loss of the global batch ``idx`` and its gradient in ``.grad``: one pass
         (one process), else ``update_freq`` micro-batches of this rank's shards, their
         gradients averaged over micro-batches and (by DDP) over the ranks."""
         if self._ddp is None and self.cfg.update_freq == 1:
             with self._autocast():
                 loss, extra = self.objective(self.model, self._batch(idx))
-            if not torch.isfinite(loss):
-                self._diverged(f"the training loss became {float(loss.detach())}")
+            self._require_finite(loss, "the training loss")
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             return loss, extra
         k = self.cfg.update_freq
         self.opt.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        extra: dict[str, float] = {}
+        extra: Metrics = {}
         for j in range(k):
             batch = self._batch(self.dist.shard(idx, j, k))
             with ddp.no_sync(self._ddp, last=j == k - 1):
@@ -348,14 +357,21 @@ class Trainer(Checkpointing, Reporting):
                 else:
                     with self._autocast():
                         loss, extra = self.objective(self.model, batch)
-                    if not torch.isfinite(loss):
-                        self._diverged(f"the training loss became {float(loss.detach())}")
+                    self._require_finite(loss, "the training loss")
                 (loss / k).backward()
             total += loss.detach()
         mean = self.dist.mean(total / k)  # the loss of the global batch, on every rank
-        if not torch.isfinite(mean):
-            self._diverged(f"the training loss became {float(mean)}")
+        self._require_finite(mean, "the training loss")
         return mean, extra
+
+    def _require_finite(self, value: Tensor, what: str) -> None:
+        """Fail, naming this step, where ``value`` is not finite (read at once, or with
+        the step's other checks, see :mod:`resflow.value_checks`)."""
+        step, value = self.step, value.detach()
+        require(
+            ~torch.isfinite(value),
+            lambda: self._divergence(f"{what} became {float(value)}", step),
+        )
 
     def _labels(self, labels: Tensor | None, idx: Tensor) -> Tensor | None:
         return None if labels is None else labels[idx].to(self.device)
