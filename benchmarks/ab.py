@@ -11,7 +11,10 @@ every pair the ratio ``B / A`` of the median seconds per step is printed, then t
 median ratio over the pairs. ``A`` is the ref, ``B`` the working tree: a ratio of 0.5
 means twice as fast.
 
-Each process also measures the machine's float32 matrix-product rate (GFLOP/s of a
+Each process also counts the host reads of tensor values in one refreshing step (as an
+accelerator runs it; on a GPU each one waits for the device) and the ``aten`` operators
+of one step (``torch.profiler``); ``AB_COUNT_OPS=0`` skips both. It also measures the
+machine's float32 matrix-product rate (GFLOP/s of a
 square ``torch.mm``, median of a few) and the floating-point operations of one step
 (``torch.utils.flop_counter``), and reports the fraction of that peak the step
 reaches. A step is forward + backward + gradient clipping + AdamW + Lipschitz
@@ -110,6 +113,57 @@ def _matmul_gflops(n: int = 1024, reps: int = 5) -> float:
     return statistics.median(rates)
 
 
+READS = ("item", "__float__", "__int__", "__bool__", "tolist")
+
+
+def _reads_and_ops(step: Any) -> tuple[int, int]:
+    """Host reads of tensor values in one (refreshing) step, as an accelerator runs it
+    (the reads made only where they are free, on the CPU, are off; the roulette's term
+    counts, drawn by the host's generator, are not counted; in a version that defers
+    its value checks they are deferred as its trainer does), and the ``aten`` operators
+    of one step (``torch.profiler``)."""
+    import sys
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from resflow.layers.residual import in_forward
+
+    in_forward.reads_are_free = lambda t: False
+    try:  # versions with deferred checks: as their trainer runs a step
+        from resflow.value_checks import DeferredChecks, deferred
+
+        scope: Any = lambda: deferred(DeferredChecks())  # noqa: E731
+    except ImportError:
+        import contextlib
+
+        scope = contextlib.nullcontext
+    count = [0]
+    saved = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def wrap(original: Any) -> Any:
+        def read(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if sys._getframe(1).f_code.co_name != "draw_terms":
+                count[0] += 1
+            return original(self, *args, **kwargs)
+
+        return read
+
+    step()  # the accelerator's paths warmed
+    for name, original in saved.items():
+        setattr(torch.Tensor, name, wrap(original))
+    try:
+        with scope():
+            step()
+    finally:
+        for name, original in saved.items():
+            setattr(torch.Tensor, name, original)
+    with profile(activities=[ProfilerActivity.CPU]) as prof, scope():
+        step()
+    ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+    return count[0], ops
+
+
 def _data(name: str, n: int, split: str) -> Any:
     from resflow.data import load_data
 
@@ -198,6 +252,7 @@ def measure(name: str) -> dict[str, Any]:
             flops = float(counter.get_total_flops())
         except RuntimeError:  # older versions' autograd.grad paths defeat the counter
             flops = math.nan
+    reads, ops = _reads_and_ops(step) if os.environ.get("AB_COUNT_OPS", "1") == "1" else (-1, -1)
     sec = statistics.median(times) + extra
     gflops_peak = _matmul_gflops()
     return {
@@ -216,6 +271,8 @@ def measure(name: str) -> dict[str, Any]:
             if DEVICE.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
         ),
+        "host_reads_per_step": reads,
+        "aten_ops_per_step": ops,
         "device": DEVICE,
     }
 
@@ -276,7 +333,8 @@ def compare(name: str, a_src: Path, b_src: Path, pairs: int) -> dict[str, Any]:
         "ratios": ratios,
         "median_ratio": statistics.median(ratios),
         **{f"{v}_{k}": med(v, k) for v in "AB" for k in
-           ("sec_per_step", "peak_rss_gb", "fraction_of_peak", "matmul_gflops")},
+           ("sec_per_step", "peak_rss_gb", "fraction_of_peak", "matmul_gflops",
+            "host_reads_per_step", "aten_ops_per_step")},
         "gflop_per_step": runs["B"][0]["gflop_per_step"],
         "A_gflop_per_step": runs["A"][0]["gflop_per_step"],
     }  # fmt: skip
@@ -284,7 +342,10 @@ def compare(name: str, a_src: Path, b_src: Path, pairs: int) -> dict[str, Any]:
           f"A {summary['A_sec_per_step']:.4f} s ({summary['A_fraction_of_peak']:.1%} of peak, "
           f"{summary['A_peak_rss_gb']:.2f} GB)  B {summary['B_sec_per_step']:.4f} s "
           f"({summary['B_fraction_of_peak']:.1%}, {summary['B_peak_rss_gb']:.2f} GB)  "
-          f"{summary['gflop_per_step']:.1f} GFLOP/step", flush=True)  # fmt: skip
+          f"{summary['gflop_per_step']:.1f} GFLOP/step; host reads per step "
+          f"{summary['A_host_reads_per_step']:.0f} -> {summary['B_host_reads_per_step']:.0f}, "
+          f"aten ops {summary['A_aten_ops_per_step']:,.0f} -> "
+          f"{summary['B_aten_ops_per_step']:,.0f}", flush=True)  # fmt: skip
     return summary
 
 

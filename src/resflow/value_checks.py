@@ -79,6 +79,11 @@ def deferred(checks: DeferredChecks) -> Iterator[DeferredChecks]:
         _active = previous
 
 
+def deferring() -> bool:
+    """Whether checks are being deferred (inside :func:`deferred`)."""
+    return _active is not None
+
+
 def require(bad: Tensor, error: ErrorFactory) -> None:
     """Raise ``error()`` where the one-element boolean tensor ``bad`` is true: at once,
     or, inside :func:`deferred`, when the checks are verified. ``error`` builds the

@@ -58,7 +58,7 @@ def test_a_fixed_refresh_reads_nothing_on_the_host(monkeypatch):
     monkeypatch.undo()
     for m in layers:  # the adaptive refresh does read (the test can see reads)
         m.fixed_iter = 0
-    for name in ("__float__",):
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, read)
     with pytest.raises(AssertionError, match="read on the host"):
         refresh_all(layers)

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from resflow.value_checks import deferring, require
+
 NOT_UNIFORM = (
     "backward-in-forward needs the same upstream gradient for every sample's "
     "logdet (a batch-mean or batch-sum loss); got per-sample weights. "
@@ -44,13 +46,18 @@ _pending: list[Tensor] = []  # checks queued in the running backward pass
 
 def uniform_scale(grad: Tensor) -> Tensor:
     """``grad[0]``, once every sample's logdet is known to get the same upstream
-    gradient. On the CPU it is checked at once (:func:`check_uniform`); on an
-    accelerator the check is queued on the device and read once, when the backward
-    pass ends -- one wait per backward, not one per residual block."""
-    if reads_are_free(grad):
+    gradient. Inside :func:`resflow.value_checks.deferred` (the trainer's steps) the
+    check joins the step's other checks, read with them; else on the CPU it is checked
+    at once (:func:`check_uniform`), and on an accelerator it is queued on the device
+    and read once, when the backward pass ends -- one wait per backward, not one per
+    residual block."""
+    if not deferring() and reads_are_free(grad):
         return check_uniform(grad)
     scale = grad[0]
     bad = ~torch.isclose(grad, scale.expand_as(grad), rtol=1e-4, atol=1e-12).all()
+    if deferring():
+        require(bad, lambda: RuntimeError(NOT_UNIFORM))
+        return scale
     if not _pending:
         torch.autograd.Variable._execution_engine.queue_callback(_verify_pending)
     _pending.append(bad)

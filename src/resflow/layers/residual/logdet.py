@@ -219,6 +219,12 @@ def logdet_and_inverse_t(a: Tensor) -> tuple[Tensor, Tensor]:
     return torch.linalg.slogdet(a)[1], torch.linalg.inv(a).transpose(1, 2)
 
 
+def _constants(values: Sequence[float] | Tensor, like: Tensor) -> Tensor:
+    """``values`` on ``like``'s device and dtype, copied without waiting for the device."""
+    t = torch.as_tensor(values, dtype=like.dtype)
+    return t if like.device.type == "cpu" else t.pin_memory().to(like.device, non_blocking=True)
+
+
 def series_from_jacobian(
     jac: Tensor, est: LogdetEstimator, n_terms: int, weights: Sequence[float]
 ) -> tuple[Tensor, Tensor]:
@@ -239,27 +245,23 @@ def series_from_jacobian(
     value = jac.new_zeros(b)
     cot = jac.new_zeros(b, d, d)
     jac_t = jac.transpose(1, 2)
+    coefs = _constants(coef, jac)
+    signs = _constants([(-1.0) ** k * weights[k] for k in range(n_terms + 1)], jac)
     if not est.neumann_grad:
         idx = torch.arange(n_terms)
-        hankel = torch.tensor(coef + [0.0] * n_terms, dtype=jac.dtype)[idx[:, None] + idx + 1]
-        hankel = hankel.to(jac.device)
+        table = torch.tensor(coef + [0.0] * n_terms, dtype=torch.float64)
+        hankel = _constants(table[idx[:, None] + idx + 1], jac)
     for _ in range(est.n_hutchinson):
         v = torch.randn(b, d, 1, dtype=jac.dtype, device=jac.device)
         powers = [v]  # J^k v
         for _k in range(n_terms):
             powers.append(torch.bmm(jac, powers[-1]))
         right = torch.cat(powers, 2)  # [b, d, n + 1]
-        coefs = torch.tensor(coef, dtype=jac.dtype, device=jac.device)
         value = value + ((v * right).sum(1) * coefs).sum(1)
         if est.neumann_grad:  # d/dJ (w^T J v), w = sum_k (-1)^k / P(N >= k) (J^T)^k v
             left = [v]
             for _k in range(n_terms):
                 left.append(torch.bmm(jac_t, left[-1]))
-            signs = torch.tensor(
-                [(-1.0) ** k * weights[k] for k in range(n_terms + 1)],
-                dtype=jac.dtype,
-                device=jac.device,
-            )
             w = (torch.cat(left, 2) * signs).sum(2, keepdim=True)
             cot = cot + w @ v.transpose(1, 2)
         elif n_terms > 0:

@@ -191,33 +191,36 @@ def _refresh_group(
         )
 
     tol_a, tol_r, limit = each(atol, "atol"), each(rtol, "rtol"), each(max_iter, "max_iter")
-    active = torch.ones_like(rows, dtype=torch.bool)
     wv = torch.bmm(w, v.unsqueeze(-1)).squeeze(-1)
-    it, running = 0, len(live)
+    # each layer's rule is evaluated on the device every iteration, its state kept at the
+    # iteration it stops, and the number still running read once per run of iterations
+    # (2, 4, 8, ...): the same result as reading it every iteration
+    stopped_at = torch.zeros_like(rows)  # 0: still running
+    it, running, chunk, most = 0, len(live), 2, 0
     while running:
-        it += 1
-        v, wv, sigma_new = _power_steps(w, wv)
-        done = (sigma_new - sigma).abs().double() <= tol_a + tol_r * sigma_new.double()
-        sigma = sigma_new
-        stop = active & (done | (limit <= it))
-        stopped = int(stop.sum())
-        if stopped:
-            out_v[rows[stop]], out_sigma[rows[stop]] = v[stop], sigma[stop]
-            active, running = active & ~stop, running - stopped
-            if running and 2 * running <= len(rows):
-                rows, w, v, wv, sigma = (
-                    rows[active],
-                    w[active],
-                    v[active],
-                    wv[active],
-                    sigma[active],
-                )
-                tol_a, tol_r, limit = tol_a[active], tol_r[active], limit[active]
-                active = active[active]
+        for _ in range(chunk):
+            it += 1
+            v, wv, sigma_new = _power_steps(w, wv)
+            done = (sigma_new - sigma).abs().double() <= tol_a + tol_r * sigma_new.double()
+            sigma = sigma_new
+            first = (stopped_at == 0) & (done | (limit <= it))
+            out_v[rows] = torch.where(first[:, None], v, out_v[rows])
+            out_sigma[rows] = torch.where(first, sigma, out_sigma[rows])
+            stopped_at = torch.where(first, it, stopped_at)
+        running, last = torch.stack(
+            [(stopped_at == 0).sum(), stopped_at.max()]
+        ).tolist()  # one read
+        most = max(most, last)
+        chunk *= 2
+        if running and 2 * running <= len(rows):  # on the running layers only
+            keep = (stopped_at == 0).nonzero().squeeze(1)
+            rows, w, v, wv, sigma = rows[keep], w[keep], v[keep], wv[keep], sigma[keep]
+            tol_a, tol_r, limit = tol_a[keep], tol_r[keep], limit[keep]
+            stopped_at = stopped_at[keep]
     for i, m in enumerate(group):
         m.v.copy_(out_v[i : i + 1])
         m.sigma.copy_(out_sigma[i])
-    return it
+    return most
 
 
 @torch.no_grad()

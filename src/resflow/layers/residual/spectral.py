@@ -65,13 +65,6 @@ Its cost per step is measured in docs/RESULTS.md §9."""
 
 
 class LipschitzLayer(nn.Module):
-    #: power iterations of a refresh between certificates: 0 stops when the estimate
-    #: settles (reading it on the host every iteration); ``k > 0`` runs exactly ``k``
-    #: and reads nothing (the Residual Flows authors' ``--n-lipschitz-iters``).
-    fixed_iter: int = 0
-    #: the training-step count as last read or followed on the host (None: read it)
-    _host_steps: int | None = None
-
     """Shared machinery of the constrained layers: norm estimate, certificate, rescaling.
 
     Subclasses define ``_op(v)`` (the operator without bias, on a single domain
@@ -87,6 +80,15 @@ class LipschitzLayer(nn.Module):
     bound), ``ratio`` (``r``), ``upper`` (the last certified bound ``u``, 0 before the
     first certificate) and ``steps`` (training steps seen, for ``certify_every``).
     """
+
+    #: power iterations of a refresh between certificates: 0 stops when the estimate
+    #: settles (the rule read on the host once per run of iterations); ``k > 0`` runs exactly ``k``
+    #: and reads nothing (the Residual Flows authors' ``--n-lipschitz-iters``).
+    fixed_iter: int = 0
+    #: the training-step count as last read or followed on the host (None: read it)
+    _host_steps: int | None = None
+    #: iterations of the last adaptive refresh: the first run of the next one (host only)
+    _last_iters: int = 1
 
     dense_operator: ClassVar[bool] = False
     """Whether the operator is ``F.linear(v, weight)``: equal dense layers' norm work
@@ -187,13 +189,27 @@ class LipschitzLayer(nn.Module):
             self.v.copy_(v)
             self.sigma.copy_(sigma)
             return fixed
+        # the stopping rule is evaluated on the device every iteration and read once per
+        # run of iterations (as many as the last refresh took, then doubling): the same
+        # result as reading it every iteration, with a few iterations run past it unread
+        chunk = max(1, self._last_iters)
         while it < max_iter:
-            it += 1
-            v, wv, new = self._power_step(v, wv)
-            done = abs(float(new - sigma)) <= atol + rtol * float(new)
-            sigma = new
-            if done:
+            stopped_at = torch.zeros((), dtype=torch.long, device=v.device)
+            out_v, out_sigma = v, sigma
+            for _ in range(min(chunk, max_iter - it)):
+                it += 1
+                v, wv, new = self._power_step(v, wv)
+                done = (new - sigma).abs().double() <= atol + rtol * new.double()
+                first = done & (stopped_at == 0)
+                out_v, out_sigma = torch.where(first, v, out_v), torch.where(first, new, out_sigma)
+                stopped_at = torch.where(first, it, stopped_at)
+                sigma = new
+            at = int(stopped_at)
+            if at:
+                it, v, sigma = at, out_v, out_sigma
                 break
+            chunk *= 2
+        self._last_iters = it
         self.v.copy_(v)
         self.sigma.copy_(sigma)
         return it
