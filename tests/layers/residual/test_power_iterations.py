@@ -82,3 +82,40 @@ def test_the_config_sets_every_layer_and_certificates_still_hold():
         VectorFlowConfig(power_iterations=-1)
     with pytest.raises(ValueError, match="power_iterations must be >= 0"):
         set_power_iterations(model, -2)
+
+
+def _convs(dtype=torch.float64):
+    """Convolutions in two groups of equal shape and image size, and one alone."""
+    from resflow.layers.residual.lipschitz_layers import LipschitzConv2d
+
+    torch.manual_seed(1)
+    specs = [(3, 5, 3, 6)] * 3 + [(5, 5, 1, 6)] * 2 + [(3, 5, 3, 4)]  # in, out, k, size
+    layers = []
+    for cin, cout, k, size in specs:
+        m = LipschitzConv2d(cin, cout, k).to(dtype)
+        m(torch.zeros(1, cin, size, size, dtype=dtype))  # the vector, the first certificate
+        layers.append(m)
+    _perturbed(layers)
+    return layers
+
+
+@pytest.mark.parametrize("fixed", [0, 3])
+def test_convolutions_refresh_batched_as_one_at_a_time(fixed):
+    """Equal convolutions (weight shape, image size) run one grouped convolution per
+    power-iteration step, each stopping on its own rule: the vectors, estimates and
+    iteration count of refresh() per layer, adaptive (tolerances that differ per layer)
+    and fixed."""
+    from resflow.layers.residual.refresh import refresh_groups
+
+    layers = _convs()
+    assert sorted(len(g) for g in refresh_groups(layers)) == [2, 3]
+    for i, m in enumerate(layers):
+        m.rtol = 10.0 ** -(3 + i % 3)
+        m.fixed_iter = fixed
+    twin = copy.deepcopy(layers)
+    most = max(m.refresh() for m in twin)
+    assert most > 1
+    assert refresh_all(layers) == most
+    for a, b in zip(layers, twin):
+        torch.testing.assert_close(a.v, b.v, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a.sigma, b.sigma, rtol=1e-12, atol=0.0)

@@ -10,7 +10,11 @@ shared scope its rescaled weights come from one stacked computation
 :meth:`~resflow.layers.residual.spectral.LipschitzLayer.certify`).
 
 The layers are used through what they hold (:class:`NormLayer`); a layer class marks
-itself as dense with ``dense_operator = True`` (its operator is ``F.linear(v, weight)``).
+itself as dense with ``dense_operator = True`` (its operator is ``F.linear(v, weight)``),
+or as a stride-1 'same' convolution with ``conv_operator = True``; spectral-norm
+convolutions of equal shape and image size refresh together too (one grouped
+convolution and one grouped transposed convolution per power-iteration step,
+:func:`refresh_groups`), and certify one at a time.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Callable
 from typing import Protocol, TypeGuard
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resflow.layers.residual.norms import NormOrder, Order
@@ -84,6 +89,32 @@ def groups(layers: list[NormLayer]) -> list[list[NormLayer]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
+def spectral_conv(m: nn.Module) -> bool:
+    """Whether ``m`` is a stride-1 'same' convolution under the spectral norm whose
+    power-iteration vector exists (``conv_operator = True``, ``p = q = 2``, fixed)."""
+    return (
+        getattr(m, "conv_operator", False) is True
+        and not isinstance(m.domain, NormOrder)
+        and not isinstance(m.codomain, NormOrder)
+        and float(m.domain) == 2.0
+        and float(m.codomain) == 2.0
+        and m.v.numel() > 0
+    )
+
+
+def refresh_groups(layers: list[NormLayer]) -> list[list[NormLayer]]:
+    """The groups whose power iterations run batched: those of :func:`groups`, and the
+    spectral-norm convolutions (:func:`spectral_conv`) of equal weight shape, image
+    size, padding, dtype and device, in groups of two or more."""
+    found: dict[tuple[object, ...], list[NormLayer]] = {}
+    for m in layers:
+        if spectral_conv(m):
+            pad = tuple(m.padding)  # type: ignore[attr-defined]
+            key = (tuple(m.weight.shape), tuple(m.v.shape), pad, m.weight.dtype, m.weight.device)
+            found.setdefault(key, []).append(m)
+    return groups(layers) + [g for g in found.values() if len(g) > 1]
+
+
 def rescaled_weights(group: list[NormLayer]) -> Tensor:
     """The stacked ``W / max(1, sigma / c)`` of a group, as
     :meth:`LipschitzLayer.constrained_weight` computes each (in the weights'
@@ -93,7 +124,7 @@ def rescaled_weights(group: list[NormLayer]) -> Tensor:
         v = torch.cat([m.v for m in group])
         ratio = torch.stack([m.ratio for m in group])
         coeff = w.new_tensor([m.coeff for m in group])
-        sigma = ratio * _estimates(w, v)[1]
+        sigma = ratio * _estimates(_Dense(w), v)[1]
         return w / torch.clamp(sigma / coeff, min=1.0)[:, None, None]
 
 
@@ -113,6 +144,7 @@ def refresh_all(
         lambda m: m.refresh(atol=atol, rtol=rtol, max_iter=max_iter),
         lambda group: _refresh_group(group, atol, rtol, max_iter),
         lambda group: [group],
+        refresh_groups,
     )
 
 
@@ -121,10 +153,11 @@ def _per_group(
     one: Callable[[NormLayer], int],
     batched: Callable[[list[NormLayer]], int],
     parts: Callable[[list[NormLayer]], list[list[NormLayer]]],
+    grouping: Callable[[list[NormLayer]], list[list[NormLayer]]] | None = None,
 ) -> int:
-    """``one`` on every layer outside a group (:func:`groups`), ``batched`` on every
-    part of every group; the largest iteration count."""
-    found = groups(layers)
+    """``one`` on every layer outside a group (``grouping``, default :func:`groups`),
+    ``batched`` on every part of every group; the largest iteration count."""
+    found = (grouping or groups)(layers)
     grouped = {id(m) for g in found for m in g}
     most = max((one(m) for m in layers if id(m) not in grouped), default=0)
     for group in found:
@@ -138,28 +171,118 @@ def _unit(x: Tensor) -> Tensor:
     return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-30)
 
 
-def _estimates(w: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """``(W v, ||W v|| / ||v||)`` for stacked weights ``[n, out, in]`` and vectors."""
-    wv = torch.bmm(w, v.unsqueeze(-1)).squeeze(-1)
+class _Dense:
+    """The operators of stacked dense weights ``[n, out, in]`` on vectors ``[n, in]``."""
+
+    def __init__(self, w: Tensor) -> None:
+        self.w = w
+
+    def op(self, v: Tensor) -> Tensor:
+        return torch.bmm(self.w, v.unsqueeze(-1)).squeeze(-1)
+
+    def op_t(self, u: Tensor) -> Tensor:
+        return torch.bmm(u.unsqueeze(1), self.w).squeeze(1)
+
+    def take(self, keep: Tensor) -> _Dense:
+        return _Dense(self.w[keep])
+
+
+class _Conv:
+    """The operators of stacked stride-1 'same' convolutions ``[n, out, in, k, k]`` on
+    flattened images ``[n, in * h * w]``: one grouped convolution (and one grouped
+    transposed convolution, its adjoint) for the whole stack."""
+
+    def __init__(self, w: Tensor, image: tuple[int, int, int], padding: tuple[int, int]) -> None:
+        self.w, self.image, self.padding = w, image, padding
+        n, out, cin, kh, kw = w.shape
+        self.kernel = w.reshape(n * out, cin, kh, kw)
+
+    def op(self, v: Tensor) -> Tensor:
+        n, (c, h, w) = self.w.shape[0], self.image
+        y = F.conv2d(v.view(1, n * c, h, w), self.kernel, padding=self.padding, groups=n)
+        return y.view(n, -1)
+
+    def op_t(self, u: Tensor) -> Tensor:
+        n, (_, h, w) = self.w.shape[0], self.image
+        out = self.w.shape[1]
+        x = F.conv_transpose2d(
+            u.view(1, n * out, h, w), self.kernel, padding=self.padding, groups=n
+        )
+        return x.view(n, -1)
+
+    def take(self, keep: Tensor) -> _Conv:
+        return _Conv(self.w[keep], self.image, self.padding)
+
+
+Stack = _Dense | _Conv
+
+
+def _stack(group: list[NormLayer]) -> Stack:
+    """The batched operators of a group (:func:`refresh_groups`)."""
+    w = torch.stack([m.weight for m in group])
+    if w.dim() == 3:
+        return _Dense(w)
+    m = group[0]
+    return _Conv(w, tuple(m.v.shape[1:]), tuple(m.padding))  # type: ignore[attr-defined, arg-type]
+
+
+def _estimates(ops: Stack, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``(W v, ||W v|| / ||v||)`` for every stacked operator and its vector (a row)."""
+    wv = ops.op(v)
     norm_v = torch.linalg.vector_norm(v, dim=1).clamp_min(1e-30)
     return wv, torch.linalg.vector_norm(wv, dim=1) / norm_v
 
 
-def _power_steps(w: Tensor, wv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _power_steps(ops: Stack, wv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One power-iteration step of every stacked layer (``_power_step`` per layer)."""
-    v = _unit(torch.bmm(_unit(wv).unsqueeze(1), w).squeeze(1))
-    return (v, *_estimates(w, v))
+    v = _unit(ops.op_t(_unit(wv)))
+    return (v, *_estimates(ops, v))
+
+
+def settle(
+    power_step: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],
+    v: Tensor,
+    wv: Tensor,
+    sigma: Tensor,
+    atol: float,
+    rtol: float,
+    max_iter: int,
+    first_run: int,
+) -> tuple[Tensor, Tensor, int]:
+    """One layer's adaptive power iteration from ``v`` (``wv = W v``, last estimate
+    ``sigma``): ``(v, sigma, iterations)`` at the first iteration where
+    ``|sigma_k - sigma_{k-1}| <= atol + rtol sigma_k``, or after ``max_iter``. The rule
+    is evaluated on the device every iteration and read once per run of iterations
+    (``first_run``, then doubling), the state kept at the iteration it stops: the
+    result of reading it every iteration, with a few iterations run past it unread."""
+    it, chunk = 0, max(1, first_run)
+    while it < max_iter:
+        stopped_at = torch.zeros((), dtype=torch.long, device=v.device)
+        out_v, out_sigma = v, sigma
+        for _ in range(min(chunk, max_iter - it)):
+            it += 1
+            v, wv, new = power_step(v, wv)
+            done = (new - sigma).abs().double() <= atol + rtol * new.double()
+            first = done & (stopped_at == 0)
+            out_v, out_sigma = torch.where(first, v, out_v), torch.where(first, new, out_sigma)
+            stopped_at = torch.where(first, it, stopped_at)
+            sigma = new
+        at = int(stopped_at)  # one read per run
+        if at:
+            return out_v, out_sigma, at
+        chunk *= 2
+    return v, sigma, it
 
 
 def _fixed_group(group: list[NormLayer], v: Tensor, sigma: Tensor, steps: int) -> int:
     """Exactly ``steps`` batched power iterations of the group, reading nothing on the
     host (the layers' ``fixed_iter``)."""
-    w = torch.stack([m.weight for m in group])
-    wv = torch.bmm(w, v.unsqueeze(-1)).squeeze(-1)
+    ops = _stack(group)
+    wv = ops.op(v)
     for _ in range(steps):
-        v, wv, sigma = _power_steps(w, wv)
+        v, wv, sigma = _power_steps(ops, wv)
     for i, m in enumerate(group):
-        m.v.copy_(v[i : i + 1])
+        m.v.copy_(v[i].view_as(m.v))
         m.sigma.copy_(sigma[i])
     return steps
 
@@ -167,7 +290,7 @@ def _fixed_group(group: list[NormLayer], v: Tensor, sigma: Tensor, steps: int) -
 def _refresh_group(
     group: list[NormLayer], atol: float | None, rtol: float | None, max_iter: int | None
 ) -> int:
-    out_v = torch.cat([m.v for m in group])  # [n, in]
+    out_v = torch.cat([m.v.reshape(1, -1) for m in group])  # [n, in]
     out_sigma = torch.stack([m.sigma for m in group])
     # after a training step most layers settle in two steps while a few with close
     # singular values take tens (the 2-D paper model's 300 layers: up to 30), so the
@@ -181,17 +304,17 @@ def _refresh_group(
     if not live:  # no iterations allowed: nothing changes
         return 0
     rows = torch.tensor(live, dtype=torch.long, device=out_v.device)
-    w = torch.stack([group[i].weight for i in live])
+    ops = _stack([group[i] for i in live])
     v, sigma = out_v[rows], out_sigma[rows]
 
     def each(given: float | None, name: str) -> Tensor:
         """The running layers' ``name`` (or ``given``), in float64 as refresh() uses it."""
-        return w.new_tensor(
+        return v.new_tensor(
             [getattr(group[i], name) if given is None else given for i in live], dtype=torch.float64
         )
 
     tol_a, tol_r, limit = each(atol, "atol"), each(rtol, "rtol"), each(max_iter, "max_iter")
-    wv = torch.bmm(w, v.unsqueeze(-1)).squeeze(-1)
+    wv = ops.op(v)
     # each layer's rule is evaluated on the device every iteration, its state kept at the
     # iteration it stops, and the number still running read once per run of iterations
     # (2, 4, 8, ...): the same result as reading it every iteration
@@ -200,7 +323,7 @@ def _refresh_group(
     while running:
         for _ in range(chunk):
             it += 1
-            v, wv, sigma_new = _power_steps(w, wv)
+            v, wv, sigma_new = _power_steps(ops, wv)
             done = (sigma_new - sigma).abs().double() <= tol_a + tol_r * sigma_new.double()
             sigma = sigma_new
             first = (stopped_at == 0) & (done | (limit <= it))
@@ -214,11 +337,11 @@ def _refresh_group(
         chunk *= 2
         if running and 2 * running <= len(rows):  # on the running layers only
             keep = (stopped_at == 0).nonzero().squeeze(1)
-            rows, w, v, wv, sigma = rows[keep], w[keep], v[keep], wv[keep], sigma[keep]
+            rows, ops, v, wv, sigma = rows[keep], ops.take(keep), v[keep], wv[keep], sigma[keep]
             tol_a, tol_r, limit = tol_a[keep], tol_r[keep], limit[keep]
             stopped_at = stopped_at[keep]
     for i, m in enumerate(group):
-        m.v.copy_(out_v[i : i + 1])
+        m.v.copy_(out_v[i].view_as(m.v))
         m.sigma.copy_(out_sigma[i])
     return most
 
@@ -272,7 +395,7 @@ def _certify_group(
     )
     limit = w.new_tensor([m.max_iter if max_iter is None else max_iter for m in group])
     v = torch.cat([m.v for m in group])  # [n, in]
-    wv, sigma = _estimates(w, v)
+    wv, sigma = _estimates(_Dense(w), v)
     # the cases certify() treats apart go there: a zero weight, v in the null space, no
     # iterations allowed
     apart = (w.abs().amax((1, 2)) == 0) | (sigma <= 0) | (limit <= 0)
@@ -283,7 +406,7 @@ def _certify_group(
     w_work, prev = w[work], sigma.double()
     while work.numel():
         iters[work] += 1
-        v_new, wv_new, new = _power_steps(w_work, wv[work])
+        v_new, wv_new, new = _power_steps(_Dense(w_work), wv[work])
         v[work], wv[work], sigma[work] = v_new, wv_new, new
         moved = (new.double() - prev[work]).abs()
         prev[work] = new.double()
@@ -297,7 +420,7 @@ def _certify_group(
     with one_thread():
         info = torch.linalg.cholesky_ex(guess[:, None, None] ** 2 * eye - gram)[1]
     holds = (info == 0) & ~apart
-    _, est = _estimates(w, v)
+    _, est = _estimates(_Dense(w), v)
     margin = rounding_margin(w.dtype, min(w.shape[-2:]))
     upper = guess * (1.0 + MARGIN)
     ratio = torch.where(est > 0, upper * (1.0 + margin) / est.double(), 1.0).clamp_min(1.0)

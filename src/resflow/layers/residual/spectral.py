@@ -51,7 +51,13 @@ from resflow.layers.residual.mixed_norms import (
     mixed_norm_bound,
 )
 from resflow.layers.residual.norms import NormOrder, Order, conjugate, dual, order_value, pnorm
-from resflow.layers.residual.refresh import certify_all, groups, refresh_all, rescaled_weights
+from resflow.layers.residual.refresh import (
+    certify_all,
+    groups,
+    refresh_all,
+    rescaled_weights,
+    settle,
+)
 from resflow.layers.residual.spectral_bounds import (
     MARGIN,
     one_thread,
@@ -93,6 +99,9 @@ class LipschitzLayer(nn.Module):
     dense_operator: ClassVar[bool] = False
     """Whether the operator is ``F.linear(v, weight)``: equal dense layers' norm work
     is then batched (:mod:`resflow.layers.residual.refresh`)."""
+    conv_operator: ClassVar[bool] = False
+    """Whether the operator is a stride-1 'same' convolution: equal convolutions'
+    power iterations are then batched (:func:`~resflow.layers.residual.refresh.refresh_groups`)."""
     weight: Tensor
     v: Tensor
     _shared_weight: Tensor | None = None  # see shared_scope
@@ -181,7 +190,7 @@ class LipschitzLayer(nn.Module):
             return 0
         if self.v.numel() == 0:
             return 0  # a convolution that has not seen an input yet
-        v, sigma, it = self.v, self.sigma.clone(), 0
+        v, sigma = self.v, self.sigma.clone()
         wv = self._op(v)
         if fixed:  # exactly ``fixed`` steps, no value read on the host
             for _ in range(fixed):
@@ -189,26 +198,9 @@ class LipschitzLayer(nn.Module):
             self.v.copy_(v)
             self.sigma.copy_(sigma)
             return fixed
-        # the stopping rule is evaluated on the device every iteration and read once per
-        # run of iterations (as many as the last refresh took, then doubling): the same
-        # result as reading it every iteration, with a few iterations run past it unread
-        chunk = max(1, self._last_iters)
-        while it < max_iter:
-            stopped_at = torch.zeros((), dtype=torch.long, device=v.device)
-            out_v, out_sigma = v, sigma
-            for _ in range(min(chunk, max_iter - it)):
-                it += 1
-                v, wv, new = self._power_step(v, wv)
-                done = (new - sigma).abs().double() <= atol + rtol * new.double()
-                first = done & (stopped_at == 0)
-                out_v, out_sigma = torch.where(first, v, out_v), torch.where(first, new, out_sigma)
-                stopped_at = torch.where(first, it, stopped_at)
-                sigma = new
-            at = int(stopped_at)
-            if at:
-                it, v, sigma = at, out_v, out_sigma
-                break
-            chunk *= 2
+        v, sigma, it = settle(
+            self._power_step, v, wv, sigma, atol, rtol, max_iter, self._last_iters
+        )
         self._last_iters = it
         self.v.copy_(v)
         self.sigma.copy_(sigma)
