@@ -1,6 +1,7 @@
 """On a CUDA device, the same numbers as on the CPU: the exact 2-D logdet and its
-gradients, the backward pass that reads the device once, bf16 and compiled kernels, and
-exact resume. Skipped where there is no CUDA device."""
+gradients, the series estimator on the fused path, the backward pass that reads the
+device once, bf16 and compiled kernels, and exact resume; and a steady-state training
+step that never synchronizes with the host. Skipped where there is no CUDA device."""
 
 import copy
 
@@ -56,14 +57,16 @@ def test_device_side_backward_equals_the_host_reading_one(monkeypatch, method):
     per-sample weights on the logdet still raise once the pass ends."""
     import resflow.layers.residual.in_forward as logdet_module
     from resflow.layers import ResidualBlock
+    from resflow.layers.residual import fused
     from resflow.layers.residual.logdet import LogdetEstimator
     from resflow.nets import residual_mlp
 
     torch.manual_seed(5)
-    g = residual_mlp(2, (8, 8), coeff=0.9).double().to(CUDA)
+    d = fused.MAX_DIM + 1  # wider than the fused path takes: the closed form
+    g = residual_mlp(d, (8, 8), coeff=0.9).double().to(CUDA)
     block = ResidualBlock(g)
     block.train_estimator = LogdetEstimator(method=method)
-    x = torch.randn(6, 2, dtype=torch.float64, device=CUDA)
+    x = torch.randn(6, d, dtype=torch.float64, device=CUDA)
     block(x)
     assert not logdet_module.reads_are_free(x)
     loss_fn = lambda y, ld: (y.pow(2).sum(1) - ld).mean()  # noqa: E731
@@ -72,6 +75,73 @@ def test_device_side_backward_equals_the_host_reading_one(monkeypatch, method):
     with pytest.raises(RuntimeError, match="same upstream gradient"):
         (ld * torch.arange(1.0, 7.0, dtype=torch.float64, device=CUDA)).sum().backward()
     assert not logdet_module._pending
+
+
+@pytest.mark.parametrize("neumann", [False, True])
+def test_fused_series_on_cuda_equals_the_general_path(neumann):
+    """float64 on CUDA: the roulette series from the explicit 2x2 Jacobians gives the
+    value and gradients of the autograd path with the same draws (the same seed on the
+    same device), per-sample weights included."""
+    from resflow.layers import ResidualBlock
+    from resflow.layers.residual.logdet import LogdetEstimator
+    from resflow.nets import residual_mlp
+
+    torch.manual_seed(5)
+    g = residual_mlp(2, (16, 16), coeff=0.9).double().to(CUDA)
+    est = LogdetEstimator(dist="geometric", neumann_grad=neumann, grad_in_forward=False)
+    block = ResidualBlock(g, train_estimator=est)
+    x = torch.randn(32, 2, dtype=torch.float64, device=CUDA)
+    block(x)
+    weights = torch.linspace(0.5, 1.5, 32, dtype=torch.float64, device=CUDA)
+    outs = []
+    for path in ("autograd", "fused"):
+        block.path = path
+        xg = x.clone().requires_grad_(True)
+        torch.manual_seed(7)
+        y, ld = block(xg)
+        loss = ((y.pow(2).sum(1) - ld) * weights).mean()
+        grads = torch.autograd.grad(loss, [xg, *g.parameters()], allow_unused=True)
+        outs.append([loss.detach().cpu()] + [None if t is None else t.cpu() for t in grads])
+    for a, b in zip(*outs):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-8)
+
+
+@pytest.mark.parametrize("preset, data", [("toy2d", "8gaussians"), ("digits-small", "digits")])
+def test_a_steady_state_training_step_does_not_synchronize(tmp_path, preset, data):
+    """With a fixed number of power iterations, torch's synchronization debug mode sees
+    no synchronization in the steps that neither log (every 5th) nor certify (every
+    4th); the deferred checks and records are read at the logged steps."""
+    import warnings
+
+    from resflow.data import DataConfig
+
+    small = {
+        "toy2d": dict(n_blocks=2, hidden=(16, 16)),
+        "digits-small": dict(n_blocks=(1, 1), hidden=8, fc_blocks=1, fc_hidden=(16,)),
+    }[preset]
+    model = get_preset(preset, **small, power_iterations=3, certify_every=4)
+    train = TrainConfig(steps=100, batch_size=64, log_every=5, eval_every=10**6,
+                        checkpoint_every=10**6, tensorboard=False, progress=False,
+                        device="cuda")  # fmt: skip
+    trainer = Trainer(model, DataConfig(name=data, n_train=512, n_test=64), train, tmp_path)
+    trainer.fit(until=6)
+    synced: list[int] = []
+
+    def record(message, *args, **kwargs):
+        synced.append(trainer.step)
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            trainer.fit(until=26)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    steady = [s for s in range(7, 25) if (s + 1) % 4 and s % 5]
+    assert not [s for s in synced if s in steady], synced
 
 
 def _bits_per_dim(name, x, bf16):
