@@ -12,9 +12,9 @@ shared scope its rescaled weights come from one stacked computation
 The layers are used through what they hold (:class:`NormLayer`); a layer class marks
 itself as dense with ``dense_operator = True`` (its operator is ``F.linear(v, weight)``),
 or as a stride-1 'same' convolution with ``conv_operator = True``; spectral-norm
-convolutions of equal shape and image size refresh together too (one grouped
-convolution and one grouped transposed convolution per power-iteration step,
-:func:`refresh_groups`), and certify one at a time.
+convolutions of equal shape and image size form groups too (:func:`refresh_groups`):
+one grouped convolution and one grouped transposed convolution per power-iteration
+step, and one batched Cholesky test of their operators' Gram matrices.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from resflow.layers.residual.spectral_bounds import (
     EXACT_LIMIT,
     MARGIN,
     one_thread,
+    operator_gram,
     rounding_margin,
 )
 
@@ -52,6 +53,8 @@ class NormLayer(Protocol):
     rtol: float
     max_iter: int
     fixed_iter: int
+
+    def _dims(self) -> tuple[int, int]: ...
 
     def refresh(
         self, atol: float | None = None, rtol: float | None = None, max_iter: int | None = None
@@ -354,9 +357,10 @@ def certify_all(
     max_iter: int | None = None,
 ) -> int:
     """:meth:`LipschitzLayer.certify` of every layer; returns the largest iteration
-    count. Dense spectral-norm layers of equal shape settle their power iterations
-    together (each on its own criterion, as in :func:`refresh_all`) and take the
-    Cholesky test of their bounds in one batched factorization; a layer the batched
+    count. Dense spectral-norm layers of equal shape, and convolutions of equal shape
+    and image size (:func:`refresh_groups`), settle their power iterations together
+    (each on its own criterion, as in :func:`refresh_all`) and take the Cholesky test
+    of their bounds in one batched factorization; a layer the batched
     test leaves open (its bound not confirmed, a zero weight or a null-space vector)
     is certified on its own from where it started."""
     return _per_group(
@@ -364,6 +368,7 @@ def certify_all(
         lambda m: m.certify(atol=atol, rtol=rtol, max_iter=max_iter),
         lambda group: _certify_group(group, atol, rtol, max_iter),
         _chunks,
+        refresh_groups,
     )
 
 
@@ -385,50 +390,58 @@ def _certify_group(
 ) -> int:
     """:func:`certify_all` for one group (see :meth:`LipschitzLayer.certify` and
     :meth:`LipschitzLayer._gap_closing_power_iteration`, whose quick path this is)."""
-    if min(group[0].weight.shape) > EXACT_LIMIT:  # no exact test: each on its own
+    conv = group[0].weight.dim() == 4
+    if min(group[0]._dims()) > EXACT_LIMIT:  # no exact test: each on its own
         return max(m.certify(atol=atol, rtol=rtol, max_iter=max_iter) for m in group)
-    w = torch.stack([m.weight.detach() for m in group])  # [n, out, in]
+    with torch.no_grad():
+        ops = _stack(group)
+    w = ops.w  # [n, out, in] or [n, out, in, k, k]
     eps = torch.finfo(w.dtype).eps
     tol_r = w.new_tensor(
         [max(m.rtol if rtol is None else rtol, 64 * eps + 4e-8) for m in group],
         dtype=torch.float64,
     )
     limit = w.new_tensor([m.max_iter if max_iter is None else max_iter for m in group])
-    v = torch.cat([m.v for m in group])  # [n, in]
-    wv, sigma = _estimates(_Dense(w), v)
+    v = torch.cat([m.v.reshape(1, -1) for m in group])  # [n, in]
+    wv, sigma = _estimates(ops, v)
     # the cases certify() treats apart go there: a zero weight, v in the null space, no
     # iterations allowed
-    apart = (w.abs().amax((1, 2)) == 0) | (sigma <= 0) | (limit <= 0)
+    apart = (w.flatten(1).abs().amax(1) == 0) | (sigma <= 0) | (limit <= 0)
     iters = torch.zeros_like(limit)
     # settle: each layer until its estimate moves < rtol / 4; the products run on the
     # layers still settling only (a slow one would otherwise keep the whole part busy)
     work = (~apart).nonzero().squeeze(1)
-    w_work, prev = w[work], sigma.double()
+    # a copy: in float64 .double() would alias sigma, which the loop writes
+    ops_work, prev = ops.take(work), sigma.to(torch.float64, copy=True)
     while work.numel():
         iters[work] += 1
-        v_new, wv_new, new = _power_steps(_Dense(w_work), wv[work])
+        v_new, wv_new, new = _power_steps(ops_work, wv[work])
         v[work], wv[work], sigma[work] = v_new, wv_new, new
         moved = (new.double() - prev[work]).abs()
         prev[work] = new.double()
         going = (moved > 0.25 * tol_r[work] * new.double()) & (iters[work] < limit[work])
         if not bool(going.all()):
-            work, w_work = work[going], w_work[going]
+            work, ops_work = work[going], ops_work.take(going)
     guess = sigma.double() * (1.0 + tol_r)
-    m64 = w.double()
-    gram = m64.mT @ m64 if w.shape[-1] <= w.shape[-2] else m64 @ m64.mT
+    if conv:  # each convolution's operator Gram matrix (equal sizes in a group)
+        grams = [operator_gram(m.weight, tuple(m.v.shape[2:]), tuple(m.padding)) for m in group]  # type: ignore[attr-defined]
+        gram = torch.stack(grams)  # type: ignore[arg-type]
+    else:
+        m64 = w.double()
+        gram = m64.mT @ m64 if w.shape[-1] <= w.shape[-2] else m64 @ m64.mT
     eye = torch.eye(gram.shape[-1], dtype=torch.float64, device=w.device)
     with one_thread():
         info = torch.linalg.cholesky_ex(guess[:, None, None] ** 2 * eye - gram)[1]
     holds = (info == 0) & ~apart
-    _, est = _estimates(_Dense(w), v)
-    margin = rounding_margin(w.dtype, min(w.shape[-2:]))
+    _, est = _estimates(ops, v)
+    margin = rounding_margin(w.dtype, min(group[0]._dims()))
     upper = guess * (1.0 + MARGIN)
     ratio = torch.where(est > 0, upper * (1.0 + margin) / est.double(), 1.0).clamp_min(1.0)
     most = 0
     flags, aside, counts = holds.tolist(), apart.tolist(), iters.tolist()
     for i, m in enumerate(group):
         if flags[i]:
-            m.v.copy_(v[i : i + 1])
+            m.v.copy_(v[i].view_as(m.v))
             m.sigma.copy_(sigma[i])
             m.upper.copy_(upper[i])
             m.ratio.fill_(float(ratio[i]))
@@ -436,7 +449,8 @@ def _certify_group(
         elif aside[i]:  # from its own start, on its own
             it = m.certify(atol=atol, rtol=rtol, max_iter=max_iter)
         else:  # not confirmed: on its own from the settled state
-            state = (v[i : i + 1], wv[i : i + 1], sigma[i], int(counts[i]))
+            out_shape = (1, w.shape[1], *m.v.shape[2:]) if conv else (1, -1)
+            state = (v[i].view_as(m.v), wv[i].view(out_shape), sigma[i], int(counts[i]))
             it = m.certify(atol=atol, rtol=rtol, max_iter=max_iter, settled=state)
         most = max(most, it)
     return most

@@ -267,6 +267,19 @@ def spectral_bound_holds(
     """Whether the Cholesky test (:func:`_sigma_from_gram`) confirms ``||A||_2 <= guess``
     for a dense weight (``size=None``) or the convolution on ``C_in x size``; ``None``
     above :data:`EXACT_LIMIT`."""
+    gram = operator_gram(weight, size, padding)
+    if gram is None:
+        return None
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return _cholesky_ok(guess**2 * eye - gram)
+
+
+def operator_gram(
+    weight: Tensor, size: tuple[int, int] | None = None, padding: tuple[int, int] = (0, 0)
+) -> Tensor | None:
+    """The smaller Gram matrix (``A^T A`` or ``A A^T``, float64) of a dense weight
+    (``size=None``) or of the convolution on ``C_in x size``; ``None`` above
+    :data:`EXACT_LIMIT`."""
     w = weight.detach().double()
     if size is None or w.shape[-1] == w.shape[-2] == 1:
         m = w.reshape(w.shape[0], -1)
@@ -281,10 +294,7 @@ def spectral_bound_holds(
             gram = conv_gram(w, size, padding)
         else:
             gram = conv_gram(_flip_transpose(w), (ho, wo), (kh - 1 - ph, kw - 1 - pw))
-    if min(gram.shape) > EXACT_LIMIT:
-        return None
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    return _cholesky_ok(guess**2 * eye - gram)
+    return None if min(gram.shape) > EXACT_LIMIT else gram
 
 
 def top_singular_vector(
