@@ -438,13 +438,14 @@ def _certify_group(
     upper = guess * (1.0 + MARGIN)
     ratio = torch.where(est > 0, upper * (1.0 + margin) / est.double(), 1.0).clamp_min(1.0)
     most = 0
-    flags, aside, counts = holds.tolist(), apart.tolist(), iters.tolist()
+    # what each layer needs next, in one read
+    flags, aside, counts = torch.stack([holds.double(), apart.double(), iters.double()]).tolist()
     for i, m in enumerate(group):
         if flags[i]:
             m.v.copy_(v[i].view_as(m.v))
             m.sigma.copy_(sigma[i])
             m.upper.copy_(upper[i])
-            m.ratio.fill_(float(ratio[i]))
+            m.ratio.copy_(ratio[i])
             it = int(counts[i])
         elif aside[i]:  # from its own start, on its own
             it = m.certify(atol=atol, rtol=rtol, max_iter=max_iter)
