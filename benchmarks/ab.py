@@ -83,6 +83,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any], int, str, int]] = {
     ),
     "mnist-1block": ("mnist", {"n_blocks": (1, 1, 1)}, 64, "mnist", 4),
     "mnist-paper": ("mnist", {}, 64, "mnist", 1),
+    "mnist-small": ("mnist-small", {}, 64, "mnist", 4),
+    "digits-small": ("digits-small", {}, 64, "digits", 10),
     "toy2d": ("toy2d", {}, 500, "8gaussians", 10),
     "eval64": ("mnist", {"n_blocks": (1, 1, 1)}, 64, "mnist", 3),
 }
@@ -196,6 +198,9 @@ def measure(name: str) -> dict[str, Any]:
     if keep_freed_memory is not None:
         keep_freed_memory()
     preset, overrides, batch, data_name, steps = CONFIGS[name]
+    counts_only = os.environ.get("AB_COUNTS_ONLY") == "1"
+    if counts_only:  # reads and operators do not depend on the batch size
+        batch, steps = min(batch, 8), 0
     if isinstance(overrides.get("estimator"), dict):
         from resflow.layers.residual.logdet import EstimatorConfig
 
@@ -208,7 +213,7 @@ def measure(name: str) -> dict[str, Any]:
     with torch.no_grad():
         model(x)  # data-dependent initialization, lazy buffers
 
-    def step() -> None:
+    def step(certified: bool = False) -> None:
         if evaluating:
             with torch.no_grad():
                 model.log_prob(x)
@@ -218,7 +223,7 @@ def measure(name: str) -> dict[str, Any]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
-        refresh_lipschitz(model, certified=False)
+        refresh_lipschitz(model, certified=certified)
 
     if evaluating:
         model.eval()
@@ -227,24 +232,30 @@ def measure(name: str) -> dict[str, Any]:
     _sync()
     if DEVICE.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
+    times = [math.nan]
+    for i in range(steps):
         t0 = time.perf_counter()
         step()
         _sync()
-        times.append(time.perf_counter() - t0)
+        times[i:] = [time.perf_counter() - t0]
+    # the memory of the timed steps (the counts below hold more: the profiler's records)
+    peak = (
+        torch.cuda.max_memory_allocated() / 1e9
+        if DEVICE.startswith("cuda")
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    )
     # the trainer certifies the norms every `certify_every` steps instead of refreshing
     # them: add that difference, amortized
     every = next((int(m.certify_every) for m in model.modules() if hasattr(m, "certify_every")), 0)
     extra = 0.0
-    if every and not evaluating:
+    if every and not evaluating and not counts_only:
         t0 = time.perf_counter()
         refresh_lipschitz(model, certified=False)
         t1 = time.perf_counter()
         refresh_lipschitz(model)
         extra = max(0.0, (time.perf_counter() - t1) - (t1 - t0)) / every
     flops = math.nan
-    if os.environ.get("AB_COUNT_FLOPS", "1") == "1":
+    if os.environ.get("AB_COUNT_FLOPS", "1") == "1" and not counts_only:
         counter = FlopCounterMode(display=False)
         try:
             with counter:
@@ -253,6 +264,9 @@ def measure(name: str) -> dict[str, Any]:
         except RuntimeError:  # older versions' autograd.grad paths defeat the counter
             flops = math.nan
     reads, ops = _reads_and_ops(step) if os.environ.get("AB_COUNT_OPS", "1") == "1" else (-1, -1)
+    cert_reads, cert_ops = (-1, -1)
+    if counts_only and every and not evaluating:  # a step that certifies every layer
+        cert_reads, cert_ops = _reads_and_ops(lambda: step(certified=True))
     sec = statistics.median(times) + extra
     gflops_peak = _matmul_gflops()
     return {
@@ -266,11 +280,9 @@ def measure(name: str) -> dict[str, Any]:
         "matmul_gflops": gflops_peak,
         "fraction_of_peak": flops / sec / 1e9 / gflops_peak,
         # on a GPU: the device's peak allocated memory over the timed steps
-        "peak_rss_gb": (
-            torch.cuda.max_memory_allocated() / 1e9
-            if DEVICE.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-        ),
+        "peak_rss_gb": peak,
+        "certify_host_reads": cert_reads,
+        "certify_aten_ops": cert_ops,
         "host_reads_per_step": reads,
         "aten_ops_per_step": ops,
         "device": DEVICE,
@@ -334,7 +346,8 @@ def compare(name: str, a_src: Path, b_src: Path, pairs: int) -> dict[str, Any]:
         "median_ratio": statistics.median(ratios),
         **{f"{v}_{k}": med(v, k) for v in "AB" for k in
            ("sec_per_step", "peak_rss_gb", "fraction_of_peak", "matmul_gflops",
-            "host_reads_per_step", "aten_ops_per_step")},
+            "host_reads_per_step", "aten_ops_per_step", "certify_host_reads",
+            "certify_aten_ops")},
         "gflop_per_step": runs["B"][0]["gflop_per_step"],
         "A_gflop_per_step": runs["A"][0]["gflop_per_step"],
     }  # fmt: skip
@@ -345,7 +358,10 @@ def compare(name: str, a_src: Path, b_src: Path, pairs: int) -> dict[str, Any]:
           f"{summary['gflop_per_step']:.1f} GFLOP/step; host reads per step "
           f"{summary['A_host_reads_per_step']:.0f} -> {summary['B_host_reads_per_step']:.0f}, "
           f"aten ops {summary['A_aten_ops_per_step']:,.0f} -> "
-          f"{summary['B_aten_ops_per_step']:,.0f}", flush=True)  # fmt: skip
+          f"{summary['B_aten_ops_per_step']:,.0f}; a certifying step: reads "
+          f"{summary['A_certify_host_reads']:.0f} -> {summary['B_certify_host_reads']:.0f}, "
+          f"ops {summary['A_certify_aten_ops']:,.0f} -> {summary['B_certify_aten_ops']:,.0f}",
+          flush=True)  # fmt: skip
     return summary
 
 
@@ -376,8 +392,14 @@ def main() -> None:
     p.add_argument("--b-ref", help="measure this git ref as B instead of the working tree")
     p.add_argument("--a-src", type=Path, help="A's src/ folder, exported earlier (no git needed)")
     p.add_argument("--name", default="ab", help="output files: benchmarks/out/<name>.json, .png")
+    p.add_argument("--counts-only", action="store_true",
+                   help="only the host reads and operators per step (batch <= 8, one pair), "
+                   "and those of a step that certifies")  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.counts_only:
+        os.environ["AB_COUNTS_ONLY"] = "1"
+        args.pairs = 1
     if args.worker:
         print(json.dumps(measure(args.worker)))
         return

@@ -255,24 +255,24 @@ def settle(
     """One layer's adaptive power iteration from ``v`` (``wv = W v``, last estimate
     ``sigma``): ``(v, sigma, iterations)`` at the first iteration where
     ``|sigma_k - sigma_{k-1}| <= atol + rtol sigma_k``, or after ``max_iter``. The rule
-    is evaluated on the device every iteration and read once per run of iterations
-    (``first_run``, then doubling), the state kept at the iteration it stops: the
-    result of reading it every iteration, with a few iterations run past it unread."""
+    is evaluated on the device every iteration (in the weights' precision) and read once
+    per run of iterations (``first_run``, then doubling), the state taken from the
+    iteration it stopped at: the result of reading it every iteration, with a few
+    iterations run past it unread."""
     it, chunk = 0, max(1, first_run)
     while it < max_iter:
-        stopped_at = torch.zeros((), dtype=torch.long, device=v.device)
-        out_v, out_sigma = v, sigma
+        states, flags = [], []
         for _ in range(min(chunk, max_iter - it)):
-            it += 1
             v, wv, new = power_step(v, wv)
-            done = (new - sigma).abs().double() <= atol + rtol * new.double()
-            first = done & (stopped_at == 0)
-            out_v, out_sigma = torch.where(first, v, out_v), torch.where(first, new, out_sigma)
-            stopped_at = torch.where(first, it, stopped_at)
+            flags.append((new - sigma).abs() <= new * rtol + atol)
+            states.append((v, new))
             sigma = new
-        at = int(stopped_at)  # one read per run
-        if at:
-            return out_v, out_sigma, at
+        it += len(states)
+        done = torch.stack(flags)
+        at = int(torch.where(done.any(), done.to(torch.uint8).argmax() + 1, 0))  # one read
+        if at:  # the run's first iteration that met the rule (1-based)
+            v, sigma = states[at - 1]
+            return v, sigma, it - len(states) + at
         chunk *= 2
     return v, sigma, it
 
@@ -311,28 +311,34 @@ def _refresh_group(
     v, sigma = out_v[rows], out_sigma[rows]
 
     def each(given: float | None, name: str) -> Tensor:
-        """The running layers' ``name`` (or ``given``), in float64 as refresh() uses it."""
-        return v.new_tensor(
-            [getattr(group[i], name) if given is None else given for i in live], dtype=torch.float64
-        )
+        """The running layers' ``name`` (or ``given``), in the weights' precision as
+        refresh() uses it."""
+        return v.new_tensor([getattr(group[i], name) if given is None else given for i in live])
 
     tol_a, tol_r, limit = each(atol, "atol"), each(rtol, "rtol"), each(max_iter, "max_iter")
     wv = ops.op(v)
-    # each layer's rule is evaluated on the device every iteration, its state kept at the
-    # iteration it stops, and the number still running read once per run of iterations
-    # (2, 4, 8, ...): the same result as reading it every iteration
+    # each layer's rule is evaluated on the device every iteration, and once per run of
+    # iterations (2, 4, 8, ...) each layer that stopped in it takes its state from the
+    # iteration it stopped at and the number still running is read: the same result as
+    # reading the rule every iteration
     stopped_at = torch.zeros_like(rows)  # 0: still running
     it, running, chunk, most = 0, len(live), 2, 0
     while running:
+        vs, sigmas, flags = [], [], []
         for _ in range(chunk):
             it += 1
             v, wv, sigma_new = _power_steps(ops, wv)
-            done = (sigma_new - sigma).abs().double() <= tol_a + tol_r * sigma_new.double()
+            flags.append(((sigma_new - sigma).abs() <= sigma_new * tol_r + tol_a) | (limit <= it))
             sigma = sigma_new
-            first = (stopped_at == 0) & (done | (limit <= it))
-            out_v[rows] = torch.where(first[:, None], v, out_v[rows])
-            out_sigma[rows] = torch.where(first, sigma, out_sigma[rows])
-            stopped_at = torch.where(first, it, stopped_at)
+            vs.append(v)
+            sigmas.append(sigma)
+        done = torch.stack(flags)  # [run, rows]
+        first = done.to(torch.uint8).argmax(0)  # the run's first iteration that stopped
+        stops = done.any(0) & (stopped_at == 0)
+        pick = torch.arange(len(first), device=first.device)
+        out_v[rows] = torch.where(stops[:, None], torch.stack(vs)[first, pick], out_v[rows])
+        out_sigma[rows] = torch.where(stops, torch.stack(sigmas)[first, pick], out_sigma[rows])
+        stopped_at = torch.where(stops, it - chunk + 1 + first, stopped_at)
         running, last = torch.stack(
             [(stopped_at == 0).sum(), stopped_at.max()]
         ).tolist()  # one read
