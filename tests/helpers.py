@@ -59,3 +59,20 @@ def assert_same_grads(a: list, b: list, msg: str = "") -> None:  # type: ignore[
         assert (ga is None) == (gb is None), msg
         if ga is not None:
             torch.testing.assert_close(ga, gb, atol=1e-12, rtol=1e-9, msg=msg)
+
+
+class NanAfter:
+    """A maximum-likelihood objective whose loss turns NaN after ``step`` calls (a
+    training run that diverges at a known step)."""
+
+    def __init__(self, model, step: int) -> None:
+        from resflow.training.objectives import MaximumLikelihood
+
+        self.inner = MaximumLikelihood(model)
+        self.unit = self.inner.unit
+        self.calls, self.step = 0, step
+
+    def __call__(self, model, batch):
+        loss, extra = self.inner(model, batch)
+        self.calls += 1
+        return (loss * float("nan") if self.calls > self.step else loss), extra

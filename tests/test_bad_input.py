@@ -17,7 +17,8 @@ from resflow import DataConfig, TrainConfig, Trainer, build_model, get_preset
 from resflow.checkpoint import CheckpointError, save_checkpoint
 from resflow.cli import main
 from resflow.runs import RunExistsError, RunFolder, RunLockedError
-from resflow.training.objectives import MaximumLikelihood
+
+from helpers import NanAfter
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "v1"
 TINY_VEC = ["--data", "8gaussians", "--set", "n_blocks=1", "--set", "hidden=[8]",
@@ -126,31 +127,20 @@ def test_resume_may_extend_the_run_and_says_so(trained, capsys):
     assert steps == sorted(set(steps))  # one record per logged step, nothing repeated
 
 
-class _NanAfter(MaximumLikelihood):
-    def __init__(self, model, step):
-        super().__init__(model)
-        self.calls, self.step = 0, step
-
-    def __call__(self, model, batch):
-        loss, extra = super().__call__(model, batch)
-        self.calls += 1
-        return (loss * math.nan if self.calls > self.step else loss), extra
-
-
 def test_a_diverged_run_keeps_its_last_finite_checkpoint(tmp_path):
     data = DataConfig(name="8gaussians", n_train=128, n_test=64)
     cfg = get_preset("toy2d", n_blocks=1, hidden=(8,))
     train = TrainConfig(steps=10, batch_size=32, checkpoint_every=2, eval_every=100,
                         tensorboard=False, progress=False)  # fmt: skip
     trainer = Trainer(cfg, data, train, tmp_path)
-    trainer.objective = _NanAfter(trainer.model, 5)
+    trainer.objective = NanAfter(trainer.model, 5)
     with pytest.raises(FloatingPointError, match=r"last.pt holds the last finite state \(step 4\)"):
         trainer.fit()
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     fresh = Trainer(cfg, data, train, tmp_path / "fresh")
-    fresh.objective = _NanAfter(fresh.model, 0)
+    fresh.objective = NanAfter(fresh.model, 0)
     with pytest.raises(FloatingPointError, match="no checkpoint was written yet"):
         fresh.fit()
     assert not (tmp_path / "fresh" / "last.pt").exists()

@@ -16,6 +16,8 @@ from resflow.models import get_preset
 from resflow.training import MaximumLikelihood, TrainConfig, Trainer
 from resflow.value_checks import DeferredChecks, deferred, require
 
+from helpers import NanAfter
+
 READS = ("item", "__float__", "__int__", "__bool__", "tolist")
 
 
@@ -77,17 +79,6 @@ def test_steady_state_steps_read_nothing_on_the_host(tmp_path, monkeypatch, pres
     assert sum(per_step.values()) > 0  # the logged and certifying steps do read
 
 
-class _NanAt(MaximumLikelihood):
-    def __init__(self, model, step):
-        super().__init__(model)
-        self.calls, self.step = 0, step
-
-    def __call__(self, model, batch):
-        loss, extra = super().__call__(model, batch)
-        self.calls += 1
-        return (loss * math.nan if self.calls > self.step else loss), extra
-
-
 def test_a_deferred_divergence_names_its_own_step(tmp_path):
     """The loss becomes NaN at step 6, the checks are read at step 10 (the logged step):
     the error names step 6 and the last checkpoint (step 5) stays the last finite one."""
@@ -96,7 +87,7 @@ def test_a_deferred_divergence_names_its_own_step(tmp_path):
     train = TrainConfig(steps=30, batch_size=32, log_every=10, checkpoint_every=5,
                         eval_every=100, tensorboard=False, progress=False)  # fmt: skip
     trainer = Trainer(cfg, data, train, tmp_path)
-    trainer.objective = _NanAt(trainer.model, 6)
+    trainer.objective = NanAfter(trainer.model, 6)
     with pytest.raises(FloatingPointError, match=r"loss became nan at step 6; .*\(step 5\)"):
         trainer.fit()
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 5

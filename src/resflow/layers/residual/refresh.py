@@ -69,16 +69,20 @@ class NormLayer(Protocol):
     ) -> int: ...
 
 
-def spectral_dense(m: nn.Module) -> TypeGuard[NormLayer]:
-    """Whether ``m`` is a dense Lipschitz layer under the spectral norm (``p = q = 2``,
-    fixed): its ``sigma`` is ``r ||W v||_2 / ||v||_2``."""
+def _spectral(m: nn.Module) -> bool:
+    """Whether ``m``'s norm is the fixed spectral norm (``p = q = 2``, not learned)."""
     return (
-        getattr(m, "dense_operator", False) is True
-        and not isinstance(m.domain, NormOrder)
+        not isinstance(m.domain, NormOrder)
         and not isinstance(m.codomain, NormOrder)
         and float(m.domain) == 2.0
         and float(m.codomain) == 2.0
     )
+
+
+def spectral_dense(m: nn.Module) -> TypeGuard[NormLayer]:
+    """Whether ``m`` is a dense Lipschitz layer under the spectral norm (``p = q = 2``,
+    fixed): its ``sigma`` is ``r ||W v||_2 / ||v||_2``."""
+    return getattr(m, "dense_operator", False) is True and _spectral(m)
 
 
 def groups(layers: list[NormLayer]) -> list[list[NormLayer]]:
@@ -95,14 +99,7 @@ def groups(layers: list[NormLayer]) -> list[list[NormLayer]]:
 def spectral_conv(m: nn.Module) -> bool:
     """Whether ``m`` is a stride-1 'same' convolution under the spectral norm whose
     power-iteration vector exists (``conv_operator = True``, ``p = q = 2``, fixed)."""
-    return (
-        getattr(m, "conv_operator", False) is True
-        and not isinstance(m.domain, NormOrder)
-        and not isinstance(m.codomain, NormOrder)
-        and float(m.domain) == 2.0
-        and float(m.codomain) == 2.0
-        and m.v.numel() > 0
-    )
+    return getattr(m, "conv_operator", False) is True and _spectral(m) and m.v.numel() > 0
 
 
 def refresh_groups(layers: list[NormLayer]) -> list[list[NormLayer]]:
