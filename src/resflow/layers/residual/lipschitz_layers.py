@@ -83,6 +83,8 @@ class LipschitzConv2d(LipschitzLayer, nn.Conv2d):
     first forward pass (and resized when a checkpoint is loaded).
     """
 
+    conv_operator = True  # a stride-1 'same' convolution (batched norm work: refresh.py)
+
     def __init__(
         self,
         in_channels: int,
@@ -104,8 +106,6 @@ class LipschitzConv2d(LipschitzLayer, nn.Conv2d):
         )
         self._init_lipschitz(coeff, domain, codomain, atol, rtol, max_iter, init_iter)
         self.register_buffer("v", torch.empty(0))
-
-    conv_operator = True  # a stride-1 'same' convolution (batched refresh: refresh.py)
 
     def _op(self, v: Tensor) -> Tensor:
         return conv2d(v, self.weight, None, self.padding)

@@ -222,7 +222,9 @@ def logdet_and_inverse_t(a: Tensor) -> tuple[Tensor, Tensor]:
 def _constants(values: Sequence[float] | Tensor, like: Tensor) -> Tensor:
     """``values`` on ``like``'s device and dtype, copied without waiting for the device."""
     t = torch.as_tensor(values, dtype=like.dtype)
-    return t if like.device.type == "cpu" else t.pin_memory().to(like.device, non_blocking=True)
+    if like.device.type == "cpu":
+        return t
+    return (t.pin_memory() if like.device.type == "cuda" else t).to(like.device, non_blocking=True)
 
 
 def series_from_jacobian(
